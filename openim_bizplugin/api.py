@@ -1,0 +1,98 @@
+"""The signed internal API, ``/v1`` (SPEC §3–§4). Views stay thin."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from .errors import NotFound
+from .intake import accept_message
+from .services import Services
+from .signing import VerifiedRequest
+from .store.base import ACTIVE_STATUSES, DELIVERED_STATUSES, MessageRecord
+from .wire import path_and_query, read_body
+
+bp = Blueprint("v1", __name__, url_prefix="/v1")
+
+
+def services() -> Services:
+    return current_app.extensions["bizplugin"]
+
+
+def _verified(body: bytes) -> VerifiedRequest:
+    return services().verifier.verify(
+        request.headers.get("X-Biz-Client"), request.headers.get("X-Biz-Signature"),
+        request.method, path_and_query(request.environ), body)
+
+
+@bp.post("/messages")
+def post_message() -> Any:
+    svc = services()
+    body = read_body(request.stream, request.content_length, svc.config.server.max_body_bytes)
+    verified = _verified(body)
+    answer = accept_message(svc, verified, body, request.headers.get("Content-Type"),
+                            request.headers.get("Idempotency-Key"))
+    return jsonify(answer.accepted.answer()), 202, answer.headers
+
+
+@bp.get("/messages/<message_id>")
+def get_message(message_id: str) -> Any:
+    verified = _verified(b"")
+    record = services().store.get_message(message_id)
+    # Another client's message is answered exactly like a missing one.
+    if record is None or record.client != verified.client_id:
+        raise NotFound(f"no message {message_id[:64]!r} for client {verified.client_id!r}")
+    return jsonify(message_view(record))
+
+
+@bp.get("/types")
+def get_types() -> Any:
+    _verified(b"")
+    catalog = services().catalog
+    return jsonify({"types": [
+        {"type": t.name, "version": v, "schema": t.schemas[v], "defaults": t.defaults.as_dict(),
+         "deprecated": t.is_deprecated(v)}
+        for t in catalog.types() for v in t.versions
+    ]})
+
+
+def rfc3339(ms: int | None) -> str | None:
+    """Milliseconds since the epoch as RFC 3339 UTC (``2026-11-26T12:00:00.123Z``)."""
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def summary_status(statuses: list[str]) -> str:
+    """One word for a message: its recipients' common status, or where it stands.
+
+    Mixed statuses read ``sending`` while work remains and some has been
+    done, ``queued`` while nothing has been done, and ``partial`` when all
+    work is over with some recipients not delivered.
+    """
+    distinct = set(statuses)
+    if len(distinct) == 1:
+        return statuses[0]
+    if distinct & set(ACTIVE_STATUSES):
+        return "queued" if distinct <= {"queued", "held", "throttled"} else "sending"
+    return "sent" if distinct <= set(DELIVERED_STATUSES) else "partial"
+
+
+def message_view(record: MessageRecord) -> dict[str, Any]:
+    """The JSON of ``GET /v1/messages/<id>``."""
+    return {
+        "id": record.id, "client": record.client, "type": record.type, "version": record.version,
+        "mode": record.mode, "priority": record.priority, "offline": record.offline,
+        "status": summary_status([r.status for r in record.recipients]),
+        "created_at": rfc3339(record.created_ms), "expires_at": rfc3339(record.expires_ms),
+        "recipients": [
+            {("user_id" if r.kind == "user" else "group_id"): r.target, "status": r.status,
+             "attempts": r.attempts, "last_error": r.last_error, "server_msg_id": r.server_msg_id,
+             "client_msg_id": r.client_msg_id, "sent_at": rfc3339(r.sent_ms), "receipt": r.receipt,
+             "reason": r.reason}
+            for r in record.recipients
+        ],
+    }

@@ -1,0 +1,65 @@
+"""The application factory: build the services once, register the surfaces."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, current_app, json
+from werkzeug.exceptions import HTTPException
+
+from . import api
+from .config import Config
+from .errors import BizError, problem
+from .openapi import build_openapi
+from .services import Services
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+
+
+def create_app(config: Config, *, clock: Callable[[], float] = time.time,
+               services: Services | None = None) -> Flask:
+    """A Flask app serving *config*; raises ConfigError when it cannot start."""
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    svc = services or Services.build(config, clock=clock)
+    app.extensions["bizplugin"] = svc
+    app.extensions["bizplugin.openapi"] = build_openapi(svc.catalog)
+    app.register_blueprint(api.bp)
+    app.add_url_rule("/openapi.json", "openapi", _openapi)
+    app.register_error_handler(BizError, _problem_response)
+    app.register_error_handler(HTTPException, _http_problem)
+    app.register_error_handler(Exception, _unexpected)
+    return app
+
+
+def _openapi() -> Any:
+    return current_app.extensions["bizplugin.openapi"]
+
+
+def _render(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    response = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
+    response.headers.update(headers or {})
+    return response
+
+
+def _problem_response(exc: BizError) -> Response:
+    return _render(problem(exc), exc.status, exc.headers)
+
+
+def _http_problem(exc: HTTPException) -> Response:
+    """Routing errors (404, 405, …) in the same problem format."""
+    body = {"type": "about:blank", "title": exc.name, "status": exc.code, "detail": exc.description}
+    headers = dict(exc.get_headers()) if exc.code == 405 else {}
+    headers.pop("Content-Type", None)
+    return _render(body, exc.code or 500, headers)
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unexpected error while answering a request")
+    body = {"type": "about:blank", "title": "Internal Server Error", "status": 500,
+            "detail": "an unexpected error occurred; it has been logged"}
+    return _render(body, 500)

@@ -1,0 +1,184 @@
+"""The ``openim-bizplugin`` command. Thin: each command calls the services.
+
+``run(argv, stdout, stderr)`` returns the exit code so tests can call it with
+injected streams; every failure is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from .client import BizClient, BizClientError
+from .config import Config, config_path, load_config
+from .errors import ConfigError
+from .signing import signature_headers
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A command failed; the message is the one line to print."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openim-bizplugin", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        if config:
+            sub.add_argument("-c", "--config", help="config file (default: $BIZPLUGIN_CONFIG)")
+        return sub
+
+    serve = command("serve", "run the HTTP server with its delivery workers")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
+
+    keygen = command("keygen", "print a new random secret for [clients.<id>] secrets", config=False)
+    keygen.add_argument("--bytes", type=int, default=32, help="random bytes (default 32)")
+
+    schemas = command("schemas", "work with the type catalogue", config=False)
+    schema_commands = schemas.add_subparsers(dest="schemas_command", required=True, metavar="ACTION")
+    check = schema_commands.add_parser("check", help="validate every schema and example, show version changes")
+    check.add_argument("-c", "--config", help="config file (default: $BIZPLUGIN_CONFIG)")
+    check.add_argument("--dir", help="catalogue folder (default: the config's schemas.dir)")
+
+    sign = command("sign", "print the two signature headers for a request")
+    sign.add_argument("--client", required=True)
+    sign.add_argument("--method", required=True)
+    sign.add_argument("--path", required=True, help="path and query as sent, e.g. /v1/messages")
+    sign.add_argument("--body-file", help="file holding the body, or - for stdin (default: empty)")
+
+    send = command("send", "sign and post a message, print the answer")
+    send.add_argument("--client", required=True)
+    send.add_argument("--type", required=True)
+    send.add_argument("--version", required=True, type=int)
+    send.add_argument("--data", required=True, help="the data object as JSON")
+    send.add_argument("--user", action="append", default=[], help="recipient user id (repeatable)")
+    send.add_argument("--group", action="append", default=[], help="recipient group id (repeatable)")
+    send.add_argument("--priority", choices=("high", "normal", "low"))
+    send.add_argument("--idempotency-key")
+    send.add_argument("--url", help="sidecar base URL (default: the config's server address)")
+
+    status = command("status", "print a message and its recipients")
+    status.add_argument("--client", required=True)
+    status.add_argument("message_id")
+    status.add_argument("--url", help="sidecar base URL (default: the config's server address)")
+    return parser
+
+
+def run(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    """Run one command; returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and one error line
+        return EXIT_USAGE if exc.code else EXIT_OK
+    handler = _HANDLERS[args.command]
+    try:
+        return handler(args, stdout)
+    except ConfigError as exc:
+        print(f"openim-bizplugin: config error: {exc}", file=stderr)
+        return EXIT_USAGE
+    except (CommandError, BizClientError) as exc:
+        print(f"openim-bizplugin: {exc}", file=stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:], sys.stdout, sys.stderr))
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def _serve(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .server import serve  # Flask and the store are only needed here
+
+    config = _config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(config, host=args.host, port=args.port, announce=stdout)
+
+
+def _keygen(args: argparse.Namespace, stdout: TextIO) -> int:
+    if not 16 <= args.bytes <= 1024:
+        raise CommandError("--bytes must be between 16 and 1024")
+    print(secrets.token_urlsafe(args.bytes), file=stdout)
+    return EXIT_OK
+
+
+def _schemas(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .schemacheck import run_check
+
+    directory = Path(args.dir) if args.dir else _config(args).schemas_dir
+    return run_check(directory, stdout)
+
+
+def _client_secret(config: Config, client_id: str) -> str:
+    client = config.clients.get(client_id)
+    if client is None:
+        raise CommandError(f"no client {client_id!r} in [clients] of {config.path}")
+    return client.secrets[-1]  # the newest secret signs
+
+
+def _sign(args: argparse.Namespace, stdout: TextIO) -> int:
+    config = _config(args)
+    body = _read_body_arg(args.body_file)
+    headers = signature_headers(args.client, _client_secret(config, args.client), args.method.upper(),
+                                args.path, body)
+    for name, value in headers.items():
+        print(f"{name}: {value}", file=stdout)
+    return EXIT_OK
+
+
+def _read_body_arg(name: str | None) -> bytes:
+    if name is None:
+        return b""
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"--body-file {name}: {exc.strerror}") from None
+
+
+def _client(args: argparse.Namespace) -> BizClient:
+    config = _config(args)
+    url = args.url or f"http://{config.server.host}:{config.server.port}"
+    return BizClient(url, args.client, _client_secret(config, args.client))
+
+
+def _send(args: argparse.Namespace, stdout: TextIO) -> int:
+    if bool(args.user) == bool(args.group):
+        raise CommandError("give recipients with --user or with --group (one kind, repeatable)")
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        raise CommandError(f"--data is not valid JSON: {exc}") from None
+    answer = _client(args).send(args.type, args.version, data, users=args.user or None,
+                                groups=args.group or None, priority=args.priority,
+                                idempotency_key=args.idempotency_key)
+    _print_json(answer, stdout)
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, stdout: TextIO) -> int:
+    _print_json(_client(args).status(args.message_id), stdout)
+    return EXIT_OK
+
+
+def _print_json(value: Any, stdout: TextIO) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False), file=stdout)
+
+
+_HANDLERS = {"serve": _serve, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
+             "send": _send, "status": _status}

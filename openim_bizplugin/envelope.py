@@ -1,0 +1,161 @@
+"""The message envelope of ``POST /v1/messages`` (SPEC §4).
+
+:func:`parse_envelope` turns a parsed JSON body into a :class:`MessageRequest`
+with every default resolved from the type's ``type.toml``, or raises the
+problem the caller should see. Checks run in this order so the most useful
+error wins: envelope shape (422), client permission (403), type and version
+(404), the data schema (422), recipient ids and their cap (422).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from .catalog import MODES, OFFLINE_POLICIES, PRIORITIES, Catalog, MessageType
+from .errors import Forbidden, NotFound, Unprocessable, Violation
+from .strictjson import pointer_escape
+
+MAX_ID_LENGTH = 128
+MAX_TTL_SECONDS = 366 * 86400
+
+_KEY = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[\x21-\x7e]+$"}
+_IDS = {"type": "array", "minItems": 1, "items": {"type": "string"}}
+
+ENVELOPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "version", "data", "to"],
+    "properties": {
+        "type": {"type": "string", "minLength": 1, "maxLength": 128},
+        "version": {"type": "integer", "minimum": 1},
+        "data": {"description": "Validated against schemas/<type>/v<version>.json"},
+        "to": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "maxProperties": 1,
+            "properties": {"users": _IDS, "groups": _IDS},
+            "description": "Exactly one of users or groups, non-empty.",
+        },
+        "priority": {"enum": list(PRIORITIES)},
+        "idempotency_key": _KEY,
+        "collapse_key": _KEY,
+        "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_SECONDS},
+        "offline": {"enum": list(OFFLINE_POLICIES)},
+        "mode": {"enum": list(MODES)},
+    },
+}
+_ENVELOPE_VALIDATOR = Draft202012Validator(ENVELOPE_SCHEMA)
+
+
+@dataclass(frozen=True)
+class MessageRequest:
+    """A message that passed every check, defaults resolved."""
+
+    message_type: MessageType
+    version: int
+    data: Any
+    target_kind: str  # "user" | "group"
+    targets: tuple[str, ...]  # unique, in the caller's order
+    priority: str
+    offline: str
+    mode: str
+    ttl_seconds: int
+    idempotency_key: str | None
+    collapse_key: str | None
+    request_hash: str
+
+    @property
+    def deprecated(self) -> bool:
+        return self.message_type.is_deprecated(self.version)
+
+
+def parse_envelope(body: Any, *, client_id: str, allowed_types: tuple[str, ...], catalog: Catalog,
+                   max_recipients: int, header_key: str | None = None) -> MessageRequest:
+    """Check *body* against the envelope, the client's rights and the type's schema."""
+    _raise_if(sorted((_violation(e) for e in _ENVELOPE_VALIDATOR.iter_errors(body)), key=lambda v: v.path),
+              "the message envelope is invalid")
+    name, version = body["type"], body["version"]
+    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed_types):
+        raise Forbidden(f"client {client_id!r} may not send type {name!r}")
+    message_type = catalog.get(name)
+    if message_type is None:
+        raise NotFound(f"unknown message type {name!r} (GET /v1/types lists them)")
+    if version not in message_type.schemas:
+        known = ", ".join(str(v) for v in message_type.versions)
+        raise NotFound(f"type {name!r} has no version {version} (known: {known})")
+    _raise_if([Violation("/data" + v.path, v.message) for v in catalog.validate(name, version, body["data"])],
+              f"data does not match {name} v{version}")
+    kind, ids = next(iter(body["to"].items()))
+    targets = _unique_ids(f"/to/{kind}", ids, max_recipients)
+    key = _idempotency_key(body.get("idempotency_key"), header_key)
+    defaults = message_type.defaults
+    return MessageRequest(
+        message_type=message_type, version=version, data=body["data"],
+        target_kind=kind[:-1], targets=targets,
+        priority=body.get("priority", defaults.priority),
+        offline=body.get("offline", defaults.offline),
+        mode=body.get("mode", defaults.mode),
+        ttl_seconds=body.get("ttl_seconds", defaults.ttl_seconds),
+        idempotency_key=key, collapse_key=body.get("collapse_key"),
+        request_hash=request_hash(body),
+    )
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    """A hash of what the message means, independent of key order and spacing."""
+    meaning = {k: v for k, v in body.items() if k != "idempotency_key"}
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _raise_if(violations: list[Violation], detail: str) -> None:
+    if violations:
+        raise Unprocessable(detail, errors=violations)
+
+
+def _violation(error: Any) -> Violation:
+    return Violation("".join(f"/{pointer_escape(str(p))}" for p in error.absolute_path), error.message)
+
+
+def id_problem(value: str) -> str | None:
+    """Why *value* is not a usable OpenIM user or group id, or None."""
+    if not 1 <= len(value) <= MAX_ID_LENGTH:
+        return f"must be 1-{MAX_ID_LENGTH} characters"
+    if value != value.strip():
+        return "must not start or end with white space"
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
+        return "must not contain control characters or unpaired surrogates"
+    return None
+
+
+def _unique_ids(path: str, ids: list[str], cap: int) -> tuple[str, ...]:
+    unique = tuple(dict.fromkeys(ids))
+    if len(unique) > cap:
+        raise Unprocessable(f"{len(unique)} recipients is over the cap of {cap} (server.max_recipients)",
+                            errors=[Violation(path, f"at most {cap} unique ids")])
+    _raise_if([Violation(f"{path}/{i}", f"id {value[:40]!r} {problem}")
+               for i, value in enumerate(ids) if (problem := id_problem(value))],
+              "some recipient ids are not valid")
+    return unique
+
+
+def _idempotency_key(in_body: str | None, in_header: str | None) -> str | None:
+    if in_header is not None:
+        if _bad_key(in_header):
+            raise Unprocessable("the Idempotency-Key header must be 1-200 printable ASCII characters")
+        if in_body is not None and in_body != in_header:
+            raise Unprocessable("Idempotency-Key header and body idempotency_key differ",
+                                errors=[Violation("/idempotency_key", "differs from the Idempotency-Key header")])
+        return in_header
+    return in_body
+
+
+def _bad_key(value: str) -> bool:
+    return not (1 <= len(value) <= 200 and all("\x21" <= ch <= "\x7e" for ch in value))

@@ -1,0 +1,98 @@
+"""Accepting a message: from verified raw bytes to a durable ``202`` answer.
+
+Plain functions over the services; the Flask view only passes in what it
+read from the request.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+
+from .envelope import MessageRequest, parse_envelope
+from .errors import UnsupportedMediaType, Unprocessable, Violation
+from .services import Services
+from .signing import VerifiedRequest
+from .store.base import Accepted, IdempotencyMismatch, NewMessage, ReplayKey
+from .strictjson import loads
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the API answers for an accepted (or repeated) message."""
+
+    accepted: Accepted
+    deprecated: bool
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Deprecation": "true"} if self.deprecated else {}
+
+
+def accept_message(services: Services, verified: VerifiedRequest, raw: bytes,
+                   content_type: str | None, header_key: str | None) -> Answer:
+    """Validate and store one message; a replayed request gets its first answer."""
+    replay = ReplayKey(verified.client_id, verified.signed_value, verified.timestamp)
+    earlier = services.store.replayed(replay)
+    if earlier is not None:
+        return _answer_for(services, earlier)
+    _require_json(content_type)
+    client = services.config.clients[verified.client_id]
+    request = parse_envelope(
+        loads(raw), client_id=client.client_id, allowed_types=client.allowed_types,
+        catalog=services.catalog, max_recipients=services.config.server.max_recipients,
+        header_key=header_key,
+    )
+    message = new_message(request, client.client_id, int(services.clock() * 1000))
+    retention_ms = services.config.server.idempotency_retention_seconds * 1000
+    try:
+        accepted = services.store.accept(message, replay, retention_ms=retention_ms)
+    except IdempotencyMismatch as exc:
+        raise Unprocessable(
+            f"idempotency key {request.idempotency_key!r} was used for a different message ({exc})",
+            errors=[Violation("/idempotency_key", "already used with another body")]) from None
+    return Answer(accepted, request.deprecated)
+
+
+def _answer_for(services: Services, accepted: Accepted) -> Answer:
+    record = services.store.get_message(accepted.message_id)
+    message_type = services.catalog.get(record.type) if record else None
+    return Answer(accepted, bool(message_type and message_type.is_deprecated(record.version)))
+
+
+def _require_json(content_type: str | None) -> None:
+    mimetype, _, params = (content_type or "").partition(";")
+    charset = params.strip().lower().removeprefix("charset=").strip('"') if params.strip() else "utf-8"
+    if mimetype.strip().lower() != "application/json" or charset not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json (UTF-8), not {(content_type or 'missing')[:80]!r}")
+
+
+def new_message_id(now_ms: int) -> str:
+    """A 32-hex-digit id that sorts by creation time."""
+    return f"{now_ms:012x}{secrets.token_hex(10)}"
+
+
+def new_message(request: MessageRequest, client_id: str, now_ms: int) -> NewMessage:
+    """The record to store, including the envelope string apps will receive (SPEC §5)."""
+    message_id = new_message_id(now_ms)
+    envelope = {
+        "id": message_id, "type": request.message_type.name, "v": request.version, "ts": now_ms,
+        "from": client_id, "priority": request.priority, "data": request.data,
+    }
+    defaults = request.message_type.defaults
+    return NewMessage(
+        id=message_id, client=client_id, type=request.message_type.name, version=request.version,
+        mode=request.mode, priority=request.priority, offline=request.offline,
+        ttl_seconds=request.ttl_seconds, collapse_key=request.collapse_key,
+        idempotency_key=request.idempotency_key, request_hash=request.request_hash,
+        envelope=json.dumps(envelope, separators=(",", ":"), ensure_ascii=False),
+        delivery={
+            "persistent": defaults.persistent, "push_title": defaults.push_title,
+            "push_desc": defaults.push_desc,
+            "rate_limit": defaults.rate_limit.text if defaults.rate_limit else None,
+            "rate_limit_policy": defaults.rate_limit_policy,
+        },
+        target_kind=request.target_kind, targets=request.targets, created_ms=now_ms,
+    )

@@ -1,0 +1,52 @@
+"""``openim-bizplugin serve``: the app on a threaded HTTP server.
+
+SIGTERM and Ctrl-C stop accepting connections and let requests in flight
+finish before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import TextIO
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+from .app import create_app
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+
+class _RequestHandler(WSGIRequestHandler):
+    """Werkzeug's handler, logging through ``logging`` without ANSI colours."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        log.info('%s "%s %s" %s', self.address_string(), self.command, self.path.split("?", 1)[0], code)
+
+
+def serve(config: Config, *, host: str | None = None, port: int | None = None,
+          announce: TextIO | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    app = create_app(config)
+    server = make_server(host or config.server.host, config.server.port if port is None else port,
+                         app, threaded=True, request_handler=_RequestHandler)
+    server.daemon_threads = False  # let requests in flight finish on shutdown
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %s: shutting down", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    address = f"http://{server.host}:{server.port}"
+    log.info("listening on %s", address)
+    if announce is not None:
+        print(f"listening on {address}", file=announce, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        app.extensions["bizplugin"].close()
+    return 0

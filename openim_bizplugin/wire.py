@@ -1,0 +1,58 @@
+"""Reading a request exactly as it came over the wire.
+
+The signature covers the raw bytes and the path as sent, so both are read
+here without Flask's decoding; the body limit holds for chunked uploads too,
+which Flask's ``MAX_CONTENT_LENGTH`` does not bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from .errors import PayloadTooLarge
+
+CHUNK = 64 * 1024
+# After a 413 we keep reading (and discarding) up to this much so the client
+# sees the answer instead of a reset connection; beyond it we just close.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+def read_body(stream: Any, content_length: int | None, limit: int) -> bytes:
+    """Read at most *limit* bytes from *stream*, or raise PayloadTooLarge."""
+    if content_length is not None and content_length > limit:
+        _drain(stream, content_length)
+        raise PayloadTooLarge(f"body of {content_length} bytes is over the limit of {limit} bytes")
+    parts, size = [], 0
+    while True:
+        chunk = stream.read(min(CHUNK, limit + 1 - size))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            _drain(stream, None)
+            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+
+
+def _drain(stream: Any, expected: int | None) -> None:
+    remaining = DRAIN_LIMIT if expected is None else min(expected, DRAIN_LIMIT)
+    while remaining > 0:
+        chunk = stream.read(min(CHUNK, remaining))
+        if not chunk:
+            return
+        remaining -= len(chunk)
+
+
+def path_and_query(environ: dict[str, Any]) -> str:
+    """The request target as the client sent it (path plus ``?query``)."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        if not raw.startswith("/"):  # absolute-form target: keep path and query only
+            parts = urlsplit(raw)
+            raw = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # WSGI hands over the target as latin-1 text; signers hash it as UTF-8.
+        return raw.encode("latin-1").decode("utf-8", "replace")
+    path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~%")
+    query = environ.get("QUERY_STRING", "")
+    return f"{path}?{query}" if query else path

@@ -1,0 +1,93 @@
+"""Configuration: every problem is one line naming the key or file."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO, write_config
+from openim_bizplugin.config import config_path, load_config
+from openim_bizplugin.errors import ConfigError
+
+
+def test_shipped_example_config_loads_with_documented_defaults():
+    config = load_config(REPO / "config.example.toml")
+    assert config.server.max_recipients == 10_000
+    assert config.storage.sqlite_path == REPO / "bizplugin.db"
+    assert config.schemas_dir == REPO / "schemas"
+    assert config.delivery.batch_size <= 1000
+    assert set(config.clients) == {"crm", "ops"}
+
+
+def _error(tmp_path, overrides) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, overrides))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"server": {"port": "8080"}}, "server.port"),
+    ({"server": {"port": 70000}}, "server.port"),
+    ({"server": {"prot": 1}}, "server.prot: unknown key"),
+    ({"openim": {"api_url": "localhost:10002"}}, "openim.api_url"),
+    ({"openim": {"check_recipients": "yes"}}, "openim.check_recipients"),
+    ({"delivery": {"batch_size": 5000}}, "delivery.batch_size"),
+    ({"delivery": {"lease_seconds": 0}}, "delivery.lease_seconds"),
+    ({"callbacks": {"token": "short"}}, "callbacks.token"),
+    ({"storage": {"url": "postgres://x"}}, "storage.url"),
+    ({"clients": {"crm": {"secrets": ["too-short"], "allowed_types": ["*"]}}}, "clients.crm.secrets"),
+    ({"clients": {"crm": {"secrets": ["x" * 20]}}}, "clients.crm.allowed_types: missing"),
+    ({"clients": {"crm": {"secrets": ["x" * 20], "allowed_types": ["*"], "rate_limit": "fast"}}},
+     "clients.crm.rate_limit"),
+    ({"ui": {"token": "env:BIZ_TEST_UNSET_VARIABLE"}}, "BIZ_TEST_UNSET_VARIABLE"),
+    ({"openim": {"secret": "env:BIZ_TEST_UNSET_VARIABLE"}}, "openim.secret: environment variable"),
+])
+def test_bad_values_name_the_key(tmp_path, monkeypatch, overrides, named):
+    monkeypatch.delenv("BIZ_TEST_UNSET_VARIABLE", raising=False)
+    assert named in _error(tmp_path, overrides)
+
+
+def test_missing_required_table_and_key(tmp_path):
+    path = write_config(tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace("[openim]", "[unused_openim]"))
+    with pytest.raises(ConfigError, match="unused_openim"):
+        load_config(path)
+    path.write_text(text.replace('sender_id = "imAdmin"\n', ""))
+    with pytest.raises(ConfigError, match=r"^openim\.sender_id: missing"):
+        load_config(path)
+
+
+def test_secrets_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRM_NEW_SECRET", "rotated-secret-from-env-01")
+    config = load_config(write_config(tmp_path, {"clients": {"crm": {
+        "secrets": ["old-secret-still-valid-01", "env:CRM_NEW_SECRET"], "allowed_types": ["*"]}}}))
+    assert config.clients["crm"].secrets == ("old-secret-still-valid-01", "rotated-secret-from-env-01")
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    config = load_config(write_config(tmp_path, {"storage": {"url": "sqlite:///data/x.db"},
+                                                 "schemas": {"dir": "catalogue"}}))
+    assert config.storage.sqlite_path == tmp_path / "data" / "x.db"
+    assert config.schemas_dir == tmp_path / "catalogue"
+    absolute = load_config(write_config(tmp_path, {"storage": {"url": f"sqlite:///{tmp_path}/abs.db"}}))
+    assert absolute.storage.sqlite_path == tmp_path / "abs.db"
+
+
+def test_unreadable_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+
+
+def test_config_path_comes_from_flag_or_environment(monkeypatch):
+    monkeypatch.delenv("BIZPLUGIN_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="BIZPLUGIN_CONFIG"):
+        config_path(None)
+    monkeypatch.setenv("BIZPLUGIN_CONFIG", "/etc/bizplugin.toml")
+    assert str(config_path(None)) == "/etc/bizplugin.toml"
+    assert str(config_path("mine.toml")) == "mine.toml"

@@ -1,0 +1,86 @@
+"""The SQLite store: durable settings, atomic acceptance, shared files."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from conftest import message
+from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, ReplayKey
+from openim_bizplugin.store.sqlite import SqliteStore
+
+
+def _new(i: int = 0, *, key: str | None = None, digest: str = "h", targets=("u1", "u2")) -> NewMessage:
+    return NewMessage(
+        id=f"m{i}", client="crm", type="profile.updated", version=1, mode="notification",
+        priority="normal", offline="store", ttl_seconds=60, collapse_key=None, idempotency_key=key,
+        request_hash=digest, envelope="{}", delivery={}, target_kind="user", targets=targets,
+        created_ms=1_000_000 + i)
+
+
+def test_connections_use_wal_and_full_sync(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    db = store._connection()
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_accept_stores_message_and_recipients_together(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    accepted = store.accept(_new(), None, retention_ms=10_000)
+    assert accepted.created and accepted.answer() == {"id": "m0", "status": "queued", "recipients": 2}
+    record = store.get_message("m0")
+    assert [(r.target, r.status, r.attempts) for r in record.recipients] == [("u1", "queued", 0), ("u2", "queued", 0)]
+
+
+def test_replay_and_idempotency_return_the_first_answer(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    replay = ReplayKey("crm", "v" * 64, 42)
+    store.accept(_new(1, key="k"), replay, retention_ms=10_000)
+    assert store.replayed(replay).message_id == "m1"
+    repeat = store.accept(_new(2, key="k"), None, retention_ms=10_000)
+    assert (repeat.message_id, repeat.created) == ("m1", False)
+    with pytest.raises(IdempotencyMismatch):
+        store.accept(_new(3, key="k", digest="other"), None, retention_ms=10_000)
+    assert store.get_message("m2") is None and store.get_message("m3") is None
+
+
+def test_idempotency_key_is_forgotten_after_retention(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    store.accept(_new(1, key="k"), None, retention_ms=5)
+    assert store.accept(_new(9, key="k"), None, retention_ms=5).created
+
+
+def test_two_stores_on_one_file_accept_concurrently_without_lock_errors(tmp_path):
+    stores = [SqliteStore(tmp_path / "shared.db"), SqliteStore(tmp_path / "shared.db")]
+    errors: list[Exception] = []
+
+    def writer(store: SqliteStore, offset: int) -> None:
+        try:
+            for i in range(100):
+                store.accept(_new(offset + i, targets=tuple(f"u{j}" for j in range(5))), None, retention_ms=1)
+        except Exception as exc:  # collected: the assertion below shows it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(stores[n % 2], n * 1000)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    check = sqlite3.connect(tmp_path / "shared.db")
+    assert check.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 400
+    assert check.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 2000
+
+
+def test_failed_write_is_503_and_leaves_nothing_behind(signed, store, tmp_path, config):
+    db = sqlite3.connect(config.storage.sqlite_path)
+    db.execute("CREATE TRIGGER full_disk BEFORE INSERT ON recipients "
+               "BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END")
+    db.commit()
+    response = signed.post(message())
+    assert response.status_code == 503
+    assert response.get_json(force=True)["title"].startswith("Storage unavailable")
+    assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0

@@ -9,6 +9,7 @@ committed together, so nothing answered ``202`` can be lost.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
@@ -97,6 +98,69 @@ class MessageRecord:
     recipients: tuple[RecipientRecord, ...]
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """One leased recipient: everything a worker needs to deliver it."""
+
+    message_id: str
+    seq: int
+    kind: str  # "user" | "group"
+    target: str
+    attempts: int  # including this one
+    operation_id: str  # this attempt's OpenIM operationID
+    check_operation_id: str | None  # an earlier attempt whose outcome is unknown
+    lease_owner: str
+    client: str
+    type: str
+    version: int
+    mode: str
+    priority: str
+    envelope: str
+    delivery: dict[str, Any]
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one attempt; see the constructors below."""
+
+    status: str  # sent | queued (retry later) | failed | skipped | expired
+    error: str | None = None
+    reason: str | None = None
+    next_attempt_ms: int | None = None
+    unknown_operation_id: str | None = None  # retry, but first ask whether this one arrived
+    server_msg_id: str | None = None
+    client_msg_id: str | None = None
+    sent_ms: int | None = None
+
+    @classmethod
+    def sent(cls, server_msg_id: str | None, client_msg_id: str | None, sent_ms: int,
+             reason: str | None = None) -> Outcome:
+        return cls("sent", server_msg_id=server_msg_id, client_msg_id=client_msg_id, sent_ms=sent_ms,
+                   reason=reason)
+
+    @classmethod
+    def retry(cls, error: str, next_attempt_ms: int, unknown_operation_id: str | None = None) -> Outcome:
+        return cls("queued", error=error, next_attempt_ms=next_attempt_ms,
+                   unknown_operation_id=unknown_operation_id)
+
+    @classmethod
+    def failed(cls, error: str, reason: str) -> Outcome:
+        return cls("failed", error=error, reason=reason)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message with recipients that failed for good."""
+
+    message_id: str
+    client: str
+    type: str
+    failed: int
+    last_error: str | None
+    created_ms: int
+
+
 class IdempotencyMismatch(Exception):
     """The idempotency key was used before with a different body."""
 
@@ -119,6 +183,39 @@ class Store(Protocol):
 
     def get_message(self, message_id: str) -> MessageRecord | None:
         """The message and its recipients, or None."""
+
+    def lease(self, now_ms: int, limit: int, lease_ms: int, owner: str,
+              new_operation_id: Callable[[str], str]) -> list[WorkItem]:
+        """Take up to *limit* due recipients, highest priority first, for *lease_ms*.
+
+        Due means queued and ready, or leased by a worker whose lease ran out
+        (it died mid-send). Recipients past their message's TTL end
+        ``expired`` here instead of being handed out.
+        """
+
+    def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
+        """Record outcomes for items still leased by their owner; returns how many."""
+
+    def next_due_ms(self) -> int | None:
+        """When the earliest waiting recipient becomes due, or None when idle."""
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Messages with failed recipients, newest first."""
+
+    def replay_dead_letters(self, message_id: str | None, now_ms: int) -> int:
+        """Queue the failed recipients of one message (or all) again; returns how many."""
+
+    def load_token(self, name: str) -> tuple[str, int] | None:
+        """A shared credential and its expiry (ms), e.g. the OpenIM admin token."""
+
+    def save_token(self, name: str, token: str, expires_ms: int) -> None:
+        """Share a credential with every worker and replica."""
+
+    def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take a named lock across processes for *ttl_ms*, unless someone else holds it."""
+
+    def unlock(self, name: str, owner: str) -> None:
+        """Release a lock taken by *owner*."""
 
     def ping(self) -> None:
         """Raise StorageUnavailable when the store cannot be reached."""

@@ -12,12 +12,13 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import StorageUnavailable
-from .base import (PRIORITY_RANK, Accepted, IdempotencyMismatch, MessageRecord, NewMessage,
-                   RecipientRecord, ReplayKey)
+from .base import (PRIORITY_RANK, Accepted, DeadLetter, IdempotencyMismatch, MessageRecord, NewMessage,
+                   Outcome, RecipientRecord, ReplayKey, WorkItem)
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -53,8 +54,13 @@ CREATE TABLE IF NOT EXISTS recipients (
     target          TEXT NOT NULL,
     status          TEXT NOT NULL,
     priority        INTEGER NOT NULL,
+    -- when the row is next due: for queued rows the retry time, for sending
+    -- rows the end of the lease, so one index finds all work to hand out
     next_attempt_ms INTEGER NOT NULL,
-    lease_until_ms  INTEGER,
+    expires_ms      INTEGER NOT NULL,
+    lease_owner     TEXT,
+    operation_id    TEXT,
+    check_operation_id TEXT,
     attempts        INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT,
     reason          TEXT,
@@ -65,7 +71,37 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (message_id, seq)
 );
 CREATE INDEX IF NOT EXISTS recipients_queue ON recipients (status, priority, next_attempt_ms);
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    message_id      TEXT PRIMARY KEY REFERENCES messages (id),
+    created_ms      INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS shared (
+    name            TEXT PRIMARY KEY,
+    value           TEXT NOT NULL,
+    owner           TEXT,
+    expires_ms      INTEGER NOT NULL
+);
 """
+
+
+_ITEM_COLUMNS = (
+    "r.message_id, r.seq, r.kind, r.target, r.attempts, r.status, r.operation_id, r.check_operation_id,"
+    " m.client, m.type, m.version, m.mode, m.priority, m.envelope, m.delivery, m.expires_ms")
+
+
+def _work_item(row: tuple, owner: str, new_operation_id: Callable[[str], str]) -> WorkItem:
+    (message_id, seq, kind, target, attempts, status, last_operation, check_operation,
+     client, type_, version, mode, priority, envelope, delivery, expires_ms) = row
+    # A row still "sending" was leased by a worker that vanished mid-send: its
+    # last attempt may have reached OpenIM, so the next one asks first.
+    unknown = last_operation if status == "sending" else check_operation
+    return WorkItem(
+        message_id=message_id, seq=seq, kind=kind, target=target, attempts=attempts + 1,
+        operation_id=new_operation_id(f"{message_id}-{seq}"), check_operation_id=unknown,
+        lease_owner=owner, client=client, type=type_, version=version, mode=mode, priority=priority,
+        envelope=envelope, delivery=json.loads(delivery), expires_ms=expires_ms)
 
 
 class SqliteStore:
@@ -172,9 +208,10 @@ class SqliteStore:
         )
         rank = PRIORITY_RANK[m.priority]
         db.executemany(
-            "INSERT INTO recipients (message_id, seq, kind, target, status, priority, next_attempt_ms)"
-            " VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-            ((m.id, seq, m.target_kind, target, rank, m.created_ms) for seq, target in enumerate(m.targets)),
+            "INSERT INTO recipients (message_id, seq, kind, target, status, priority, next_attempt_ms,"
+            " expires_ms) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+            ((m.id, seq, m.target_kind, target, rank, m.created_ms, m.expires_ms)
+             for seq, target in enumerate(m.targets)),
         )
 
     def replayed(self, replay: ReplayKey) -> Accepted | None:
@@ -192,6 +229,98 @@ class SqliteStore:
             " sent_ms, receipt FROM recipients WHERE message_id = ? ORDER BY seq", (message_id,))
         return MessageRecord(*rows[0], recipients=tuple(
             RecipientRecord(*r[:9], receipt=json.loads(r[9]) if r[9] else None) for r in recipients))
+
+    # -- delivery queue -------------------------------------------------------
+    def lease(self, now_ms: int, limit: int, lease_ms: int, owner: str,
+              new_operation_id: Callable[[str], str]) -> list[WorkItem]:
+        with self._write() as db:
+            db.execute(
+                "UPDATE recipients SET status = 'expired', lease_owner = NULL, reason = CASE status"
+                " WHEN 'sending' THEN 'ttl passed; the last attempt''s outcome is unknown'"
+                " ELSE 'ttl passed before delivery' END"
+                " WHERE status IN ('queued', 'sending') AND next_attempt_ms <= ? AND expires_ms <= ?",
+                (now_ms, now_ms))
+            rows = db.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id"
+                " WHERE r.status IN ('queued', 'sending') AND r.next_attempt_ms <= ?"
+                " ORDER BY r.priority, r.next_attempt_ms LIMIT ?", (now_ms, limit)).fetchall()
+            items = [_work_item(row, owner, new_operation_id) for row in rows]
+            db.executemany(
+                "UPDATE recipients SET status = 'sending', lease_owner = ?, next_attempt_ms = ?,"
+                " attempts = ?, operation_id = ?, check_operation_id = ?"
+                " WHERE message_id = ? AND seq = ?",
+                [(owner, now_ms + lease_ms, i.attempts, i.operation_id, i.check_operation_id,
+                  i.message_id, i.seq) for i in items])
+        return items
+
+    def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
+        done = 0
+        with self._write() as db:
+            for item, outcome in results:
+                done += db.execute(
+                    "UPDATE recipients SET status = ?, last_error = ?, reason = ?,"
+                    " next_attempt_ms = COALESCE(?, next_attempt_ms), check_operation_id = ?,"
+                    " server_msg_id = COALESCE(?, server_msg_id), client_msg_id = COALESCE(?, client_msg_id),"
+                    " sent_ms = COALESCE(?, sent_ms), lease_owner = NULL"
+                    " WHERE message_id = ? AND seq = ? AND status = 'sending' AND operation_id = ?"
+                    " AND lease_owner = ?",
+                    (outcome.status, outcome.error, outcome.reason, outcome.next_attempt_ms,
+                     outcome.unknown_operation_id, outcome.server_msg_id, outcome.client_msg_id,
+                     outcome.sent_ms, item.message_id, item.seq, item.operation_id, item.lease_owner),
+                ).rowcount
+                if outcome.status == "failed":
+                    db.execute("INSERT OR IGNORE INTO dead_letters (message_id, created_ms) VALUES (?, ?)",
+                               (item.message_id, now_ms))
+        return done
+
+    def next_due_ms(self) -> int | None:
+        rows = self._read("SELECT MIN(next_attempt_ms) FROM recipients WHERE status IN ('queued', 'sending')")
+        return rows[0][0]
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        rows = self._read(
+            "SELECT d.message_id, m.client, m.type, COUNT(r.seq), MAX(r.last_error), d.created_ms"
+            " FROM dead_letters d JOIN messages m ON m.id = d.message_id"
+            " JOIN recipients r ON r.message_id = d.message_id AND r.status = 'failed'"
+            " GROUP BY d.message_id ORDER BY d.created_ms DESC LIMIT ?", (limit,))
+        return [DeadLetter(*row) for row in rows]
+
+    def replay_dead_letters(self, message_id: str | None, now_ms: int) -> int:
+        where, params = ("WHERE message_id = ?", (message_id,)) if message_id else ("", ())
+        with self._write() as db:
+            ids = [row[0] for row in db.execute(f"SELECT message_id FROM dead_letters {where}", params)]
+            replayed = 0
+            for mid in ids:
+                replayed += db.execute(
+                    "UPDATE recipients SET status = 'queued', attempts = 0, next_attempt_ms = ?,"
+                    " reason = NULL, check_operation_id = NULL WHERE message_id = ? AND status = 'failed'",
+                    (now_ms, mid)).rowcount
+                db.execute("DELETE FROM dead_letters WHERE message_id = ?", (mid,))
+        return replayed
+
+    # -- shared credentials and locks ----------------------------------------------
+    def load_token(self, name: str) -> tuple[str, int] | None:
+        rows = self._read("SELECT value, expires_ms FROM shared WHERE name = ?", (f"token:{name}",))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def save_token(self, name: str, token: str, expires_ms: int) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO shared (name, value, expires_ms) VALUES (?, ?, ?)",
+                       (f"token:{name}", token, expires_ms))
+
+    def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        now_ms = int(time.time() * 1000)  # lock expiry is wall-clock across processes
+        with self._write() as db:
+            row = db.execute("SELECT owner, expires_ms FROM shared WHERE name = ?", (f"lock:{name}",)).fetchone()
+            if row and row[0] != owner and row[1] > now_ms:
+                return False
+            db.execute("INSERT OR REPLACE INTO shared (name, value, owner, expires_ms) VALUES (?, '', ?, ?)",
+                       (f"lock:{name}", owner, now_ms + ttl_ms))
+        return True
+
+    def unlock(self, name: str, owner: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM shared WHERE name = ? AND owner = ?", (f"lock:{name}", owner))
 
     def ping(self) -> None:
         self._read("SELECT 1")

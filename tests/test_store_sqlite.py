@@ -22,9 +22,9 @@ def _new(i: int = 0, *, key: str | None = None, digest: str = "h", targets=("u1"
 
 def test_connections_use_wal_and_full_sync(tmp_path):
     store = SqliteStore(tmp_path / "x.db")
-    db = store._connection()
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with store._borrow() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def test_accept_stores_message_and_recipients_together(tmp_path):

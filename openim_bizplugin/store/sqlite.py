@@ -22,6 +22,7 @@ from .base import (PRIORITY_RANK, Accepted, DeadLetter, IdempotencyMismatch, Mes
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
+IDLE_CONNECTIONS = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -109,49 +110,61 @@ class SqliteStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._migrate()
 
     # -- connections ------------------------------------------------------
-    def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            try:
-                db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
-                                     isolation_level=None, check_same_thread=False)
-                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = FULL")
-            except sqlite3.Error as exc:
-                raise StorageUnavailable(f"cannot open the database: {exc}") from exc
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                 isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"cannot open the database: {exc}") from exc
         return db
+
+    @contextlib.contextmanager
+    def _borrow(self) -> Iterator[sqlite3.Connection]:
+        """A connection from the pool: as many as there are concurrent callers,
+        at most IDLE_CONNECTIONS kept open between calls (threads come and go)."""
+        with self._lock:
+            db = self._idle.pop() if self._idle else None
+        db = db or self._open()
+        try:
+            yield db
+        finally:
+            with self._lock:
+                keep = len(self._idle) < IDLE_CONNECTIONS and not db.in_transaction
+                if keep:
+                    self._idle.append(db)
+            if not keep:
+                db.close()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; any SQLite failure becomes a 503."""
-        db = self._connection()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._borrow() as db:
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
                     db.execute("ROLLBACK")
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         try:
-            return self._connection().execute(sql, params).fetchall()
+            with self._borrow() as db:
+                return db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"the database cannot be read: {exc}") from exc
 
@@ -327,8 +340,7 @@ class SqliteStore:
 
     def close(self) -> None:
         with self._lock:
-            for db in self._connections:
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
-            self._connections.clear()
-        self._local = threading.local()
+            idle, self._idle = self._idle, []
+        for db in idle:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()

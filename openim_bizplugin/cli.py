@@ -11,12 +11,13 @@ import json
 import logging
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from .client import BizClient, BizClientError
 from .config import Config, config_path, load_config
-from .errors import ConfigError
+from .errors import BizError, ConfigError
 from .signing import signature_headers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -39,6 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     serve = command("serve", "run the HTTP server with its delivery workers")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
+
+    command("worker", "run delivery workers only (no HTTP), sharing the store with the servers")
+
+    dlq = command("dlq", "the dead-letter list: messages with recipients that failed for good", config=False)
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_commands.add_parser("list", help="show dead letters, newest first")
+    dlq_list.add_argument("-c", "--config", help="config file (default: $BIZPLUGIN_CONFIG)")
+    dlq_replay = dlq_commands.add_parser("replay", help="queue the failed recipients again")
+    dlq_replay.add_argument("-c", "--config", help="config file (default: $BIZPLUGIN_CONFIG)")
+    which = dlq_replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("message_id", nargs="?", help="one message")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+
+    doctor = command("doctor", "check config, OpenIM admin token and sender; print webhooks.yml lines")
+    doctor.add_argument("--public-url", help="how OpenIM reaches this sidecar (default: server address)")
 
     keygen = command("keygen", "print a new random secret for [clients.<id>] secrets", config=False)
     keygen.add_argument("--bytes", type=int, default=32, help="random bytes (default 32)")
@@ -86,7 +102,7 @@ def run(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     except ConfigError as exc:
         print(f"openim-bizplugin: config error: {exc}", file=stderr)
         return EXIT_USAGE
-    except (CommandError, BizClientError) as exc:
+    except (CommandError, BizClientError, BizError) as exc:
         print(f"openim-bizplugin: {exc}", file=stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -107,6 +123,42 @@ def _serve(args: argparse.Namespace, stdout: TextIO) -> int:
     config = _config(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(config, host=args.host, port=args.port, announce=stdout)
+
+
+def _worker(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .server import run_workers
+
+    config = _config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_workers(config, announce=stdout)
+
+
+def _dlq(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .store import open_store
+
+    config = _config(args)
+    store = open_store(config.storage)
+    try:
+        if args.dlq_command == "list":
+            letters = store.dead_letters()
+            for letter in letters:
+                print(f"{letter.message_id}  {letter.client}  {letter.type}  {letter.failed} failed  "
+                      f"{letter.last_error or ''}", file=stdout)
+            print(f"{len(letters)} dead letters", file=stdout)
+        else:
+            count = store.replay_dead_letters(None if args.all else args.message_id, int(time.time() * 1000))
+            if count == 0 and not args.all:
+                raise CommandError(f"no dead letter {args.message_id!r}")
+            print(f"{count} recipients queued again", file=stdout)
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _doctor(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .doctor import run_doctor
+
+    return EXIT_OK if run_doctor(_config(args), stdout, args.public_url) else EXIT_FAILED
 
 
 def _keygen(args: argparse.Namespace, stdout: TextIO) -> int:
@@ -180,5 +232,5 @@ def _print_json(value: Any, stdout: TextIO) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False), file=stdout)
 
 
-_HANDLERS = {"serve": _serve, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
+_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "doctor": _doctor, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
              "send": _send, "status": _status}

@@ -52,6 +52,8 @@ def accept_message(services: Services, verified: VerifiedRequest, raw: bytes,
         raise Unprocessable(
             f"idempotency key {request.idempotency_key!r} was used for a different message ({exc})",
             errors=[Violation("/idempotency_key", "already used with another body")]) from None
+    if accepted.created:
+        services.engine.wake()
     return Answer(accepted, request.deprecated)
 
 

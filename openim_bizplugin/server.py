@@ -30,6 +30,7 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
           announce: TextIO | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     app = create_app(config)
+    services = app.extensions["bizplugin"]
     server = make_server(host or config.server.host, config.server.port if port is None else port,
                          app, threaded=True, request_handler=_RequestHandler)
     server.daemon_threads = False  # let requests in flight finish on shutdown
@@ -44,9 +45,28 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
     log.info("listening on %s", address)
     if announce is not None:
         print(f"listening on {address}", file=announce, flush=True)
+    services.engine.start(config.delivery.workers)
     try:
         server.serve_forever()
     finally:
         server.server_close()
-        app.extensions["bizplugin"].close()
+        services.close()
+    return 0
+
+
+def run_workers(config: Config, announce: TextIO | None = None) -> int:
+    """``openim-bizplugin worker``: delivery threads only, no HTTP, until SIGTERM/SIGINT."""
+    from .services import Services
+
+    services = Services.build(config)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    workers = max(config.delivery.workers, 1)
+    services.engine.start(workers)
+    log.info("delivering with %d workers", workers)
+    if announce is not None:
+        print(f"delivering with {workers} workers", file=announce, flush=True)
+    stopping.wait()
+    services.close()
     return 0

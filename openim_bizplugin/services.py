@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .catalog import Catalog
 from .config import Config
+from .delivery import DeliveryEngine, build_engine
+from .openim import OpenIMClient
 from .signing import RequestVerifier
 from .store import open_store
 from .store.base import Store
+
+
+def process_owner() -> str:
+    """A name for this process in leases and locks: host, pid and a random tag."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -21,6 +31,8 @@ class Services:
     catalog: Catalog
     verifier: RequestVerifier
     store: Store
+    openim: OpenIMClient
+    engine: DeliveryEngine
     clock: Callable[[], float]
 
     @classmethod
@@ -33,7 +45,12 @@ class Services:
             skew=config.server.signature_skew_seconds,
             clock=clock,
         )
-        return cls(config, catalog, verifier, open_store(config.storage), clock)
+        store = open_store(config.storage)
+        owner = process_owner()
+        openim = OpenIMClient(config.openim, store, clock=clock, owner=owner)
+        engine = build_engine(config, store, openim, clock, owner)
+        return cls(config, catalog, verifier, store, openim, engine, clock)
 
     def close(self) -> None:
+        self.engine.stop()
         self.store.close()

@@ -1,0 +1,130 @@
+"""The delivery engine: leased work from the store, turned into OpenIM calls.
+
+Each worker loop leases due recipients (highest priority first), sends them
+and records one :class:`~.store.base.Outcome` per recipient. Work is leased,
+never deleted on pick-up: a worker that dies mid-send leaves a lease that
+runs out, and the recipient is handed out again. Before re-sending a
+``send_msg`` whose outcome is unknown, the worker asks OpenIM whether that
+operationID arrived (``/msg/check_msg_is_send_success``) so a retry does not
+duplicate it. Retry timing is a pure function of the attempt number.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import Config
+from .openim import OpenIMClient, OpenIMError
+from .sending import Sender
+from .store.base import Outcome, Store, WorkItem
+
+log = logging.getLogger(__name__)
+IDLE_POLL_SECONDS = 1.0
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^(attempt-1)))."""
+    return rand() * min(cap, base * 2 ** max(attempt - 1, 0))
+
+
+@dataclass
+class DeliveryEngine:
+    """Leases work and delivers it; ``step()`` is one round, ``start()`` runs threads."""
+
+    config: Config
+    store: Store
+    sender: Sender
+    clock: Callable[[], float] = time.time
+    owner: str = "worker"
+    rand: Callable[[], float] = random.random
+
+    def __post_init__(self) -> None:
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- one round -------------------------------------------------------------
+    def step(self) -> int:
+        """Lease one batch of due recipients and deliver it; returns how many."""
+        settings = self.config.delivery
+        now_ms = self._now_ms()
+        items = self.store.lease(now_ms, settings.batch_size, int(settings.lease_seconds * 1000),
+                                 self.owner, self.sender.openim.new_operation_id)
+        if not items:
+            return 0
+        results = self.sender.deliver(items, self._decide)
+        recorded = self.store.complete(results, self._now_ms())
+        if recorded < len(results):
+            log.warning("%d outcomes were not recorded: their lease had passed to another worker",
+                        len(results) - recorded)
+        return len(items)
+
+    def _decide(self, item: WorkItem, error: OpenIMError) -> Outcome:
+        """Turn a failed attempt into a retry or a final failure."""
+        settings = self.config.delivery
+        text = str(error)
+        if not error.retryable:
+            return Outcome.failed(text, f"OpenIM refused it (errCode {error.err_code})")
+        if item.attempts >= settings.max_attempts:
+            return Outcome.failed(text, f"gave up after {item.attempts} attempts")
+        delay = backoff_seconds(item.attempts, settings.backoff_base_seconds, settings.backoff_max_seconds,
+                                self.rand)
+        # the error names the attempt that may have arrived (a token refresh repeats a call once)
+        unknown = (error.operation_id or item.operation_id) if error.outcome_unknown else None
+        return Outcome.retry(text, self._now_ms() + int(delay * 1000), unknown)
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # -- threads -----------------------------------------------------------------
+    def wake(self) -> None:
+        """New work was stored: let an idle worker look now instead of at its next poll."""
+        self._wake.set()
+
+    def run(self) -> None:
+        """Deliver until :meth:`stop`; storage or OpenIM trouble never ends the loop."""
+        while not self._stop.is_set():
+            try:
+                if self.step():
+                    continue
+            except Exception:
+                log.exception("delivery round failed; retrying after a pause")
+            self._wake.wait(self._idle_seconds())
+            self._wake.clear()
+
+    def _idle_seconds(self) -> float:
+        try:
+            due = self.store.next_due_ms()
+        except Exception:
+            return IDLE_POLL_SECONDS
+        if due is None:
+            return IDLE_POLL_SECONDS
+        return min(IDLE_POLL_SECONDS, max(0.0, (due - self._now_ms()) / 1000))
+
+    def start(self, workers: int) -> None:
+        """Run *workers* delivery threads in this process."""
+        for n in range(workers):
+            thread = threading.Thread(target=self.run, name=f"delivery-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work and let rounds in flight finish (their leases cover the rest)."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+
+
+def build_engine(config: Config, store: Store, openim: OpenIMClient, clock: Callable[[], float],
+                 owner: str) -> DeliveryEngine:
+    """The engine with its sender, as serve and worker run it."""
+    return DeliveryEngine(config, store, Sender(config, openim, clock), clock, owner)
+

@@ -1,0 +1,182 @@
+"""How leased recipients become OpenIM calls (SPEC §5).
+
+``notification`` mode sends ``/msg/send_business_notification`` per user or
+group; ``custom`` mode sends a Custom (110) message with ``/msg/send_msg``,
+or ``/msg/batch_send_msg`` when several users of one message are due
+together. Group business notifications exist only on OpenIM main: on v3.8.3
+the endpoint refuses ``recvGroupID``, and the sender falls back to one
+notification per member (remembered for the rest of the process).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from .config import Config
+from .openim import OpenIMClient, OpenIMError, SendResult
+from .store.base import Outcome, WorkItem
+
+log = logging.getLogger(__name__)
+Decide = Callable[[WorkItem, OpenIMError], Outcome]
+Results = list[tuple[WorkItem, Outcome]]
+
+
+def is_group_notification_unsupported(error: OpenIMError) -> bool:
+    """OpenIM v3.8.3 answers a group business notification with a bind error on recvUserID."""
+    return error.err_code == 1001 and "'RecvUserID' failed on the 'required' tag" in error.err_dlt
+
+
+class Sender:
+    """Delivers a batch of leased items and says what became of each."""
+
+    def __init__(self, config: Config, openim: OpenIMClient, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.openim = openim
+        self.clock = clock
+        self.group_notifications_native = True  # until OpenIM says otherwise
+
+    def deliver(self, items: list[WorkItem], decide: Decide) -> Results:
+        """One outcome per item, in no particular order."""
+        results: Results = []
+        due = [item for item in items if not self._confirmed_earlier(item, decide, results)]
+        if self.config.openim.check_recipients:
+            due = self._drop_unknown_users(due, decide, results)
+        by_message: dict[str, list[WorkItem]] = defaultdict(list)
+        for item in due:
+            if item.mode == "custom" and item.kind == "user":
+                by_message[item.message_id].append(item)
+            else:
+                self._send_one(item, decide, results)
+        for group in by_message.values():
+            if len(group) == 1:
+                self._send_one(group[0], decide, results)
+            else:
+                self._send_batch(group, decide, results)
+        return results
+
+    # -- before sending ------------------------------------------------------------
+    def _confirmed_earlier(self, item: WorkItem, decide: Decide, results: Results) -> bool:
+        """Ask OpenIM whether an earlier send_msg whose answer we lost arrived after all."""
+        if not item.check_operation_id or item.mode != "custom":
+            return False
+        try:
+            arrived = self.openim.check_msg_is_send_success(item.check_operation_id)
+        except OpenIMError as error:
+            results.append((item, decide(item, error)))
+            return True
+        if arrived:
+            self._record(results, item, Outcome.sent(
+                None, None, self._now_ms(),
+                reason=f"operationID {item.check_operation_id} arrived (check_msg_is_send_success)"))
+        return arrived
+
+    def _drop_unknown_users(self, items: list[WorkItem], decide: Decide, results: Results) -> list[WorkItem]:
+        """``/user/account_check`` first: OpenIM accepts notifications for users that do not exist."""
+        users = sorted({i.target for i in items if i.kind == "user" and i.mode == "notification"})
+        if not users:
+            return items
+        try:
+            registered = self.openim.account_check(users)
+        except OpenIMError as error:
+            for item in items:
+                results.append((item, decide(item, error)))
+            return []
+        keep = []
+        for item in items:
+            if item.kind == "user" and item.mode == "notification" and not registered.get(item.target, False):
+                self._record(results, item, Outcome.failed("user is not registered in OpenIM",
+                                                           "unknown user (checked with /user/account_check)"))
+            else:
+                keep.append(item)
+        return keep
+
+    # -- sending ---------------------------------------------------------------------
+    def _send_one(self, item: WorkItem, decide: Decide, results: Results) -> None:
+        try:
+            if item.mode == "custom":
+                outcome = self._sent(self._send_custom(item))
+            elif item.kind == "group" and not self.group_notifications_native:
+                outcome = self._notify_members(item)
+            else:
+                outcome = self._sent(self._notify(item, item.kind, item.target, item.operation_id))
+        except OpenIMError as error:
+            if item.kind == "group" and item.mode == "notification" and is_group_notification_unsupported(error):
+                log.info("OpenIM has no group business notifications (v3.8.3): sending to members instead")
+                self.group_notifications_native = False
+                return self._send_one(item, decide, results)
+            outcome = decide(item, error)
+        self._record(results, item, outcome)
+
+    def _notify(self, item: WorkItem, kind: str, target: str, operation_id: str) -> SendResult:
+        return self.openim.send_business_notification(
+            send_user_id=self.config.openim.sender_id, key=item.type, data=item.envelope,
+            recv_user_id=target if kind == "user" else None, recv_group_id=target if kind == "group" else None,
+            reliability_level=2 if item.delivery.get("persistent") else 1, operation_id=operation_id)
+
+    def _notify_members(self, item: WorkItem) -> Outcome:
+        members = self.openim.group_member_ids(item.target)
+        if not members:  # OpenIM answers an unknown group with an empty list, not an error
+            return Outcome.failed("the group has no members (or does not exist)", "unknown or empty group")
+        for n, member in enumerate(members):
+            self._notify(item, "user", member, f"{item.operation_id}-{n}")
+        return Outcome.sent(None, None, self._now_ms(), reason=f"sent to {len(members)} members one by one")
+
+    def _content(self, item: WorkItem) -> dict[str, str]:
+        return {"data": item.envelope, "description": item.type, "extension": ""}
+
+    def _push(self, item: WorkItem) -> dict[str, Any]:
+        return {"push_title": item.delivery.get("push_title") or "", "push_desc": item.delivery.get("push_desc") or ""}
+
+    def _send_custom(self, item: WorkItem) -> SendResult:
+        target = {"recv_id": item.target} if item.kind == "user" else {"group_id": item.target}
+        return self.openim.send_msg(send_id=self.config.openim.sender_id, content=self._content(item),
+                                    operation_id=item.operation_id, **target, **self._push(item))
+
+    def _send_batch(self, items: list[WorkItem], decide: Decide, results: Results) -> None:
+        """One ``batch_send_msg`` for several users of one message, mapped back per user."""
+        first = items[0]
+        try:
+            batch = self.openim.batch_send_msg(
+                send_id=self.config.openim.sender_id, content=self._content(first),
+                recv_ids=[i.target for i in items], operation_id=first.operation_id, **self._push(first))
+        except OpenIMError as error:
+            for item in items:
+                self._record(results, item, decide(item, error))
+            return
+        refused = [i for i in items if i.target not in batch.sent]
+        for item in items:
+            if item.target in batch.sent:
+                self._record(results, item, self._sent(batch.sent[item.target]))
+        self._settle_refused(refused, decide, results)
+
+    def _settle_refused(self, items: list[WorkItem], decide: Decide, results: Results) -> None:
+        """OpenIM swallows per-user batch errors: unknown users fail, the rest retry."""
+        if not items:
+            return
+        try:
+            registered = self.openim.account_check([i.target for i in items])
+        except OpenIMError:
+            registered = {}
+        for item in items:
+            if registered.get(item.target) is False:
+                outcome = Outcome.failed("user is not registered in OpenIM", "unknown user (batch_send_msg refused it)")
+            else:
+                outcome = decide(item, OpenIMError.batch_refusal("/msg/batch_send_msg", item.operation_id))
+            self._record(results, item, outcome)
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def _sent(self, result: SendResult) -> Outcome:
+        return Outcome.sent(result.server_msg_id, result.client_msg_id, result.send_time_ms or self._now_ms())
+
+    def _record(self, results: Results, item: WorkItem, outcome: Outcome) -> None:
+        log.info("message %s %s %s: %s (operationID %s, attempt %d)%s", item.message_id, item.kind, item.target,
+                 outcome.status, item.operation_id, item.attempts,
+                 f": {outcome.error}" if outcome.error else "")
+        results.append((item, outcome))
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .client import BizClient, BizClientError
-from .config import Config, config_path, load_config
+from .config import CONFIG_ENV, Config, config_path, load_config
 from .errors import BizError, ConfigError
 from .signing import signature_headers
 
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = command("doctor", "check config, OpenIM admin token and sender; print webhooks.yml lines")
     doctor.add_argument("--public-url", help="how OpenIM reaches this sidecar (default: server address)")
+
+    demo = command("demo", "run the fake OpenIM and a sidecar, send each type, show what apps receive")
+    demo.add_argument("--schemas", help="catalogue folder (default: the config's schemas.dir, else ./schemas)")
 
     keygen = command("keygen", "print a new random secret for [clients.<id>] secrets", config=False)
     keygen.add_argument("--bytes", type=int, default=32, help="random bytes (default 32)")
@@ -161,6 +165,20 @@ def _doctor(args: argparse.Namespace, stdout: TextIO) -> int:
     return EXIT_OK if run_doctor(_config(args), stdout, args.public_url) else EXIT_FAILED
 
 
+def _demo(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .demo import run_demo
+
+    if args.schemas:
+        schemas = Path(args.schemas)
+    elif args.config or os.environ.get(CONFIG_ENV):
+        schemas = _config(args).schemas_dir
+    else:
+        schemas = Path("schemas")
+    if not schemas.is_dir():
+        raise CommandError(f"no catalogue at {schemas}: pass --schemas DIR or -c CONFIG")
+    return run_demo(schemas.resolve(), stdout)
+
+
 def _keygen(args: argparse.Namespace, stdout: TextIO) -> int:
     if not 16 <= args.bytes <= 1024:
         raise CommandError("--bytes must be between 16 and 1024")
@@ -232,5 +250,5 @@ def _print_json(value: Any, stdout: TextIO) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False), file=stdout)
 
 
-_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "doctor": _doctor, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
+_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "doctor": _doctor, "demo": _demo, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
              "send": _send, "status": _status}

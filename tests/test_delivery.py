@@ -1,0 +1,230 @@
+"""Delivery through the fake OpenIM over real HTTP, with the engine stepped by hand.
+
+The sidecar runs in this process with an injected clock: backoff, leases and
+TTLs advance by setting the clock, never by sleeping. OpenIM is the loopback
+:class:`FakeOpenIM`, which speaks OpenIM's wire format.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import Signed, message, write_config
+from openim_bizplugin.app import create_app
+from openim_bizplugin.config import load_config
+from openim_bizplugin.delivery import backoff_seconds
+from openim_bizplugin.testing import FakeOpenIM
+
+USERS = ("u1", "u2", "u3", "imAdmin")
+
+
+@pytest.fixture
+def fake():
+    with FakeOpenIM(users=USERS, groups={"g1": ["u1", "u2"]}) as im:
+        yield im
+
+
+class Sidecar:
+    """An app wired to the fake, a signed test client and a hand-stepped engine."""
+
+    def __init__(self, tmp_path, fake, clock, **delivery) -> None:
+        settings = {"workers": 1, "max_attempts": 5, "backoff_base_seconds": 1.0, "backoff_max_seconds": 30.0,
+                    "lease_seconds": 10.0, **delivery}
+        openim = {"api_url": fake.url, "timeout_seconds": 0.5}
+        openim.update(settings.pop("openim", {}))
+        config = load_config(write_config(tmp_path, {"openim": openim, "delivery": settings}))
+        self.app = create_app(config, clock=clock)
+        self.services = self.app.extensions["bizplugin"]
+        self.engine, self.store, self.clock = self.services.engine, self.services.store, clock
+        self.api = Signed(self.app.test_client(), clock)
+
+    def send(self, as_client: str = "ops", **overrides) -> str:
+        response = self.api.post(message(**overrides), as_client=as_client)
+        assert response.status_code == 202, response.get_data(as_text=True)
+        return response.get_json()["id"]
+
+    def drain(self, rounds: int = 100) -> None:
+        """Step until nothing is due, moving the clock to each retry time."""
+        for _ in range(rounds):
+            if self.engine.step():
+                continue
+            due = self.store.next_due_ms()
+            if due is None:
+                return
+            self.clock.now = max(self.clock.now, due / 1000)
+        raise AssertionError("delivery did not settle")
+
+    def recipients(self, message_id: str) -> list[dict]:
+        return self.api.get(f"/v1/messages/{message_id}", as_client="ops").get_json()["recipients"]
+
+
+@pytest.fixture
+def sidecar(tmp_path, fake, clock):
+    side = Sidecar(tmp_path, fake, clock)
+    yield side
+    side.services.close()
+
+
+def _envelope_id(delivery) -> str:
+    text = delivery.data if delivery.content_type == 2001 else delivery.content["data"]
+    return json.loads(text)["id"]
+
+
+def test_notification_to_users_carries_the_envelope(sidecar, fake):
+    mid = sidecar.send(to={"users": ["u1", "u2"]})
+    sidecar.drain()
+    calls = fake.calls_to("/msg/send_business_notification")
+    assert len(calls) == 2
+    body = calls[0].body
+    assert body["key"] == "profile.updated" and body["sendUserID"] == "imAdmin"
+    assert body["reliabilityLevel"] == 2  # profile.updated is persistent
+    envelope = json.loads(body["data"])
+    assert envelope["id"] == mid and envelope["from"] == "ops" and envelope["data"] == {"fields": ["nickname"]}
+    recipients = sidecar.recipients(mid)
+    assert {r["status"] for r in recipients} == {"sent"}
+    assert all(r["server_msg_id"] and r["client_msg_id"] and r["sent_at"] for r in recipients)
+    assert len({c.operation_id for c in calls}) == 2  # one operationID per attempt
+
+
+def test_notification_to_group_on_main_is_one_call(sidecar, fake):
+    mid = sidecar.send(to={"groups": ["g1"]})
+    sidecar.drain()
+    [call] = fake.calls_to("/msg/send_business_notification")
+    assert call.body["recvGroupID"] == "g1" and "recvUserID" not in call.body
+    [recipient] = sidecar.recipients(mid)
+    assert (recipient["group_id"], recipient["status"]) == ("g1", "sent")
+
+
+def test_notification_to_group_on_v383_goes_to_each_member(tmp_path, clock):
+    with FakeOpenIM(users=USERS, groups={"g1": ["u1", "u2"]}, flavor="v3.8.3") as old:
+        side = Sidecar(tmp_path, old, clock)
+        mid = side.send(to={"groups": ["g1"]})
+        side.drain()
+        assert sorted(d.recv_id for d in old.delivered) == ["u1", "u2"]
+        [recipient] = side.recipients(mid)
+        assert recipient["status"] == "sent" and "2 members" in recipient["reason"]
+        side.services.close()
+
+
+def test_custom_mode_batches_users_with_string_content(sidecar, fake):
+    mid = sidecar.send(mode="custom", to={"users": ["u1", "u2", "u3"]})
+    sidecar.drain()
+    [call] = fake.calls_to("/msg/batch_send_msg")
+    assert call.body["contentType"] == 110 and sorted(call.body["recvIDs"]) == ["u1", "u2", "u3"]
+    assert all(isinstance(v, str) for v in call.body["content"].values())
+    assert call.body["content"]["description"] == "profile.updated"
+    assert call.body["offlinePushInfo"]["title"] == "Profile updated"
+    assert sorted(_envelope_id(d) for d in fake.delivered) == [mid] * 3
+    assert {r["status"] for r in sidecar.recipients(mid)} == {"sent"}
+
+
+def test_custom_mode_group_is_send_msg_to_the_group(sidecar, fake):
+    mid = sidecar.send(mode="custom", to={"groups": ["g1"]})
+    sidecar.drain()
+    [call] = fake.calls_to("/msg/send_msg")
+    assert call.body["sessionType"] == 3 and call.body["groupID"] == "g1"
+    assert sidecar.recipients(mid)[0]["status"] == "sent"
+
+
+def test_token_expiry_mid_run_refreshes_once(sidecar, fake):
+    sidecar.send(to={"users": ["u1"]})
+    sidecar.drain()
+    fake.expire_tokens()
+    second = sidecar.send(to={"users": ["u2", "u3"]})
+    sidecar.drain()
+    assert len(fake.calls_to("/auth/get_admin_token")) == 2
+    assert {r["status"] for r in sidecar.recipients(second)} == {"sent"}
+
+
+def test_openim_down_then_back_delivers_everything_once(sidecar, fake):
+    fake.refuse_connections()
+    ids = [sidecar.send(to={"users": ["u1", "u2"]}, idempotency_key=f"k{i}") for i in range(3)]
+    sidecar.engine.step()
+    waiting = sidecar.recipients(ids[0])[0]
+    assert waiting["status"] == "queued" and waiting["attempts"] == 1 and waiting["last_error"]
+    fake.accept_connections()
+    sidecar.drain()
+    assert sorted(_envelope_id(d) for d in fake.delivered) == sorted(ids * 2)
+
+
+def test_permanent_error_fails_at_once_and_replays_from_dead_letters(sidecar, fake):
+    mid = sidecar.send(mode="custom", to={"users": ["ghost"]})
+    sidecar.drain()
+    [recipient] = sidecar.recipients(mid)
+    assert recipient["status"] == "failed" and recipient["attempts"] == 1 and "1004" in recipient["last_error"]
+    assert len(fake.calls_to("/msg/send_msg")) == 1
+    assert [d.message_id for d in sidecar.store.dead_letters()] == [mid]
+    fake.add_users("ghost")
+    assert sidecar.store.replay_dead_letters(mid, int(sidecar.clock() * 1000)) == 1
+    sidecar.drain()
+    assert sidecar.recipients(mid)[0]["status"] == "sent" and sidecar.store.dead_letters() == []
+
+
+def test_retryable_errors_give_up_after_max_attempts(sidecar, fake):
+    fake.fail_next("/msg/send_business_notification", times=50, err_code=500, err_dlt="grpc service msg down")
+    mid = sidecar.send(to={"users": ["u1"]})
+    sidecar.drain()
+    [recipient] = sidecar.recipients(mid)
+    assert recipient["status"] == "failed" and recipient["attempts"] == 5
+    assert "gave up after 5 attempts" in recipient["reason"]
+
+
+def test_timeout_after_openim_accepted_is_not_sent_twice(sidecar, fake):
+    fake.delay_next("/msg/send_msg", 1.5, after_processing=True)
+    mid = sidecar.send(mode="custom", to={"users": ["u1"]})
+    sidecar.engine.step()
+    assert sidecar.recipients(mid)[0]["status"] == "queued"
+    sidecar.drain()
+    assert len(fake.deliveries_to(user="u1")) == 1
+    [check] = fake.calls_to("/msg/check_msg_is_send_success")
+    assert check.operation_id == fake.calls_to("/msg/send_msg")[0].operation_id
+    assert sidecar.recipients(mid)[0]["status"] == "sent"
+
+
+def test_lease_of_a_vanished_worker_runs_out_and_work_is_retried(sidecar, fake):
+    mid = sidecar.send(mode="custom", to={"users": ["u1"]})
+    now_ms = int(sidecar.clock() * 1000)
+    [taken] = sidecar.store.lease(now_ms, 10, 10_000, "dead-worker", lambda hint: f"op-{hint}")
+    assert sidecar.engine.step() == 0  # still leased
+    sidecar.clock.advance(11)
+    sidecar.drain()
+    assert [c.operation_id for c in fake.calls_to("/msg/check_msg_is_send_success")] == [taken.operation_id]
+    assert len(fake.deliveries_to(user="u1")) == 1 and sidecar.recipients(mid)[0]["status"] == "sent"
+
+
+def test_ttl_passed_before_delivery_expires_instead_of_sending_late(sidecar, fake):
+    fake.refuse_connections()
+    mid = sidecar.send(to={"users": ["u1"]}, ttl_seconds=5)
+    sidecar.engine.step()
+    fake.accept_connections()
+    sidecar.clock.advance(6)
+    sidecar.drain()
+    [recipient] = sidecar.recipients(mid)
+    assert recipient["status"] == "expired" and "ttl" in recipient["reason"]
+    assert fake.delivered == []
+
+
+def test_check_recipients_fails_unknown_users_without_sending(tmp_path, fake, clock):
+    side = Sidecar(tmp_path, fake, clock, openim={"check_recipients": True})
+    mid = side.send(to={"users": ["u1", "nobody"]})
+    side.drain()
+    by_user = {r["user_id"]: r for r in side.recipients(mid)}
+    assert by_user["u1"]["status"] == "sent" and by_user["nobody"]["status"] == "failed"
+    assert [d.recv_id for d in fake.delivered] == ["u1"]
+    side.services.close()
+
+
+def test_high_priority_is_leased_before_queued_normal_work(sidecar):
+    sidecar.send(to={"users": ["u1"]}, idempotency_key="normal")
+    sidecar.send(to={"users": ["u2"]}, priority="high", idempotency_key="high")
+    [first] = sidecar.store.lease(int(sidecar.clock() * 1000), 1, 1000, "w", lambda hint: hint)
+    assert first.target == "u2" and first.priority == "high"
+
+
+def test_backoff_is_full_jitter_and_capped():
+    assert backoff_seconds(1, 1.0, 30.0, rand=lambda: 0.999) == pytest.approx(0.999)
+    assert backoff_seconds(4, 1.0, 30.0, rand=lambda: 0.5) == pytest.approx(4.0)
+    assert backoff_seconds(20, 1.0, 30.0, rand=lambda: 1.0) == 30.0
+    assert backoff_seconds(3, 1.0, 30.0, rand=lambda: 0.0) == 0.0

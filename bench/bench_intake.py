@@ -1,0 +1,571 @@
+#!/usr/bin/env python3
+"""Intake throughput: the real sidecar versus a bare Flask endpoint, side by side.
+
+Requirement: signed + validated + stored ``POST /v1/messages`` requests per
+second on one process reach at least half the rate of a bare Flask endpoint
+that only parses the same JSON.
+
+    python bench/bench_intake.py [--seconds 5] [--concurrency 4] [--recipients 5]
+
+Side A is ``openim-bizplugin serve`` (a subprocess, temp config, temp SQLite,
+port 0). Side B is this script started again with ``--bare-server``: one Flask
+POST endpoint doing ``json.loads(request.get_data())`` and answering the same
+202 JSON, on the same werkzeug ``make_server(..., threaded=True)`` with the
+same per-request log line, so both sides pay the same HTTP server costs.
+
+The load generator runs ``--concurrency`` workers, each with one request in
+flight (werkzeug answers every request with ``Connection: close``, so each
+request is a new TCP connection and a new server thread on both sides). It
+sends, to both sides, the same ``order.status_changed`` v1 body (a fresh
+``order_id`` per request, so no request is a replay) with a fresh signature.
+Rounds run in the order given by ``--rounds`` (default ``BABAB``, interleaved
+because a shared machine drifts); the ratio is mean(A) / mean(B). The CPU the
+server process spends per request is printed too: it is steadier than req/s
+when other work shares the machine. After the run the sidecar is killed with
+SIGKILL and its SQLite file must hold exactly one message per 202 it answered.
+
+This prints figures; it is not a test and exits 0 unless the run itself broke
+(use ``--strict`` to exit 1 when the target is missed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import shlex
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from http.client import HTTPConnection, HTTPException
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PATH = "/v1/messages"
+CLIENT_ID = "bench"
+SECRET = "bench-secret-0123456789abcdef"
+TARGET_RATIO = 0.5
+LISTENING = "listening on http://"
+
+
+# -- side B: the bare endpoint ---------------------------------------------------------------
+def bare_server(recipients: int) -> int:
+    """Serve the bare endpoint exactly the way ``openim_bizplugin.server.serve`` serves the app."""
+    from flask import Flask, jsonify, request
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    log = logging.getLogger("bare")
+
+    class Handler(WSGIRequestHandler):  # the sidecar's _RequestHandler: one logging line per request
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            log.info('%s "%s %s" %s', self.address_string(), self.command, self.path.split("?", 1)[0], code)
+
+    app = Flask("bare")
+
+    @app.post(PATH)
+    def post_message():  # type: ignore[no-untyped-def]
+        json.loads(request.get_data())
+        return jsonify({"id": "x", "status": "queued", "recipients": recipients}), 202
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Handler)
+    server.daemon_threads = False
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"{LISTENING}{server.host}:{server.port}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+# -- optional: the sidecar under cProfile (all request threads) ------------------------------
+def profiled_sidecar(config: str, out: str, clock: str) -> int:
+    """Run ``openim-bizplugin serve`` with every connection thread profiled; stats go to *out*.
+
+    cProfile only sees the thread that enables it, so each connection thread
+    gets its own profiler (patched in here, not in the package) and the
+    profiles are merged when the server stops (SIGTERM). With *clock* "cpu"
+    the profiles count the thread's CPU time, so time spent waiting (SQLite
+    busy-handler sleeps, fsync, the GIL) drops out; "wall" keeps it.
+    """
+    import cProfile
+    import pstats
+    import socketserver
+
+    from openim_bizplugin.cli import run
+
+    profiles: list[cProfile.Profile] = []
+    lock = threading.Lock()
+    original = socketserver.ThreadingMixIn.process_request_thread
+
+    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        profile = cProfile.Profile(time.thread_time) if clock == "cpu" else cProfile.Profile()
+        with lock:
+            profiles.append(profile)
+        profile.enable()
+        try:
+            original(self, request, client_address)
+        finally:
+            profile.disable()
+
+    socketserver.ThreadingMixIn.process_request_thread = process_request_thread  # type: ignore[method-assign]
+    code = run(["serve", "-c", config, "--port", "0"], sys.stdout, sys.stderr)
+    stats = [p for p in profiles if p.getstats()]
+    if stats:
+        merged = pstats.Stats(stats[0])
+        for p in stats[1:]:
+            merged.add(p)
+        merged.dump_stats(out)
+    return code
+
+
+# -- servers as subprocesses -------------------------------------------------------------------
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    host: str
+    port: int
+    log_path: Path
+
+    @classmethod
+    def start(cls, name: str, argv: list[str], log_path: Path, cwd: Path) -> Server:
+        """Start *argv* (stderr to *log_path*) and wait for its ``listening on`` line."""
+        log = log_path.open("wb")
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, cwd=cwd, text=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(LISTENING):
+                host, port = line.strip()[len(LISTENING):].rsplit(":", 1)
+                return cls(name, proc, host, int(port), log_path)
+        proc.kill()
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"{name} did not start ({' '.join(argv)}):\n{tail}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def console_script() -> str:
+    candidate = Path(sys.executable).with_name("openim-bizplugin")
+    return str(candidate) if candidate.exists() else "openim-bizplugin"
+
+
+def write_config(directory: Path, db_dir: Path) -> Path:
+    config = directory / "bench.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [server]
+        host = "127.0.0.1"
+        port = 0
+
+        [openim]
+        api_url = "http://127.0.0.1:9"
+        secret = "unused-by-this-benchmark"
+        admin_user_id = "imAdmin"
+        sender_id = "imAdmin"
+
+        [callbacks]
+        token = "bench-callback-token-0123456789"
+
+        [storage]
+        url = "sqlite:///{(db_dir / 'bench.db').as_posix()}"
+
+        [schemas]
+        dir = "{(REPO / 'schemas').as_posix()}"
+
+        [delivery]
+        workers = 0  # intake only: nothing is sent to OpenIM during the benchmark
+
+        [clients.{CLIENT_ID}]
+        secrets = ["{SECRET}"]
+        allowed_types = ["*"]
+        """))
+    return config
+
+
+# -- the load generator ------------------------------------------------------------------------
+@dataclass
+class WorkerResult:
+    measured: int = 0            # 202 answers to requests started inside the window
+    accepted_total: int = 0      # every 202, warm-up included (for the durability check)
+    errors: dict = field(default_factory=dict)
+    latencies: list = field(default_factory=list)
+    last_done: float = 0.0
+
+
+def body_for(tag: str, n: int, users: list[str]) -> bytes:
+    """A realistic order.status_changed v1 body; order_id makes every body unique."""
+    return json.dumps({
+        "type": "order.status_changed", "version": 1,
+        "data": {"order_id": f"SO-{tag}-{n:09d}", "status": "shipped", "previous_status": "paid",
+                 "amount": {"value": "129.90", "currency": "EUR"}, "updated_at": "2026-11-26T12:00:00Z"},
+        "to": {"users": users},
+    }, separators=(",", ":")).encode()
+
+
+def drive(host: str, port: int, tag: str, recipients: int, start: float, end: float,
+          go: float) -> WorkerResult:
+    """Send signed requests one at a time from *go* until *end*; measure those started after *start*.
+
+    A failed connection is counted under its exception name and retried
+    after a short pause, so a dying server shows up in the table.
+    """
+    from openim_bizplugin.signing import signature_headers
+
+    users = [f"user-{i:04d}" for i in range(recipients)]
+    result = WorkerResult()
+    conn = HTTPConnection(host, port, timeout=30)
+    n = 0
+    while time.monotonic() < go:
+        time.sleep(0.001)
+    while True:
+        began = time.monotonic()
+        if began >= end:
+            break
+        n += 1
+        body = body_for(tag, n, users)
+        headers = signature_headers(CLIENT_ID, SECRET, "POST", PATH, body)
+        headers["Content-Type"] = "application/json"
+        try:
+            conn.request("POST", PATH, body, headers)
+            response = conn.getresponse()
+            payload = response.read()
+        except (OSError, HTTPException) as exc:
+            conn.close()
+            result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
+            time.sleep(0.01)
+            continue
+        done = time.monotonic()
+        ok = response.status == 202 and json.loads(payload).get("recipients") == recipients
+        if ok:
+            result.accepted_total += 1
+        elif response.status == 202:
+            result.accepted_total += 1
+            result.errors["202-bad-body"] = result.errors.get("202-bad-body", 0) + 1
+        else:
+            result.errors[response.status] = result.errors.get(response.status, 0) + 1
+        if began >= start:
+            if ok:
+                result.measured += 1
+                result.latencies.append(done - began)
+            result.last_done = done
+    conn.close()
+    return result
+
+
+def _drive_in_process(queue, *args) -> None:  # type: ignore[no-untyped-def]
+    queue.put(drive(*args))
+
+
+def process_usage(pid: int) -> tuple[int, float]:
+    """Open file descriptors and resident MB of process *pid* (Linux /proc), or (-1, nan)."""
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return -1, float("nan")
+    rss_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return fds, rss_kb / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process *pid* so far (Linux /proc), or nan."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def generator_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (the process generator)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class Round:
+    side: str
+    requests: int
+    seconds: float
+    latencies: list
+    accepted_total: int
+    errors: dict
+    server_cpu: float = float("nan")     # CPU seconds of the server process over the whole round
+    generator_cpu: float = float("nan")  # CPU seconds of the load generator over the whole round
+    all_requests: int = 0                # requests answered over the whole round, warm-up included
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def cpu_per_request(self, cpu: float) -> float:
+        """CPU milliseconds per request (warm-up included on both sides of the division)."""
+        return cpu / self.all_requests * 1000 if self.all_requests else float("nan")
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def run_round(side: str, server: Server, args: argparse.Namespace, round_no: int) -> Round:
+    go = time.monotonic() + 0.3  # let every worker connect first
+    start = go + args.warmup
+    end = start + args.seconds
+    server_cpu, generator_cpu = cpu_seconds(server.proc.pid), generator_cpu_seconds()
+    jobs = [(server.host, server.port, f"{side}{round_no}w{i}p{os.getpid()}", args.recipients, start, end, go)
+            for i in range(args.concurrency)]
+    if args.generator == "process":
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_drive_in_process, args=(queue, *job)) for job in jobs]
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+    else:
+        results = [WorkerResult() for _ in jobs]
+
+        def target(i: int) -> None:
+            results[i] = drive(*jobs[i])
+
+        threads = [threading.Thread(target=target, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    errors: dict = {}
+    for r in results:
+        for k, v in r.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    finished = max((r.last_done for r in results), default=end)
+    return Round(side, sum(r.measured for r in results), max(finished, end) - start,
+                 [x for r in results for x in r.latencies], sum(r.accepted_total for r in results), errors,
+                 cpu_seconds(server.proc.pid) - server_cpu, generator_cpu_seconds() - generator_cpu,
+                 sum(r.accepted_total + sum(r.errors.values()) for r in results))
+
+
+# -- context and reporting -----------------------------------------------------------------------
+def filesystem_of(path: Path) -> str:
+    best, kind = "", "?"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def fsync_ms(directory: Path, count: int = 50) -> float:
+    probe = directory / "fsync-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    times = []
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            began = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - began)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return statistics.median(times) * 1000
+
+
+def print_context(args: argparse.Namespace, db_dir: Path) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def dist(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    print("machine")
+    print(f"  cpus            {os.cpu_count()} (usable by this process: {usable}); "
+          "servers and load generator share them")
+    print(f"  python          {platform.python_version()} ({platform.python_implementation()})")
+    print(f"  flask/werkzeug  {dist('flask')} / {dist('werkzeug')}")
+    print(f"  sqlite          {sqlite3.sqlite_version}; journal_mode=WAL, synchronous=FULL "
+          "(every 202 waits for an fsync of the WAL)")
+    print(f"  load average    {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min) at start")
+    print(f"  database dir    {db_dir} ({filesystem_of(db_dir)}; median fsync {fsync_ms(db_dir):.3f} ms)")
+    print(f"run: {args.seconds:g} s per round after {args.warmup:g} s warm-up, rounds {args.rounds}, "
+          f"concurrency {args.concurrency} ({args.generator}s, one request in flight each), "
+          f"{args.recipients} recipients per message")
+    print()
+
+
+def report(rounds: list[Round]) -> float:
+    print(f"{'side':<26} {'requests':>9} {'seconds':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'srv cpu':>8} {'gen cpu':>8}  errors")
+    names = {"A": "A sidecar (sign+validate+store)", "B": "B bare Flask (json.loads)"}
+    for r in rounds:
+        errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "-"
+        print(f"{names[r.side][:26]:<26} {r.requests:>9} {r.seconds:>8.2f} {r.rate:>9.1f} "
+              f"{r.pct(0.50):>8.2f} {r.pct(0.99):>8.2f} {r.cpu_per_request(r.server_cpu):>8.3f} "
+              f"{r.cpu_per_request(r.generator_cpu):>8.3f}  {errors}")
+    print("(srv cpu / gen cpu: CPU ms per request used by the server process / by the load generator)")
+    a = [r.rate for r in rounds if r.side == "A"]
+    b = [r.rate for r in rounds if r.side == "B"]
+    if not a or not b:
+        print("\nratio: needs at least one A and one B round")
+        return float("nan")
+    ratio = statistics.mean(a) / statistics.mean(b)
+    verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
+    print(f"\nA/B = {statistics.mean(a):.1f} / {statistics.mean(b):.1f} req/s = {ratio:.2f}   "
+          f"target >= {TARGET_RATIO:.2f}: {verdict}")
+    cpu_a = statistics.mean(r.cpu_per_request(r.server_cpu) for r in rounds if r.side == "A")
+    cpu_b = statistics.mean(r.cpu_per_request(r.server_cpu) for r in rounds if r.side == "B")
+    print(f"server CPU per request: B {cpu_b:.3f} ms / A {cpu_a:.3f} ms = "
+          f"{cpu_b / cpu_a if cpu_a > 0 else float('nan'):.2f} "
+          "(the rate ratio to expect when both servers are CPU-bound)")
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end "
+          "(compare with the start: other work on the machine skews req/s more than CPU/request)")
+    return ratio
+
+
+def durability(db: Path, accepted: int, recipients: int) -> bool:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            messages = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            rows = conn.execute("SELECT count(*) FROM recipients").fetchone()[0]
+        conn.close()
+    except sqlite3.Error as exc:
+        print(f"durability: sidecar answered 202 x {accepted}; cannot read {db}: {exc}: MISMATCH")
+        return False
+    ok = messages == accepted and rows == accepted * recipients
+    print(f"durability: sidecar answered 202 x {accepted}; after SIGKILL the database holds "
+          f"{messages} messages and {rows} recipient rows (expected {accepted * recipients}): "
+          f"{'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+# -- main -------------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per round (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round (default 1)")
+    p.add_argument("--concurrency", type=int, default=4, help="connections sending at once (default 4)")
+    p.add_argument("--recipients", type=int, default=5, help="users per message (default 5)")
+    p.add_argument("--rounds", default="BABAB", help="order of rounds, A=sidecar B=bare (default BABAB)")
+    p.add_argument("--generator", choices=("thread", "process"), default="thread",
+                   help="load generator workers: threads of this process or processes (default thread)")
+    p.add_argument("--db-dir", help="folder for the sidecar's SQLite file (default: a temp folder)")
+    p.add_argument("--sidecar-cmd", metavar="CMD",
+                   help="start side A with this shell-split command instead of `openim-bizplugin serve -c "
+                        "{config}` (e.g. another checkout or a patched build); {config} is replaced, and the "
+                        "command must print the sidecar's `listening on http://HOST:PORT` line")
+    p.add_argument("--profile", metavar="OUT.prof",
+                   help="run the sidecar under cProfile (all request threads) and write stats here; "
+                        "the figures of such a run are not representative")
+    p.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
+                   help="what --profile measures: each thread's CPU time (default) or wall time")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (config, logs, database)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the target ratio is missed")
+    p.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--profiled-sidecar", nargs=3, metavar=("CONFIG", "OUT", "CLOCK"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not set(args.rounds) <= {"A", "B"} or not args.rounds:
+        p.error("--rounds takes letters A and B, e.g. BAB")
+    if args.concurrency < 1 or args.recipients < 1 or args.seconds <= 0:
+        p.error("--concurrency, --recipients and --seconds must be positive")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.bare_server:
+        return bare_server(args.recipients)
+    if args.profiled_sidecar:
+        return profiled_sidecar(*args.profiled_sidecar)
+
+    sys.stdout.reconfigure(line_buffering=True)  # keep the table and the progress lines in order
+    work = Path(tempfile.mkdtemp(prefix="bench-intake-"))
+    db_dir = Path(args.db_dir).resolve() if args.db_dir else work
+    db_dir.mkdir(parents=True, exist_ok=True)
+    config = write_config(work, db_dir)
+    db = db_dir / "bench.db"
+    if db.exists():
+        raise SystemExit(f"{db} exists already; the durability check needs a fresh database")
+    print_context(args, db_dir)
+
+    if args.profile:
+        sidecar_argv = [sys.executable, str(Path(__file__).resolve()), "--profiled-sidecar", str(config),
+                        str(Path(args.profile).resolve()), args.profile_clock]
+    elif args.sidecar_cmd:
+        sidecar_argv = [part.replace("{config}", str(config)) for part in shlex.split(args.sidecar_cmd)]
+    else:
+        sidecar_argv = [console_script(), "serve", "-c", str(config)]
+    servers: dict[str, Server] = {}
+    try:
+        servers["B"] = Server.start("bare server", [sys.executable, str(Path(__file__).resolve()), "--bare-server",
+                                                    "--recipients", str(args.recipients)], work / "bare.log", work)
+        servers["A"] = Server.start("sidecar", sidecar_argv, work / "sidecar.log", work)
+        usage_before = process_usage(servers["A"].proc.pid)
+        rounds = []
+        for i, side in enumerate(args.rounds):
+            rounds.append(run_round(side, servers[side], args, i))
+            print(f"  round {i + 1}/{len(args.rounds)} {side}: {rounds[-1].rate:.1f} req/s", file=sys.stderr)
+        print()
+        ratio = report(rounds)
+        accepted = sum(r.accepted_total for r in rounds if r.side == "A")
+        usage_after = process_usage(servers["A"].proc.pid)
+        served = sum(r.all_requests for r in rounds if r.side == "A")
+        print(f"sidecar process: open fds {usage_before[0]} -> {usage_after[0]}, resident "
+              f"{usage_before[1]:.0f} -> {usage_after[1]:.0f} MB after {served} requests "
+              "(steady growth per request is a leak)")
+        if args.profile:
+            servers["A"].stop(signal.SIGTERM)  # a clean stop writes the profile
+            print(f"profile written to {args.profile} (python -m pstats {args.profile})")
+        else:
+            servers["A"].stop(signal.SIGKILL)  # only what was committed before answering survives
+        durable = durability(db, accepted, args.recipients) if "A" in args.rounds else True
+    finally:
+        for server in servers.values():
+            server.stop()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            for name in ("bench.db", "bench.db-wal", "bench.db-shm"):
+                (db_dir / name).unlink(missing_ok=True)
+            for child in work.iterdir():
+                child.unlink()
+            work.rmdir()
+    if not durable:
+        return 1
+    return 1 if args.strict and not ratio >= TARGET_RATIO else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -80,8 +80,9 @@ class MessageRequest:
 def parse_envelope(body: Any, *, client_id: str, allowed_types: tuple[str, ...], catalog: Catalog,
                    max_recipients: int, header_key: str | None = None) -> MessageRequest:
     """Check *body* against the envelope, the client's rights and the type's schema."""
-    _raise_if(sorted((_violation(e) for e in _ENVELOPE_VALIDATOR.iter_errors(body)), key=lambda v: v.path),
-              "the message envelope is invalid")
+    if not plainly_valid(body):  # jsonschema only when there is something to explain
+        _raise_if(sorted((_violation(e) for e in _ENVELOPE_VALIDATOR.iter_errors(body)), key=lambda v: v.path),
+                  "the message envelope is invalid")
     name, version = body["type"], body["version"]
     if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed_types):
         raise Forbidden(f"client {client_id!r} may not send type {name!r}")
@@ -107,6 +108,33 @@ def parse_envelope(body: Any, *, client_id: str, allowed_types: tuple[str, ...],
         idempotency_key=key, collapse_key=body.get("collapse_key"),
         request_hash=request_hash(body),
     )
+
+
+_OPTIONAL_ENUMS = {"priority": PRIORITIES, "offline": OFFLINE_POLICIES, "mode": MODES}
+
+
+def plainly_valid(body: Any) -> bool:
+    """A quick check that implies ENVELOPE_SCHEMA holds (validation costs ~70 µs a request).
+
+    False means "not sure": the caller then asks jsonschema, which explains.
+    """
+    if not isinstance(body, dict) or not body.keys() <= ENVELOPE_SCHEMA["properties"].keys():
+        return False
+    name, version, to = body.get("type"), body.get("version"), body.get("to")
+    if not (isinstance(name, str) and 1 <= len(name) <= 128 and "data" in body):
+        return False
+    if type(version) is not int or version < 1 or not isinstance(to, dict) or len(to) != 1:
+        return False
+    ids = to.get("users", to.get("groups"))
+    if not (isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)):
+        return False
+    if any(k in body and body[k] not in allowed for k, allowed in _OPTIONAL_ENUMS.items()):
+        return False
+    ttl = body.get("ttl_seconds", 1)
+    if type(ttl) is not int or not 1 <= ttl <= MAX_TTL_SECONDS:
+        return False
+    return all(k not in body or (isinstance(body[k], str) and not _bad_key(body[k]))
+               for k in ("idempotency_key", "collapse_key"))
 
 
 def request_hash(body: dict[str, Any]) -> str:

@@ -229,3 +229,20 @@ def test_openapi_describes_v1_with_every_type(signed):
 def test_unknown_route_and_method_are_problem_json(signed):
     _problem(signed.client.get("/v2/nothing"), 404)
     _problem(signed.client.delete("/v1/messages"), 405)
+
+
+@pytest.mark.parametrize("body", [
+    message(), message(priority="high", ttl_seconds=5, offline="drop", mode="custom", collapse_key="c",
+                       idempotency_key="k"),
+    message(to={"groups": ["g"]}), message(version=True), message(version=0), message(to={"users": [1]}),
+    message(to={"users": []}), message(to={"users": ["a"], "groups": ["b"]}), message(to={"people": ["a"]}),
+    message(priority="urgent"), message(ttl_seconds=1.5), message(ttl_seconds=10**9), message(collapse_key=""),
+    message(idempotency_key="with space"), message(extra=1), {"type": "x", "version": 1, "to": {"users": ["a"]}},
+    message(type=""), message(type=5), [], "text", None,
+], ids=lambda b: json.dumps(b)[:40])
+def test_quick_envelope_check_never_passes_what_the_schema_refuses(body):
+    from jsonschema import Draft202012Validator
+    from openim_bizplugin.envelope import ENVELOPE_SCHEMA, plainly_valid
+    if plainly_valid(body):
+        assert Draft202012Validator(ENVELOPE_SCHEMA).is_valid(body)
+    assert plainly_valid(body) == Draft202012Validator(ENVELOPE_SCHEMA).is_valid(body)

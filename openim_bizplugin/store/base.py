@@ -115,6 +115,7 @@ class WorkItem:
     version: int
     mode: str
     priority: str
+    offline: str
     envelope: str
     delivery: dict[str, Any]
     expires_ms: int
@@ -124,7 +125,7 @@ class WorkItem:
 class Outcome:
     """What became of one attempt; see the constructors below."""
 
-    status: str  # sent | queued (retry later) | failed | skipped | expired
+    status: str  # sent | queued (retry later) | held (until online) | failed | skipped
     error: str | None = None
     reason: str | None = None
     next_attempt_ms: int | None = None
@@ -148,6 +149,14 @@ class Outcome:
     def failed(cls, error: str, reason: str) -> Outcome:
         return cls("failed", error=error, reason=reason)
 
+    @classmethod
+    def held(cls, reason: str, recheck_ms: int) -> Outcome:
+        return cls("held", reason=reason, next_attempt_ms=recheck_ms)
+
+    @classmethod
+    def skipped(cls, reason: str) -> Outcome:
+        return cls("skipped", reason=reason)
+
 
 @dataclass(frozen=True)
 class DeadLetter:
@@ -159,6 +168,46 @@ class DeadLetter:
     failed: int
     last_error: str | None
     created_ms: int
+
+
+@dataclass(frozen=True)
+class CallbackRecord:
+    """An OpenIM callback as received, waiting to be processed."""
+
+    id: int
+    command: str
+    body: str
+    received_ms: int
+
+
+@dataclass(frozen=True)
+class PresenceState:
+    """What OpenIM's presence callbacks last said of a user."""
+
+    online: bool
+    updated_ms: int
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One subscriber event in the outbox; ``id`` is stable across retries."""
+
+    seq: int
+    id: str
+    type: str
+    data: dict[str, Any]
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class SubscriberCursor:
+    """How far a subscriber has received events, and its retry state."""
+
+    subscriber: str
+    last_seq: int
+    attempts: int = 0
+    next_attempt_ms: int = 0
+    last_error: str | None = None
 
 
 class IdempotencyMismatch(Exception):
@@ -204,6 +253,46 @@ class Store(Protocol):
 
     def replay_dead_letters(self, message_id: str | None, now_ms: int) -> int:
         """Queue the failed recipients of one message (or all) again; returns how many."""
+
+    # -- after sending: callbacks, presence, receipts, events (see sqlite_tracking) --
+    def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
+        """Keep a callback for processing; False when (command, natural_key) was seen."""
+
+    def pending_callbacks(self, limit: int) -> list[CallbackRecord]:
+        """Unprocessed callbacks, oldest first."""
+
+    def finish_callback(self, callback_id: int, error: str | None = None) -> None:
+        """Mark a callback processed (with the error, if processing failed)."""
+
+    def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:
+        """OpenIM's after-send callback confirmed this message."""
+
+    def record_saved_seq(self, server_msg_id: str, conversation_id: str, msg_seq: int) -> int:
+        """OpenIM stored this message at *msg_seq* of *conversation_id*."""
+
+    def mark_pushed(self, client_msg_id: str, now_ms: int) -> int:
+        """OpenIM is pushing this message to online devices."""
+
+    def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
+        """The reader read these seqs: their sent recipients become ``read``."""
+
+    def acknowledge(self, message_id: str, user_id: str, receipt: dict[str, Any], now_ms: int) -> bool:
+        """A client receipt arrived: the recipient becomes ``acknowledged``."""
+
+    def update_presence(self, user_id: str, platform_id: int, online: bool, seq: int, now_ms: int) -> bool:
+        """Apply a presence level report ordered by OpenIM's seq."""
+
+    def presence(self, user_ids: list[str]) -> dict[str, PresenceState]:
+        """What is known of these users' presence."""
+
+    def events_after(self, seq: int, limit: int) -> list[EventRecord]:
+        """Subscriber events after *seq*, in order."""
+
+    def subscriber_cursor(self, subscriber: str) -> SubscriberCursor:
+        """A subscriber's position and retry state."""
+
+    def save_subscriber_cursor(self, cursor: SubscriberCursor) -> None:
+        """Store a subscriber's position and retry state."""
 
     def load_token(self, name: str) -> tuple[str, int] | None:
         """A shared credential and its expiry (ms), e.g. the OpenIM admin token."""

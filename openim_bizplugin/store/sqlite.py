@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import StorageUnavailable
+from .sqlite_tracking import TrackingMixin, emit, recipient_data
 from .base import (PRIORITY_RANK, Accepted, DeadLetter, IdempotencyMismatch, MessageRecord, NewMessage,
                    Outcome, RecipientRecord, ReplayKey, WorkItem)
 
@@ -69,13 +70,61 @@ CREATE TABLE IF NOT EXISTS recipients (
     client_msg_id   TEXT,
     sent_ms         INTEGER,
     receipt         TEXT,
+    -- what OpenIM's callbacks told us afterwards
+    confirmed_ms    INTEGER,
+    pushed_ms       INTEGER,
+    conversation_id TEXT,
+    msg_seq         INTEGER,
+    read_ms         INTEGER,
     PRIMARY KEY (message_id, seq)
 );
 CREATE INDEX IF NOT EXISTS recipients_queue ON recipients (status, priority, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS recipients_target ON recipients (target, status);
+CREATE INDEX IF NOT EXISTS recipients_server_msg ON recipients (server_msg_id) WHERE server_msg_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS recipients_client_msg ON recipients (client_msg_id) WHERE client_msg_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS recipients_conversation ON recipients (conversation_id, msg_seq)
+    WHERE conversation_id IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS dead_letters (
     message_id      TEXT PRIMARY KEY REFERENCES messages (id),
     created_ms      INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS callbacks (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    command         TEXT NOT NULL,
+    natural_key     TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    received_ms     INTEGER NOT NULL,
+    done            INTEGER NOT NULL DEFAULT 0,
+    error           TEXT,
+    UNIQUE (command, natural_key)
+);
+CREATE INDEX IF NOT EXISTS callbacks_pending ON callbacks (done, id);
+
+CREATE TABLE IF NOT EXISTS presence (
+    user_id         TEXT NOT NULL,
+    platform_id     INTEGER NOT NULL,
+    online          INTEGER NOT NULL,
+    seq             INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL,
+    PRIMARY KEY (user_id, platform_id)
+);
+
+CREATE TABLE IF NOT EXISTS events (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              TEXT NOT NULL UNIQUE,
+    type            TEXT NOT NULL,
+    data            TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS subscriber_cursors (
+    subscriber      TEXT PRIMARY KEY,
+    last_seq        INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT
 );
 
 CREATE TABLE IF NOT EXISTS shared (
@@ -87,25 +136,30 @@ CREATE TABLE IF NOT EXISTS shared (
 """
 
 
+# Rows with work left: queued (maybe for a retry), held for an offline user
+# (rechecked now and then), sending (their lease may have run out).
+_DUE = "('queued', 'held', 'sending')"
 _ITEM_COLUMNS = (
     "r.message_id, r.seq, r.kind, r.target, r.attempts, r.status, r.operation_id, r.check_operation_id,"
-    " m.client, m.type, m.version, m.mode, m.priority, m.envelope, m.delivery, m.expires_ms")
+    " m.client, m.type, m.version, m.mode, m.priority, m.offline, m.envelope, m.delivery, m.expires_ms")
 
 
 def _work_item(row: tuple, owner: str, new_operation_id: Callable[[str], str]) -> WorkItem:
     (message_id, seq, kind, target, attempts, status, last_operation, check_operation,
-     client, type_, version, mode, priority, envelope, delivery, expires_ms) = row
+     client, type_, version, mode, priority, offline, envelope, delivery, expires_ms) = row
     # A row still "sending" was leased by a worker that vanished mid-send: its
     # last attempt may have reached OpenIM, so the next one asks first.
     unknown = last_operation if status == "sending" else check_operation
     return WorkItem(
-        message_id=message_id, seq=seq, kind=kind, target=target, attempts=attempts + 1,
+        # a recheck of a recipient held for an offline user is not a send attempt
+        message_id=message_id, seq=seq, kind=kind, target=target,
+        attempts=attempts if status == "held" else attempts + 1,
         operation_id=new_operation_id(f"{message_id}-{seq}"), check_operation_id=unknown,
         lease_owner=owner, client=client, type=type_, version=version, mode=mode, priority=priority,
-        envelope=envelope, delivery=json.loads(delivery), expires_ms=expires_ms)
+        offline=offline, envelope=envelope, delivery=json.loads(delivery), expires_ms=expires_ms)
 
 
-class SqliteStore:
+class SqliteStore(TrackingMixin):
     """SQLite implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     def __init__(self, path: str | Path) -> None:
@@ -253,15 +307,10 @@ class SqliteStore:
     def lease(self, now_ms: int, limit: int, lease_ms: int, owner: str,
               new_operation_id: Callable[[str], str]) -> list[WorkItem]:
         with self._write() as db:
-            db.execute(
-                "UPDATE recipients SET status = 'expired', lease_owner = NULL, reason = CASE status"
-                " WHEN 'sending' THEN 'ttl passed; the last attempt''s outcome is unknown'"
-                " ELSE 'ttl passed before delivery' END"
-                " WHERE status IN ('queued', 'sending') AND next_attempt_ms <= ? AND expires_ms <= ?",
-                (now_ms, now_ms))
+            self._expire_due(db, now_ms)
             rows = db.execute(
                 f"SELECT {_ITEM_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id"
-                " WHERE r.status IN ('queued', 'sending') AND r.next_attempt_ms <= ?"
+                f" WHERE r.status IN {_DUE} AND r.next_attempt_ms <= ?"
                 " ORDER BY r.priority, r.next_attempt_ms LIMIT ?", (now_ms, limit)).fetchall()
             items = [_work_item(row, owner, new_operation_id) for row in rows]
             db.executemany(
@@ -272,11 +321,27 @@ class SqliteStore:
                   i.message_id, i.seq) for i in items])
         return items
 
+    def _expire_due(self, db: sqlite3.Connection, now_ms: int) -> None:
+        """Recipients past their TTL end ``expired`` instead of being sent late."""
+        rows = db.execute(
+            "SELECT r.message_id, r.seq, r.kind, r.target, r.status, m.type, m.client"
+            " FROM recipients r JOIN messages m ON m.id = r.message_id"
+            f" WHERE r.status IN {_DUE} AND r.next_attempt_ms <= ? AND r.expires_ms <= ?",
+            (now_ms, now_ms)).fetchall()
+        for message_id, seq, kind, target, status, type_, client in rows:
+            reason = ("ttl passed; the last attempt's outcome is unknown" if status == "sending"
+                      else "ttl passed while the user was offline" if status == "held"
+                      else "ttl passed before delivery")
+            db.execute("UPDATE recipients SET status = 'expired', lease_owner = NULL, reason = ?"
+                       " WHERE message_id = ? AND seq = ?", (reason, message_id, seq))
+            emit(db, "message.expired", recipient_data(message_id, type_, client, kind, target, reason=reason),
+                 now_ms)
+
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
         done = 0
         with self._write() as db:
             for item, outcome in results:
-                done += db.execute(
+                changed = db.execute(
                     "UPDATE recipients SET status = ?, last_error = ?, reason = ?,"
                     " next_attempt_ms = COALESCE(?, next_attempt_ms), check_operation_id = ?,"
                     " server_msg_id = COALESCE(?, server_msg_id), client_msg_id = COALESCE(?, client_msg_id),"
@@ -287,13 +352,23 @@ class SqliteStore:
                      outcome.unknown_operation_id, outcome.server_msg_id, outcome.client_msg_id,
                      outcome.sent_ms, item.message_id, item.seq, item.operation_id, item.lease_owner),
                 ).rowcount
-                if outcome.status == "failed":
-                    db.execute("INSERT OR IGNORE INTO dead_letters (message_id, created_ms) VALUES (?, ?)",
-                               (item.message_id, now_ms))
+                done += changed
+                if changed:
+                    self._after_outcome(db, item, outcome, now_ms)
         return done
 
+    def _after_outcome(self, db: sqlite3.Connection, item: WorkItem, outcome: Outcome, now_ms: int) -> None:
+        data = recipient_data(item.message_id, item.type, item.client, item.kind, item.target)
+        if outcome.status == "sent":
+            emit(db, "message.sent", {**data, "server_msg_id": outcome.server_msg_id,
+                                      "client_msg_id": outcome.client_msg_id}, now_ms)
+        elif outcome.status == "failed":
+            db.execute("INSERT OR IGNORE INTO dead_letters (message_id, created_ms) VALUES (?, ?)",
+                       (item.message_id, now_ms))
+            emit(db, "message.failed", {**data, "error": outcome.error, "reason": outcome.reason}, now_ms)
+
     def next_due_ms(self) -> int | None:
-        rows = self._read("SELECT MIN(next_attempt_ms) FROM recipients WHERE status IN ('queued', 'sending')")
+        rows = self._read(f"SELECT MIN(next_attempt_ms) FROM recipients WHERE status IN {_DUE}")
         return rows[0][0]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

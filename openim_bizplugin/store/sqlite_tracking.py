@@ -1,0 +1,159 @@
+"""SQLite storage for what happens after sending (SPEC §5–§7).
+
+The callback inbox (OpenIM's webhooks, stored before they are processed),
+presence per user and platform, the recipient updates callbacks cause, and the
+event outbox for subscribers. Mixed into :class:`.sqlite.SqliteStore`, whose
+``_write``/``_read`` it uses; every change and the events it causes commit in
+one transaction, so no event is emitted for a change that did not happen.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from contextlib import AbstractContextManager
+from typing import Any
+
+from .base import CallbackRecord, EventRecord, PresenceState, SubscriberCursor
+
+
+def emit(db: sqlite3.Connection, type_: str, data: dict[str, Any], now_ms: int) -> None:
+    """Add one subscriber event (stable id) to the outbox, inside the caller's transaction."""
+    db.execute("INSERT INTO events (id, type, data, created_ms) VALUES (?, ?, ?, ?)",
+               (f"evt_{secrets.token_hex(12)}", type_, json.dumps(data, ensure_ascii=False), now_ms))
+
+
+def recipient_data(message_id: str, type_: str, client: str, kind: str, target: str, **extra: Any) -> dict[str, Any]:
+    """The ``data`` of a message event: which message, which recipient."""
+    key = "user_id" if kind == "user" else "group_id"
+    return {"message_id": message_id, "type": type_, "client": client, key: target, **extra}
+
+
+class TrackingMixin:
+    """Callback inbox, presence, receipts and the event outbox."""
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...  # provided by SqliteStore
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]: ...  # provided by SqliteStore
+
+    # -- callback inbox ----------------------------------------------------------
+    def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
+        with self._write() as db:
+            return db.execute(
+                "INSERT OR IGNORE INTO callbacks (command, natural_key, body, received_ms) VALUES (?, ?, ?, ?)",
+                (command, natural_key, body, received_ms)).rowcount == 1
+
+    def pending_callbacks(self, limit: int) -> list[CallbackRecord]:
+        rows = self._read("SELECT id, command, body, received_ms FROM callbacks WHERE done = 0 ORDER BY id LIMIT ?",
+                          (limit,))
+        return [CallbackRecord(*row) for row in rows]
+
+    def finish_callback(self, callback_id: int, error: str | None = None) -> None:
+        with self._write() as db:
+            db.execute("UPDATE callbacks SET done = 1, error = ? WHERE id = ?", (error, callback_id))
+
+    # -- what callbacks tell about sent messages ---------------------------------------
+    def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:
+        with self._write() as db:
+            return db.execute("UPDATE recipients SET confirmed_ms = COALESCE(confirmed_ms, ?)"
+                              " WHERE server_msg_id = ?", (now_ms, server_msg_id)).rowcount
+
+    def record_saved_seq(self, server_msg_id: str, conversation_id: str, msg_seq: int) -> int:
+        with self._write() as db:
+            return db.execute("UPDATE recipients SET conversation_id = ?, msg_seq = ? WHERE server_msg_id = ?",
+                              (conversation_id, msg_seq, server_msg_id)).rowcount
+
+    def mark_pushed(self, client_msg_id: str, now_ms: int) -> int:
+        with self._write() as db:
+            return db.execute("UPDATE recipients SET pushed_ms = COALESCE(pushed_ms, ?) WHERE client_msg_id = ?",
+                              (now_ms, client_msg_id)).rowcount
+
+    def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
+        """Sent user recipients in *conversation_id* whose seq *reader* read become ``read``."""
+        marks = ",".join("?" * len(seqs))
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT r.message_id, r.seq, r.target, m.type, m.client FROM recipients r"
+                " JOIN messages m ON m.id = r.message_id"
+                f" WHERE r.conversation_id = ? AND r.msg_seq IN ({marks}) AND r.kind = 'user'"
+                " AND r.target = ? AND r.status = 'sent'", (conversation_id, *seqs, reader)).fetchall()
+            for message_id, seq, target, type_, client in rows:
+                db.execute("UPDATE recipients SET status = 'read', read_ms = ? WHERE message_id = ? AND seq = ?",
+                           (now_ms, message_id, seq))
+                emit(db, "message.read", recipient_data(message_id, type_, client, "user", target), now_ms)
+        return len(rows)
+
+    def acknowledge(self, message_id: str, user_id: str, receipt: dict[str, Any], now_ms: int) -> bool:
+        """Record a client receipt on the user's recipient of *message_id* (first receipt wins)."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT r.seq, m.type, m.client FROM recipients r JOIN messages m ON m.id = r.message_id"
+                " WHERE r.message_id = ? AND r.kind = 'user' AND r.target = ? AND r.receipt IS NULL",
+                (message_id, user_id)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE recipients SET status = 'acknowledged', receipt = ? WHERE message_id = ? AND seq = ?",
+                       (json.dumps(receipt, ensure_ascii=False), message_id, row[0]))
+            emit(db, "receipt.received",
+                 recipient_data(message_id, row[1], row[2], "user", user_id, receipt=receipt), now_ms)
+        return True
+
+    # -- presence --------------------------------------------------------------------------
+    def update_presence(self, user_id: str, platform_id: int, online: bool, seq: int, now_ms: int) -> bool:
+        """Apply a level report unless a newer one (by OpenIM's seq) is known.
+
+        When the user as a whole comes online, recipients held for them are
+        due at once, at high priority; a change of the user's state emits
+        ``user.online`` / ``user.offline``. Returns whether anything changed.
+        """
+        with self._write() as db:
+            row = db.execute("SELECT online, seq FROM presence WHERE user_id = ? AND platform_id = ?",
+                             (user_id, platform_id)).fetchone()
+            if row and row[1] >= seq:
+                return False
+            was_online = self._user_online(db, user_id)
+            db.execute("INSERT OR REPLACE INTO presence (user_id, platform_id, online, seq, updated_ms)"
+                       " VALUES (?, ?, ?, ?, ?)", (user_id, platform_id, int(online), seq, now_ms))
+            is_online = self._user_online(db, user_id)
+            if is_online and not was_online:
+                db.execute("UPDATE recipients SET next_attempt_ms = ?, priority = 0"
+                           " WHERE target = ? AND status = 'held' AND kind = 'user'", (now_ms, user_id))
+            if is_online != was_online:
+                emit(db, "user.online" if is_online else "user.offline",
+                     {"user_id": user_id, "platform_id": platform_id}, now_ms)
+            return True
+
+    @staticmethod
+    def _user_online(db: sqlite3.Connection, user_id: str) -> bool:
+        return db.execute("SELECT 1 FROM presence WHERE user_id = ? AND online = 1 LIMIT 1",
+                          (user_id,)).fetchone() is not None
+
+    def presence(self, user_ids: list[str]) -> dict[str, PresenceState]:
+        """What callbacks last said of each user (absent when nothing is known)."""
+        if not user_ids:
+            return {}
+        marks = ",".join("?" * len(user_ids))
+        rows = self._read(f"SELECT user_id, MAX(online), MAX(updated_ms) FROM presence"
+                          f" WHERE user_id IN ({marks}) GROUP BY user_id", tuple(user_ids))
+        return {user: PresenceState(bool(online), updated) for user, online, updated in rows}
+
+    # -- event outbox --------------------------------------------------------------------------
+    def events_after(self, seq: int, limit: int) -> list[EventRecord]:
+        rows = self._read("SELECT seq, id, type, data, created_ms FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                          (seq, limit))
+        return [EventRecord(s, i, t, json.loads(d), c) for s, i, t, d, c in rows]
+
+    def subscriber_cursor(self, subscriber: str) -> SubscriberCursor:
+        """Where *subscriber* stands; a new one starts after the newest event."""
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO subscriber_cursors (subscriber, last_seq)"
+                       " SELECT ?, COALESCE(MAX(seq), 0) FROM events", (subscriber,))
+            row = db.execute("SELECT last_seq, attempts, next_attempt_ms, last_error FROM subscriber_cursors"
+                             " WHERE subscriber = ?", (subscriber,)).fetchone()
+        return SubscriberCursor(subscriber, *row)
+
+    def save_subscriber_cursor(self, cursor: SubscriberCursor) -> None:
+        with self._write() as db:
+            db.execute("UPDATE subscriber_cursors SET last_seq = ?, attempts = ?, next_attempt_ms = ?, last_error = ?"
+                       " WHERE subscriber = ?",
+                       (cursor.last_seq, cursor.attempts, cursor.next_attempt_ms, cursor.last_error, cursor.subscriber))

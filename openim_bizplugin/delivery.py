@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .background import IDLE_POLL_SECONDS, BackgroundLoop
 from .config import Config
 from .openim import OpenIMClient, OpenIMError
 from .sending import Sender
 from .store.base import Outcome, Store, WorkItem
 
 log = logging.getLogger(__name__)
-IDLE_POLL_SECONDS = 1.0
 
 
 def backoff_seconds(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
@@ -44,9 +43,7 @@ class DeliveryEngine:
     rand: Callable[[], float] = random.random
 
     def __post_init__(self) -> None:
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self.loop = BackgroundLoop("delivery", self.step, self._idle_seconds)
 
     # -- one round -------------------------------------------------------------
     def step(self) -> int:
@@ -81,46 +78,23 @@ class DeliveryEngine:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def _idle_seconds(self) -> float:
+        """Until the earliest waiting recipient is due (the loop caps it)."""
+        due = self.store.next_due_ms()
+        return IDLE_POLL_SECONDS if due is None else (due - self._now_ms()) / 1000
+
     # -- threads -----------------------------------------------------------------
     def wake(self) -> None:
         """New work was stored: let an idle worker look now instead of at its next poll."""
-        self._wake.set()
-
-    def run(self) -> None:
-        """Deliver until :meth:`stop`; storage or OpenIM trouble never ends the loop."""
-        while not self._stop.is_set():
-            try:
-                if self.step():
-                    continue
-            except Exception:
-                log.exception("delivery round failed; retrying after a pause")
-            self._wake.wait(self._idle_seconds())
-            self._wake.clear()
-
-    def _idle_seconds(self) -> float:
-        try:
-            due = self.store.next_due_ms()
-        except Exception:
-            return IDLE_POLL_SECONDS
-        if due is None:
-            return IDLE_POLL_SECONDS
-        return min(IDLE_POLL_SECONDS, max(0.0, (due - self._now_ms()) / 1000))
+        self.loop.wake()
 
     def start(self, workers: int) -> None:
         """Run *workers* delivery threads in this process."""
-        for n in range(workers):
-            thread = threading.Thread(target=self.run, name=f"delivery-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.loop.start(workers)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking work and let rounds in flight finish (their leases cover the rest)."""
-        self._stop.set()
-        self._wake.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self._threads.clear()
+        self.loop.stop(timeout)
 
 
 def build_engine(config: Config, store: Store, openim: OpenIMClient, clock: Callable[[], float],

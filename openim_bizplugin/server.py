@@ -23,7 +23,17 @@ class _RequestHandler(WSGIRequestHandler):
     """Werkzeug's handler, logging through ``logging`` without ANSI colours."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.info('%s "%s %s" %s', self.address_string(), self.command, self.path.split("?", 1)[0], code)
+        log.info('%s "%s %s" %s', self.address_string(), self.command, masked_path(self.path), code)
+
+
+def masked_path(path: str) -> str:
+    """The request path for logs: no query, and the callback token (a secret) masked."""
+    path = path.split("?", 1)[0]
+    prefix = "/openim/callback/"
+    if path.startswith(prefix):
+        _token, _, command = path[len(prefix):].partition("/")
+        return f"{prefix}***/{command}"
+    return path
 
 
 def serve(config: Config, *, host: str | None = None, port: int | None = None,

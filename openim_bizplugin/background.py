@@ -1,0 +1,58 @@
+"""Background loops: a ``step()`` run over and over in threads of this process.
+
+Delivery, callback processing and subscriber events each have a ``step()``
+that does one round and says how much it did; this runs it until stopped,
+pausing when a round found nothing (a ``wake()`` cuts the pause short).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+IDLE_POLL_SECONDS = 1.0
+
+
+class BackgroundLoop:
+    """Runs *step* in threads until :meth:`stop`; errors never end the loop."""
+
+    def __init__(self, name: str, step: Callable[[], int],
+                 idle_seconds: Callable[[], float] = lambda: IDLE_POLL_SECONDS) -> None:
+        self.name, self.step, self.idle_seconds = name, step, idle_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def wake(self) -> None:
+        """There is new work: let an idle thread look now instead of after its pause."""
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.step():
+                    continue
+                pause = self.idle_seconds()
+            except Exception:
+                log.exception("%s round failed; trying again after a pause", self.name)
+                pause = IDLE_POLL_SECONDS
+            self._wake.wait(min(max(pause, 0.0), IDLE_POLL_SECONDS))
+            self._wake.clear()
+
+    def start(self, threads: int = 1) -> None:
+        for n in range(threads):
+            thread = threading.Thread(target=self.run, name=f"{self.name}-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the rounds in flight; waits at most *timeout* seconds in all."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()

@@ -59,6 +59,8 @@ class DeliveryConfig:
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
     lease_seconds: float = 30.0
+    hold_recheck_seconds: float = 60.0
+    presence_max_age_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,8 @@ def _delivery(s: _Section) -> DeliveryConfig:
         backoff_base_seconds=s.float("backoff_base_seconds", d.backoff_base_seconds),
         backoff_max_seconds=s.float("backoff_max_seconds", d.backoff_max_seconds),
         lease_seconds=s.float("lease_seconds", d.lease_seconds),
+        hold_recheck_seconds=s.float("hold_recheck_seconds", d.hold_recheck_seconds),
+        presence_max_age_seconds=s.float("presence_max_age_seconds", d.presence_max_age_seconds),
     )
     s.done()
     return cfg

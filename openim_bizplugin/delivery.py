@@ -100,5 +100,5 @@ class DeliveryEngine:
 def build_engine(config: Config, store: Store, openim: OpenIMClient, clock: Callable[[], float],
                  owner: str) -> DeliveryEngine:
     """The engine with its sender, as serve and worker run it."""
-    return DeliveryEngine(config, store, Sender(config, openim, clock), clock, owner)
+    return DeliveryEngine(config, store, Sender(config, openim, store, clock), clock, owner)
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from .config import Config
 from .openim import OpenIMClient, OpenIMError, SendResult
-from .store.base import Outcome, WorkItem
+from .offline import OfflinePolicy
+from .store.base import Outcome, Store, WorkItem
 
 log = logging.getLogger(__name__)
 Decide = Callable[[WorkItem, OpenIMError], Outcome]
@@ -33,16 +34,19 @@ def is_group_notification_unsupported(error: OpenIMError) -> bool:
 class Sender:
     """Delivers a batch of leased items and says what became of each."""
 
-    def __init__(self, config: Config, openim: OpenIMClient, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, openim: OpenIMClient, store: Store,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.openim = openim
         self.clock = clock
+        self.offline = OfflinePolicy(config, store, openim, clock)
         self.group_notifications_native = True  # until OpenIM says otherwise
 
     def deliver(self, items: list[WorkItem], decide: Decide) -> Results:
         """One outcome per item, in no particular order."""
         results: Results = []
         due = [item for item in items if not self._confirmed_earlier(item, decide, results)]
+        due = self.offline.apply(due, decide, lambda item, outcome: self._record(results, item, outcome))
         if self.config.openim.check_recipients:
             due = self._drop_unknown_users(due, decide, results)
         by_message: dict[str, list[WorkItem]] = defaultdict(list)

@@ -41,6 +41,7 @@ class DeliveryEngine:
     clock: Callable[[], float] = time.time
     owner: str = "worker"
     rand: Callable[[], float] = random.random
+    on_events: Callable[[], None] = lambda: None  # outcomes emitted subscriber events
 
     def __post_init__(self) -> None:
         self.loop = BackgroundLoop("delivery", self.step, self._idle_seconds)
@@ -56,6 +57,7 @@ class DeliveryEngine:
             return 0
         results = self.sender.deliver(items, self._decide)
         recorded = self.store.complete(results, self._now_ms())
+        self.on_events()
         if recorded < len(results):
             log.warning("%d outcomes were not recorded: their lease had passed to another worker",
                         len(results) - recorded)
@@ -98,7 +100,8 @@ class DeliveryEngine:
 
 
 def build_engine(config: Config, store: Store, openim: OpenIMClient, clock: Callable[[], float],
-                 owner: str) -> DeliveryEngine:
+                 owner: str, on_events: Callable[[], None] = lambda: None) -> DeliveryEngine:
     """The engine with its sender, as serve and worker run it."""
-    return DeliveryEngine(config, store, Sender(config, openim, store, clock), clock, owner)
+    return DeliveryEngine(config, store, Sender(config, openim, store, clock), clock, owner,
+                          on_events=on_events)
 

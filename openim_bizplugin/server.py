@@ -55,7 +55,8 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
     log.info("listening on %s", address)
     if announce is not None:
         print(f"listening on {address}", file=announce, flush=True)
-    services.engine.start(config.delivery.workers)
+    if config.delivery.workers:
+        services.start_background()
     try:
         server.serve_forever()
     finally:
@@ -73,7 +74,7 @@ def run_workers(config: Config, announce: TextIO | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     workers = max(config.delivery.workers, 1)
-    services.engine.start(workers)
+    services.start_background()
     log.info("delivering with %d workers", workers)
     if announce is not None:
         print(f"delivering with {workers} workers", file=announce, flush=True)

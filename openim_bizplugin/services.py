@@ -16,6 +16,7 @@ from .openim import OpenIMClient
 from .signing import RequestVerifier
 from .store import open_store
 from .store.base import Store
+from .subscribers import SubscriberDispatcher
 
 
 def process_owner() -> str:
@@ -33,6 +34,7 @@ class Services:
     store: Store
     openim: OpenIMClient
     engine: DeliveryEngine
+    subscribers: SubscriberDispatcher
     clock: Callable[[], float]
 
     @classmethod
@@ -48,9 +50,17 @@ class Services:
         store = open_store(config.storage)
         owner = process_owner()
         openim = OpenIMClient(config.openim, store, clock=clock, owner=owner)
-        engine = build_engine(config, store, openim, clock, owner)
-        return cls(config, catalog, verifier, store, openim, engine, clock)
+        subscribers = SubscriberDispatcher(config, store, owner=owner)
+        engine = build_engine(config, store, openim, clock, owner, on_events=subscribers.wake)
+        return cls(config, catalog, verifier, store, openim, engine, subscribers, clock)
+
+    def start_background(self) -> None:
+        """Run delivery workers and event dispatch in this process (serve, worker)."""
+        self.engine.start(max(self.config.delivery.workers, 1))
+        if self.config.subscribers:
+            self.subscribers.start()
 
     def close(self) -> None:
         self.engine.stop()
+        self.subscribers.stop()
         self.store.close()

@@ -145,6 +145,10 @@ class TrackingMixin:
 
     def subscriber_cursor(self, subscriber: str) -> SubscriberCursor:
         """Where *subscriber* stands; a new one starts after the newest event."""
+        rows = self._read("SELECT last_seq, attempts, next_attempt_ms, last_error FROM subscriber_cursors"
+                          " WHERE subscriber = ?", (subscriber,))
+        if rows:  # the common case reads only: idle loops ask every second
+            return SubscriberCursor(subscriber, *rows[0])
         with self._write() as db:
             db.execute("INSERT OR IGNORE INTO subscriber_cursors (subscriber, last_seq)"
                        " SELECT ?, COALESCE(MAX(seq), 0) FROM events", (subscriber,))

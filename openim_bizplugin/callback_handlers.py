@@ -1,0 +1,286 @@
+"""What each OpenIM callback means to the sidecar, and the processor that applies it.
+
+Callbacks are stored first (``callbacks.py`` answers OpenIM at once) and
+processed here afterwards. ``HANDLERS`` is the dispatch table keyed by
+OpenIM's ``callbackCommand``; a command missing from it is understood and
+ignored. ``natural_key`` names one event so that a callback OpenIM sends
+twice is stored (and processed) once. Payload shapes: OPENIM.md §5.6–§5.9.
+
+Handlers are idempotent: every store method they call ignores a change it
+already made (first confirmation, first receipt, newer presence seq…), so a
+callback processed twice — two processor threads, a crash between applying
+and marking it done — changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .background import BackgroundLoop
+from .config import Config
+from .errors import StorageUnavailable
+from .store.base import CallbackRecord, Store
+
+log = logging.getLogger(__name__)
+
+CUSTOM_CONTENT_TYPE = 110  # OpenIM's Custom message: how client receipts arrive
+SINGLE_CHAT, GROUP_CHAT = 1, 3  # OpenIM sessionType values (OPENIM.md §3.1)
+BATCH_SIZE = 200
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a handler may use: the store, the sender account and the time of processing."""
+
+    store: Store
+    sender_id: str
+    now_ms: int
+
+
+Handler = Callable[[Context, dict[str, Any]], None]
+
+
+# -- natural keys ------------------------------------------------------------------------
+def _field(payload: dict[str, Any], name: str) -> Any:
+    """A key field; missing or empty means the payload is not what OpenIM sends."""
+    value = payload[name]
+    if value is None or value == "":
+        raise KeyError(name)
+    return value
+
+
+def _message_key(p: dict[str, Any]) -> list[Any]:
+    return [_field(p, "serverMsgID")]
+
+
+def _single_read_key(p: dict[str, Any]) -> list[Any]:
+    return [_field(p, "userID"), _field(p, "conversationID"), sorted(_field(p, "Seqs"))]
+
+
+def _presence_key(online: bool) -> Callable[[dict[str, Any]], list[Any]]:
+    return lambda p: [_field(p, "userID"), _field(p, "platformID"), _field(p, "seq"),
+                      "online" if online else "offline"]
+
+
+def _push_key(p: dict[str, Any]) -> list[Any]:
+    return [_field(p, "clientMsgID"), sorted(_field(p, "userIDList"))]
+
+
+def _group_push_key(p: dict[str, Any]) -> list[Any]:
+    return [_field(p, "clientMsgID"), _field(p, "groupID")]
+
+
+def _group_read_key(p: dict[str, Any]) -> list[Any]:
+    return [_field(p, "sendID"), _field(p, "unreadMsgNum")]
+
+
+def natural_key(command: str, payload: Any) -> str | None:
+    """The identity of one event of *command*, or None when the command is not handled.
+
+    A payload that lacks the key fields (not something OpenIM sends) is keyed
+    by a digest of its content, so it is still stored once and its
+    processing error can be seen.
+    """
+    if command not in HANDLERS:
+        return None
+    try:
+        parts = _KEYS[command](payload)
+    except (KeyError, TypeError, ValueError):
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+        return f"sha256:{digest}"
+    # JSON of a list: unambiguous whatever characters the ids contain
+    return json.dumps(parts, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- handlers ------------------------------------------------------------------------------
+def parse_receipt(content: Any) -> dict[str, Any] | None:
+    """The receipt in a Custom message's content, or None when it carries none.
+
+    ``content`` is the stored CustomElem as a JSON string,
+    ``{"data": "<json string>", "description": ..., "extension": ...}``,
+    and a receipt's data is ``{"receipt": {"id": "<message id>", ...}}``.
+    """
+    try:
+        data = json.loads(json.loads(content)["data"])
+        receipt = data["receipt"]
+    except (TypeError, ValueError, KeyError, RecursionError):
+        return None
+    if not isinstance(receipt, dict) or not isinstance(receipt.get("id"), str) or not receipt["id"]:
+        return None
+    return receipt
+
+
+def after_send_single(ctx: Context, p: dict[str, Any]) -> None:
+    """The sidecar's own send is confirmed; a user's Custom message to the sender may be a receipt."""
+    if p.get("sendID") == ctx.sender_id:
+        ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms)
+        return
+    if p.get("recvID") != ctx.sender_id or p.get("contentType") != CUSTOM_CONTENT_TYPE:
+        log.debug("after-send %s: not for the sender account; ignored", p.get("serverMsgID"))
+        return
+    sender = p.get("sendID")
+    receipt = parse_receipt(p.get("content"))
+    # A user's random chat to the sender account is no error: ignore it quietly.
+    if receipt is None or not isinstance(sender, str) or not sender:
+        log.debug("after-send %s from %r: Custom message without a receipt; ignored", p.get("serverMsgID"), sender)
+        return
+    if ctx.store.acknowledge(receipt["id"], sender, receipt, ctx.now_ms):
+        log.info("message %s user %s: receipt %r received", receipt["id"], sender, receipt.get("status"))
+    else:
+        log.info("message %s user %s: receipt ignored (no such recipient, or one already received)",
+                 receipt["id"][:64], sender[:128])
+
+
+def after_send_group(ctx: Context, p: dict[str, Any]) -> None:
+    """The sidecar's own group send is confirmed."""
+    if p.get("sendID") == ctx.sender_id:
+        ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms)
+
+
+def conversation_id(p: dict[str, Any]) -> str | None:
+    """OpenIM's chat conversation of a message (OPENIM.md §3.2): ``si_<a>_<b>`` sorted, ``sg_<group>``."""
+    if p.get("sessionType") == SINGLE_CHAT:
+        return "si_" + "_".join(sorted((_field(p, "sendID"), _field(p, "recvID"))))
+    if p.get("sessionType") == GROUP_CHAT:
+        return "sg_" + _field(p, "groupID")
+    return None
+
+
+def after_msg_save_db(ctx: Context, p: dict[str, Any]) -> None:
+    """The sidecar's message was stored at a seq: reads of that seq are tracked (SPEC §7).
+
+    Also a confirmation of the send: with ``attentionIds`` set on
+    afterSendSingleMsg, OpenIM main compares recvID only and filters out the
+    after-send callback of every message the sidecar sends to a user, while
+    afterMsgSaveDB is never filtered by it (OPENIM.md §5.4).
+    """
+    if p.get("sendID") != ctx.sender_id:
+        return
+    server_msg_id = _field(p, "serverMsgID")
+    ctx.store.confirm_sent(server_msg_id, ctx.now_ms)
+    conversation, seq = conversation_id(p), p.get("seq")
+    if conversation is None or not isinstance(seq, int) or seq <= 0:
+        log.debug("saved message %s has no chat conversation or seq; reads cannot be tracked", server_msg_id)
+        return
+    ctx.store.record_saved_seq(server_msg_id, conversation, seq)
+
+
+def single_msg_read(ctx: Context, p: dict[str, Any]) -> None:
+    """A user read these seqs of a conversation (note OpenIM's capitalised ``Seqs``)."""
+    seqs = [s for s in _field(p, "Seqs") if isinstance(s, int) and not isinstance(s, bool)]
+    if seqs:
+        ctx.store.mark_read(_field(p, "conversationID"), seqs, _field(p, "userID"), ctx.now_ms)
+
+
+def group_msg_read(ctx: Context, p: dict[str, Any]) -> None:
+    """Understood and ignored: OpenIM names the reader and the new hasReadSeq but not the group
+    (OPENIM.md §5.8), so no message can be matched. Stored for the record."""
+
+
+def _presence(online: bool) -> Handler:
+    def handle(ctx: Context, p: dict[str, Any]) -> None:
+        # Level reports, unordered: the store keeps the newest seq per user and platform.
+        ctx.store.update_presence(_field(p, "userID"), int(_field(p, "platformID")), online,
+                                  int(_field(p, "seq")), ctx.now_ms)
+    handle.__doc__ = f"A user's platform reported {'online' if online else 'offline'} (ordered by seq)."
+    return handle
+
+
+def before_online_push(ctx: Context, p: dict[str, Any]) -> None:
+    """OpenIM is pushing the sidecar's message to online devices (only when the operator enables it)."""
+    if p.get("sendID") == ctx.sender_id:
+        ctx.store.mark_pushed(_field(p, "clientMsgID"), ctx.now_ms)
+
+
+HANDLERS: dict[str, Handler] = {
+    "callbackAfterSendSingleMsgCommand": after_send_single,
+    "callbackAfterSendGroupMsgCommand": after_send_group,
+    "callbackAfterMsgSaveDBCommand": after_msg_save_db,
+    "callbackAfterSingleMsgReadCommand": single_msg_read,
+    "callbackAfterGroupMsgReadCommand": group_msg_read,
+    "callbackAfterUserOnlineCommand": _presence(True),
+    "callbackAfterUserOfflineCommand": _presence(False),
+    "callbackBeforeOnlinePushCommand": before_online_push,
+    "callbackBeforeGroupOnlinePushCommand": before_online_push,
+}
+
+_KEYS: dict[str, Callable[[dict[str, Any]], list[Any]]] = {
+    "callbackAfterSendSingleMsgCommand": _message_key,
+    "callbackAfterSendGroupMsgCommand": _message_key,
+    "callbackAfterMsgSaveDBCommand": _message_key,
+    "callbackAfterSingleMsgReadCommand": _single_read_key,
+    "callbackAfterGroupMsgReadCommand": _group_read_key,
+    "callbackAfterUserOnlineCommand": _presence_key(True),
+    "callbackAfterUserOfflineCommand": _presence_key(False),
+    "callbackBeforeOnlinePushCommand": _push_key,
+    "callbackBeforeGroupOnlinePushCommand": _group_push_key,
+}
+
+
+def apply_callback(ctx: Context, record: CallbackRecord) -> None:
+    """Run the handler of one stored callback; raises when its payload cannot be applied."""
+    handler = HANDLERS.get(record.command)
+    if handler is None:  # stored by another version of the sidecar
+        log.debug("callback %d: %s is not handled here; ignored", record.id, record.command)
+        return
+    payload = json.loads(record.body)
+    if not isinstance(payload, dict):
+        raise ValueError(f"payload is a JSON {type(payload).__name__}, not an object")
+    handler(ctx, payload)
+
+
+# -- the processor ---------------------------------------------------------------------------
+class CallbackProcessor:
+    """Applies stored callbacks in arrival order; ``step()`` is one round, ``loop`` runs threads."""
+
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time, *,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.config, self.store, self.clock = config, store, clock
+        # Called after a round that applied callbacks: they may have emitted subscriber
+        # events, and a user coming online makes held recipients due for delivery.
+        self.on_change = on_change
+        self.loop = BackgroundLoop("callbacks", self.step)
+
+    def step(self) -> int:
+        """Process up to one batch of pending callbacks; returns how many were finished.
+
+        A callback whose handler fails is marked with the error (and not
+        tried again) so one odd payload never holds up the rest. A storage
+        failure is different: the callback stays pending and the round ends,
+        to be tried again once the store answers.
+        """
+        done = 0
+        for record in self.store.pending_callbacks(BATCH_SIZE):
+            ctx = Context(self.store, self.config.openim.sender_id, int(self.clock() * 1000))
+            try:
+                apply_callback(ctx, record)
+                error = None
+            except StorageUnavailable as exc:
+                log.warning("callback %d (%s) left for later: %s", record.id, record.command, exc)
+                break
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("callback %d (%s) could not be applied: %s", record.id, record.command, error)
+            self.store.finish_callback(record.id, error)
+            done += 1
+        if done:
+            self.on_change()
+        return done
+
+    def wake(self) -> None:
+        """A callback was stored: let an idle thread process it now instead of at its next poll."""
+        self.loop.wake()
+
+    def start(self, threads: int = 1) -> None:
+        """Process callbacks in background threads of this process (one is plenty)."""
+        self.loop.start(threads)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the round in flight; unprocessed callbacks stay stored."""
+        self.loop.stop(timeout)

@@ -1,0 +1,162 @@
+"""Helpers shared by the benchmarks in this folder (Linux: they read /proc).
+
+Processes are started and stopped by pid (never by name); figures come from
+``/proc/<pid>/stat`` and ``/proc/<pid>/status`` so nothing beyond the standard
+library is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- processes ---------------------------------------------------------------------------------
+@dataclass
+class Child:
+    """A subprocess started by a benchmark, with the line it announced itself with."""
+
+    name: str
+    proc: subprocess.Popen
+    line: str          # the announcement, without its prefix
+    spawned: float     # time.monotonic() at Popen
+    announced: float   # time.monotonic() when the announcement was read
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    def start(cls, name: str, argv: list[str], prefix: str, log_path: Path, *, cwd: Path | None = None,
+              stdin: int | None = None, timeout: float = 60) -> Child:
+        """Start *argv* (stderr to *log_path*) and wait for a stdout line starting with *prefix*."""
+        with log_path.open("wb") as log:
+            spawned = time.monotonic()
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, stdin=stdin, cwd=cwd, text=True,
+                                    bufsize=1)
+        deadline = spawned + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(prefix):
+                return cls(name, proc, line.strip()[len(prefix):], spawned, time.monotonic(), log_path)
+        proc.kill()
+        proc.wait()
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{name} did not start ({' '.join(argv)}):\n{tail}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal this child (by pid) and wait for it; SIGKILL if it does not exit in *timeout*."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def console_script(name: str = "openim-bizplugin") -> str:
+    """The package's console script next to this interpreter (the editable install), else from PATH."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak resident) of *pid* in kB; empty once it has exited."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process *pid* so far, or nan once it has exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+# -- machine context -------------------------------------------------------------------------------
+def dist_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def filesystem_of(path: Path) -> str:
+    """The file system type of the mount holding *path* (from /proc/mounts)."""
+    best, kind = "", "?"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def fsync_ms(directory: Path, count: int = 50) -> float:
+    """Median time of one 4 KiB write + fsync in *directory*, in ms."""
+    probe = directory / "fsync-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    times = []
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            began = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - began)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return statistics.median(times) * 1000
+
+
+def machine_lines(db_dir: Path, dists: tuple[str, ...]) -> list[str]:
+    """Lines describing where a run happened, for the head of a report."""
+    versions = " / ".join(dist_version(d) for d in dists)
+    return [
+        f"cpus            {os.cpu_count()} (usable by this process: {usable_cpus()})",
+        f"python          {platform.python_version()} ({platform.python_implementation()})",
+        f"{'/'.join(dists):<15} {versions}",
+        f"sqlite          {sqlite3.sqlite_version}",
+        f"load average    {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min) at start",
+        f"database dir    {db_dir} ({filesystem_of(db_dir)}; median fsync {fsync_ms(db_dir):.3f} ms)",
+    ]

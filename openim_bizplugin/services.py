@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .callback_handlers import CallbackProcessor
 from .catalog import Catalog
 from .config import Config
 from .delivery import DeliveryEngine, build_engine
@@ -35,6 +36,7 @@ class Services:
     openim: OpenIMClient
     engine: DeliveryEngine
     subscribers: SubscriberDispatcher
+    callbacks: CallbackProcessor
     clock: Callable[[], float]
 
     @classmethod
@@ -52,15 +54,19 @@ class Services:
         openim = OpenIMClient(config.openim, store, clock=clock, owner=owner)
         subscribers = SubscriberDispatcher(config, store, owner=owner)
         engine = build_engine(config, store, openim, clock, owner, on_events=subscribers.wake)
-        return cls(config, catalog, verifier, store, openim, engine, subscribers, clock)
+        # processed callbacks emit events and may release held recipients
+        callbacks = CallbackProcessor(config, store, clock, on_change=lambda: (subscribers.wake(), engine.wake()))
+        return cls(config, catalog, verifier, store, openim, engine, subscribers, callbacks, clock)
 
     def start_background(self) -> None:
         """Run delivery workers and event dispatch in this process (serve, worker)."""
         self.engine.start(max(self.config.delivery.workers, 1))
+        self.callbacks.start(1)
         if self.config.subscribers:
             self.subscribers.start()
 
     def close(self) -> None:
         self.engine.stop()
+        self.callbacks.stop()
         self.subscribers.stop()
         self.store.close()

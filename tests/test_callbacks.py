@@ -20,7 +20,6 @@ import pytest
 from werkzeug.serving import make_server
 
 from conftest import message
-from openim_bizplugin import callbacks
 from openim_bizplugin.callback_handlers import HANDLERS, CallbackProcessor, natural_key
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -43,12 +42,8 @@ def config_overrides(fake):
 
 @pytest.fixture
 def side(app, store, signed, fake):
-    """The app with the callback blueprint and processor (registered here until app.py does it)."""
+    """The app with its callback blueprint and processor."""
     services = app.extensions["bizplugin"]
-    if "openim_callbacks" not in app.blueprints:
-        app.register_blueprint(callbacks.bp)
-    if getattr(services, "callbacks", None) is None:
-        services.callbacks = CallbackProcessor(services.config, store, services.clock)
     side = Side(app, services, signed, fake)
     yield side
     services.callbacks.stop()
@@ -77,7 +72,7 @@ class Side:
 
     def inbox(self) -> list[tuple]:
         """(command, natural_key, done, error) of every stored callback."""
-        with sqlite3.connect(self.store.path) as db:
+        with sqlite3.connect(self.store._inbox.path) as db:
             return db.execute("SELECT command, natural_key, done, error FROM callbacks ORDER BY id").fetchall()
 
     def recipient_column(self, server_msg_id: str, column: str) -> Any:
@@ -184,12 +179,12 @@ def test_unusable_bodies_still_answer_continue(side, body):
 
 
 def test_storage_failure_still_answers_continue(side):
-    with sqlite3.connect(side.store.path) as db:
+    with sqlite3.connect(side.store._inbox.path) as db:
         db.execute("CREATE TRIGGER refuse BEFORE INSERT ON callbacks BEGIN SELECT RAISE(FAIL, 'disk on fire'); END")
     response = side.post("callbackAfterUserOnlineCommand", fixture_text("callbackAfterUserOnlineCommand").encode())
     assert response.status_code == 200 and response.get_json() == CONTINUE
     assert side.inbox() == []
-    with sqlite3.connect(side.store.path) as db:
+    with sqlite3.connect(side.store._inbox.path) as db:
         db.execute("DROP TRIGGER refuse")
     side.post("callbackAfterUserOnlineCommand", fixture_text("callbackAfterUserOnlineCommand").encode())
     assert len(side.inbox()) == 1

@@ -20,11 +20,15 @@ def _new(i: int = 0, *, key: str | None = None, digest: str = "h", targets=("u1"
         created_ms=1_000_000 + i)
 
 
-def test_connections_use_wal_and_full_sync(tmp_path):
+def test_messages_sync_fully_and_the_callback_inbox_is_a_separate_file(tmp_path):
     store = SqliteStore(tmp_path / "x.db")
-    with store._borrow() as db:
+    with store._db.borrow() as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with store._inbox.borrow() as inbox:
+        assert inbox.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert inbox.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert (tmp_path / "x-callbacks.db").exists()
 
 
 def test_accept_stores_message_and_recipients_together(tmp_path):

@@ -3,27 +3,29 @@
 WAL mode with ``synchronous=FULL`` makes every commit durable before the
 sidecar answers; every write runs in a ``BEGIN IMMEDIATE`` transaction and
 connections wait (``busy_timeout``) instead of failing, so several server
-processes can share one database file. Each thread has its own connection.
+processes can share one database file (see :mod:`.sqlite_file`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import StorageUnavailable
-from .sqlite_tracking import TrackingMixin, emit, recipient_data
 from .base import (PRIORITY_RANK, Accepted, DeadLetter, IdempotencyMismatch, MessageRecord, NewMessage,
                    Outcome, RecipientRecord, ReplayKey, WorkItem)
+from .sqlite_file import SqliteFile
+from .sqlite_tracking import TrackingMixin, emit, recipient_data
 
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_MS = 30_000
-IDLE_CONNECTIONS = 8
+
+
+def inbox_path(path: str) -> str:
+    """The callback inbox beside the main file: ``bizplugin.db`` → ``bizplugin-callbacks.db``."""
+    stem, dot, suffix = path.rpartition(".")
+    return f"{stem}-callbacks.{suffix}" if dot and "/" not in suffix else f"{path}-callbacks"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -90,18 +92,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created_ms      INTEGER NOT NULL
 );
 
-CREATE TABLE IF NOT EXISTS callbacks (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    command         TEXT NOT NULL,
-    natural_key     TEXT NOT NULL,
-    body            TEXT NOT NULL,
-    received_ms     INTEGER NOT NULL,
-    done            INTEGER NOT NULL DEFAULT 0,
-    error           TEXT,
-    UNIQUE (command, natural_key)
-);
-CREATE INDEX IF NOT EXISTS callbacks_pending ON callbacks (done, id);
-
 CREATE TABLE IF NOT EXISTS presence (
     user_id         TEXT NOT NULL,
     platform_id     INTEGER NOT NULL,
@@ -136,6 +126,25 @@ CREATE TABLE IF NOT EXISTS shared (
 """
 
 
+# The callback inbox lives in a file of its own: OpenIM waits for our answer,
+# so its writes must not queue behind message writes, and it is written with
+# synchronous=NORMAL (survives a crash of the process, may lose the last
+# writes on power loss: OpenIM's own callback queue is in memory and lossy).
+_INBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS callbacks (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    command         TEXT NOT NULL,
+    natural_key     TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    received_ms     INTEGER NOT NULL,
+    done            INTEGER NOT NULL DEFAULT 0,
+    error           TEXT,
+    UNIQUE (command, natural_key)
+);
+CREATE INDEX IF NOT EXISTS callbacks_pending ON callbacks (done, id);
+"""
+
+
 # Rows with work left: queued (maybe for a retry), held for an offline user
 # (rechecked now and then), sending (their lease may have run out).
 _DUE = "('queued', 'held', 'sending')"
@@ -164,81 +173,11 @@ class SqliteStore(TrackingMixin):
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._idle: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._writer = threading.Lock()
-        self._migrate()
-
-    # -- connections ------------------------------------------------------
-    def _open(self) -> sqlite3.Connection:
-        try:
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
-                                 isolation_level=None, check_same_thread=False)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = FULL")
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(f"cannot open the database: {exc}") from exc
-        return db
-
-    @contextlib.contextmanager
-    def _borrow(self) -> Iterator[sqlite3.Connection]:
-        """A connection from the pool: as many as there are concurrent callers,
-        at most IDLE_CONNECTIONS kept open between calls (threads come and go)."""
-        with self._lock:
-            db = self._idle.pop() if self._idle else None
-        db = db or self._open()
-        try:
-            yield db
-        finally:
-            with self._lock:
-                keep = len(self._idle) < IDLE_CONNECTIONS and not db.in_transaction
-                if keep:
-                    self._idle.append(db)
-            if not keep:
-                db.close()
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction; any SQLite failure becomes a 503.
-
-        Writers of this process queue on a lock first: SQLite's own busy wait
-        sleeps in steps of up to 100 ms, which made p99 latency ~85 ms under
-        load; busy_timeout still covers writers in other processes.
-        """
-        with self._writer, self._borrow() as db:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
-
-    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
-        try:
-            with self._borrow() as db:
-                return db.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(f"the database cannot be read: {exc}") from exc
-
-    def _migrate(self) -> None:
-        with self._write() as db:
-            (version,) = db.execute("PRAGMA user_version").fetchone()
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
-                raise StorageUnavailable(
-                    f"database schema version {version} is newer than this release understands")
+        self._db = SqliteFile(self.path, synchronous="FULL")
+        self._inbox = SqliteFile(inbox_path(self.path), synchronous="NORMAL")
+        self._db.migrate(_SCHEMA, SCHEMA_VERSION)
+        self._inbox.migrate(_INBOX_SCHEMA, SCHEMA_VERSION)
+        self._write, self._read = self._db.write, self._db.read
 
     # -- the Store interface ------------------------------------------------
     def accept(self, message: NewMessage, replay: ReplayKey | None, *, retention_ms: int) -> Accepted:
@@ -420,8 +359,5 @@ class SqliteStore(TrackingMixin):
         self._read("SELECT 1")
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for db in idle:
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
+        self._db.close()
+        self._inbox.close()

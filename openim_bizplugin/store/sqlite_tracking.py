@@ -15,6 +15,7 @@ import sqlite3
 from contextlib import AbstractContextManager
 from typing import Any
 
+from .sqlite_file import SqliteFile
 from .base import CallbackRecord, EventRecord, PresenceState, SubscriberCursor
 
 
@@ -33,23 +34,25 @@ def recipient_data(message_id: str, type_: str, client: str, kind: str, target: 
 class TrackingMixin:
     """Callback inbox, presence, receipts and the event outbox."""
 
+    _inbox: SqliteFile  # the callback inbox file, provided by SqliteStore
+
     def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...  # provided by SqliteStore
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]: ...  # provided by SqliteStore
 
     # -- callback inbox ----------------------------------------------------------
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
-        with self._write() as db:
+        with self._inbox.write() as db:
             return db.execute(
                 "INSERT OR IGNORE INTO callbacks (command, natural_key, body, received_ms) VALUES (?, ?, ?, ?)",
                 (command, natural_key, body, received_ms)).rowcount == 1
 
     def pending_callbacks(self, limit: int) -> list[CallbackRecord]:
-        rows = self._read("SELECT id, command, body, received_ms FROM callbacks WHERE done = 0 ORDER BY id LIMIT ?",
-                          (limit,))
+        rows = self._inbox.read("SELECT id, command, body, received_ms FROM callbacks WHERE done = 0"
+                                " ORDER BY id LIMIT ?", (limit,))
         return [CallbackRecord(*row) for row in rows]
 
     def finish_callback(self, callback_id: int, error: str | None = None) -> None:
-        with self._write() as db:
+        with self._inbox.write() as db:
             db.execute("UPDATE callbacks SET done = 1, error = ? WHERE id = ?", (error, callback_id))
 
     # -- what callbacks tell about sent messages ---------------------------------------

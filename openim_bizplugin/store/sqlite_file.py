@@ -1,0 +1,106 @@
+"""One SQLite database file: pooled connections, serialised writes, errors as 503.
+
+WAL mode lets readers run beside the one writer; ``busy_timeout`` makes
+writers in other processes wait instead of failing ("database is locked").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+from ..errors import StorageUnavailable
+
+BUSY_TIMEOUT_MS = 30_000
+IDLE_CONNECTIONS = 8
+
+
+class SqliteFile:
+    """Connections to one database file with the given ``synchronous`` level."""
+
+    def __init__(self, path: str, synchronous: str = "FULL") -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._writer = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                 isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"cannot open the database: {exc}") from exc
+        return db
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[sqlite3.Connection]:
+        """A connection from the pool: as many as there are concurrent callers,
+        at most IDLE_CONNECTIONS kept open between calls (threads come and go)."""
+        with self._lock:
+            db = self._idle.pop() if self._idle else None
+        db = db or self._open()
+        try:
+            yield db
+        finally:
+            with self._lock:
+                keep = len(self._idle) < IDLE_CONNECTIONS and not db.in_transaction
+                if keep:
+                    self._idle.append(db)
+            if not keep:
+                db.close()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; any SQLite failure becomes a 503.
+
+        Writers of this process queue on a lock first: SQLite's own busy wait
+        sleeps in steps of up to 100 ms, which made p99 latency ~85 ms under
+        load; busy_timeout still covers writers in other processes.
+        """
+        with self._writer, self.borrow() as db:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+
+    def read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        try:
+            with self.borrow() as db:
+                return db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"the database cannot be read: {exc}") from exc
+
+    def migrate(self, schema: str, version: int) -> None:
+        """Create the tables of *schema* in a new file; refuse a newer file."""
+        with self.write() as db:
+            (found,) = db.execute("PRAGMA user_version").fetchone()
+            if found == 0:
+                for statement in schema.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version}")
+            elif found > version:
+                raise StorageUnavailable(
+                    f"database schema version {found} is newer than this release understands")
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for db in idle:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()

@@ -48,20 +48,47 @@ class DeliveryEngine:
 
     # -- one round -------------------------------------------------------------
     def step(self) -> int:
-        """Lease one batch of due recipients and deliver it; returns how many."""
-        settings = self.config.delivery
-        now_ms = self._now_ms()
-        items = self.store.lease(now_ms, settings.batch_size, int(settings.lease_seconds * 1000),
-                                 self.owner, self.sender.openim.new_operation_id)
+        """Lease one batch of due recipients and deliver it; returns how many.
+
+        Outcomes are recorded after every OpenIM call, not at the end of the
+        round, so a crash mid-round re-sends at most the call in flight; and
+        before each call the worker makes sure it still holds the lease
+        (renewing it when less than one OpenIM timeout is left), so a slow
+        round never sends what another worker has taken over.
+        """
+        self._warm_token()
+        lease_ms = int(self.config.delivery.lease_seconds * 1000)
+        items = self.store.lease(self._now_ms(), self.config.delivery.batch_size, lease_ms, self.owner,
+                                 self.sender.openim.new_operation_id)
         if not items:
             return 0
-        results = self.sender.deliver(items, self._decide)
+        lease = _Lease(self, items, self._now_ms() + lease_ms)
+        settled, to_send = self.sender.prepare(items, self._decide)
+        self._record(settled)
+        lease.done(item for item, _ in settled)
+        for unit in self.sender.units(to_send):
+            unit = lease.keep(unit)
+            if unit:
+                self._record(self.sender.send_unit(unit, self._decide))
+                lease.done(unit)
+        return len(items)
+
+    def _warm_token(self) -> None:
+        # Fetch (or wait for) the admin token before leasing, so a slow token
+        # refresh never eats into the leases; failures surface on the calls.
+        try:
+            self.sender.openim.admin_token()
+        except OpenIMError:
+            pass
+
+    def _record(self, results: list[tuple[WorkItem, Outcome]]) -> None:
+        if not results:
+            return
         recorded = self.store.complete(results, self._now_ms())
         self.on_events()
         if recorded < len(results):
             log.warning("%d outcomes were not recorded: their lease had passed to another worker",
                         len(results) - recorded)
-        return len(items)
 
     def _decide(self, item: WorkItem, error: OpenIMError) -> Outcome:
         """Turn a failed attempt into a retry or a final failure."""
@@ -97,6 +124,33 @@ class DeliveryEngine:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking work and let rounds in flight finish (their leases cover the rest)."""
         self.loop.stop(timeout)
+
+
+class _Lease:
+    """This worker's hold on the items of one round."""
+
+    def __init__(self, engine: DeliveryEngine, items: list[WorkItem], until_ms: int) -> None:
+        self.engine, self.until_ms = engine, until_ms
+        self.open = {id(item): item for item in items}
+        # a call may take the whole OpenIM timeout: renew before less than that is left
+        self.margin_ms = int((engine.config.openim.timeout_seconds + 1) * 1000)
+
+    def keep(self, unit: list[WorkItem]) -> list[WorkItem]:
+        """The items of *unit* this worker still holds, renewing the lease when it runs low."""
+        now_ms = self.engine._now_ms()
+        if self.until_ms - now_ms < self.margin_ms:
+            lease_ms = int(self.engine.config.delivery.lease_seconds * 1000)
+            held = {id(i) for i in self.engine.store.renew(list(self.open.values()), now_ms, lease_ms)}
+            lost = [i for key, i in self.open.items() if key not in held]
+            if lost:
+                log.warning("%d recipients were taken over by another worker; not sending them", len(lost))
+            self.open = {key: i for key, i in self.open.items() if key in held}
+            self.until_ms = now_ms + lease_ms
+        return [item for item in unit if id(item) in self.open]
+
+    def done(self, items) -> None:
+        for item in items:
+            self.open.pop(id(item), None)
 
 
 def build_engine(config: Config, store: Store, openim: OpenIMClient, clock: Callable[[], float],

@@ -10,6 +10,7 @@ notification per member (remembered for the rest of the process).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -42,24 +43,35 @@ class Sender:
         self.offline = OfflinePolicy(config, store, openim, clock)
         self.group_notifications_native = True  # until OpenIM says otherwise
 
-    def deliver(self, items: list[WorkItem], decide: Decide) -> Results:
-        """One outcome per item, in no particular order."""
+    def prepare(self, items: list[WorkItem], decide: Decide) -> tuple[Results, list[WorkItem]]:
+        """Checks before sending, batched over the round: earlier attempts whose answer
+        was lost, offline policies, unknown users. Returns (settled outcomes, items to send)."""
         results: Results = []
         due = [item for item in items if not self._confirmed_earlier(item, decide, results)]
         due = self.offline.apply(due, decide, lambda item, outcome: self._record(results, item, outcome))
         if self.config.openim.check_recipients:
             due = self._drop_unknown_users(due, decide, results)
+        return results, due
+
+    @staticmethod
+    def units(items: list[WorkItem]) -> list[list[WorkItem]]:
+        """What one OpenIM call sends: custom-mode users of one message together, else one each."""
         by_message: dict[str, list[WorkItem]] = defaultdict(list)
-        for item in due:
+        units = []
+        for item in items:
             if item.mode == "custom" and item.kind == "user":
                 by_message[item.message_id].append(item)
             else:
-                self._send_one(item, decide, results)
-        for group in by_message.values():
-            if len(group) == 1:
-                self._send_one(group[0], decide, results)
-            else:
-                self._send_batch(group, decide, results)
+                units.append([item])
+        return units + list(by_message.values())
+
+    def send_unit(self, unit: list[WorkItem], decide: Decide) -> Results:
+        """Make the OpenIM call for one unit; one outcome per item."""
+        results: Results = []
+        if len(unit) == 1:
+            self._send_one(unit[0], decide, results)
+        else:
+            self._send_batch(unit, decide, results)
         return results
 
     # -- before sending ------------------------------------------------------------
@@ -70,7 +82,10 @@ class Sender:
         try:
             arrived = self.openim.check_msg_is_send_success(item.check_operation_id)
         except OpenIMError as error:
-            results.append((item, decide(item, error)))
+            outcome = decide(item, error)
+            if outcome.status == "queued":  # still unknown: the next attempt must ask again
+                outcome = dataclasses.replace(outcome, unknown_operation_id=item.check_operation_id)
+            self._record(results, item, outcome)
             return True
         if arrived:
             self._record(results, item, Outcome.sent(

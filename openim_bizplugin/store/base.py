@@ -245,6 +245,9 @@ class Store(Protocol):
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
         """Record outcomes for items still leased by their owner; returns how many."""
 
+    def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
+        """Extend the lease of the items this worker still holds; returns those."""
+
     def next_due_ms(self) -> int | None:
         """When the earliest waiting recipient becomes due, or None when idle."""
 

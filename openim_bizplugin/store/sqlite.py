@@ -306,6 +306,17 @@ class SqliteStore(TrackingMixin):
                        (item.message_id, now_ms))
             emit(db, "message.failed", {**data, "error": outcome.error, "reason": outcome.reason}, now_ms)
 
+    def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
+        held = []
+        with self._write() as db:
+            for item in items:
+                if db.execute("UPDATE recipients SET next_attempt_ms = ? WHERE message_id = ? AND seq = ?"
+                              " AND status = 'sending' AND operation_id = ? AND lease_owner = ?",
+                              (now_ms + lease_ms, item.message_id, item.seq, item.operation_id,
+                               item.lease_owner)).rowcount:
+                    held.append(item)
+        return held
+
     def next_due_ms(self) -> int | None:
         rows = self._read(f"SELECT MIN(next_attempt_ms) FROM recipients WHERE status IN {_DUE}")
         return rows[0][0]

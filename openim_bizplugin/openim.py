@@ -192,7 +192,7 @@ class OpenIMClient:
                  lock_wait_seconds: float = 5.0, lock_poll_seconds: float = 0.1,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self._config, self._tokens, self._clock, self._sleep = config, tokens, clock, sleep
-        self._session = session or requests.Session()
+        self._session = session or _session_for(config.api_url)
         if session is None:  # one pool shared by every worker thread
             self._session.mount("http://", HTTPAdapter(pool_maxsize=64))
             self._session.mount("https://", HTTPAdapter(pool_maxsize=64))
@@ -431,3 +431,11 @@ class OpenIMClient:
                 found[entry.get("userID")] = [d["platformID"] for d in details if isinstance(d, dict)]
             online.update({uid: found.get(uid, []) for uid in chunk})
         return online
+
+
+def _session_for(api_url: str) -> requests.Session:
+    """A session that reads proxy settings once, not on every call (~0.2 ms each)."""
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = requests.utils.get_environ_proxies(api_url)
+    return session

@@ -21,6 +21,7 @@ from werkzeug.serving import make_server
 
 from conftest import message
 from openim_bizplugin.callback_handlers import HANDLERS, CallbackProcessor, natural_key
+from openim_bizplugin.subscribers import EVENT_TYPES
 from openim_bizplugin.testing import FakeOpenIM
 
 FIXTURES = Path(__file__).parent / "fixtures" / "callbacks"
@@ -44,6 +45,7 @@ def config_overrides(fake):
 def side(app, store, signed, fake):
     """The app with its callback blueprint and processor."""
     services = app.extensions["bizplugin"]
+    services.store.event_types = EVENT_TYPES  # as if a subscriber listened to every event
     side = Side(app, services, signed, fake)
     yield side
     services.callbacks.stop()

@@ -17,7 +17,7 @@ from pathlib import Path
 from .base import (PRIORITY_RANK, Accepted, DeadLetter, IdempotencyMismatch, MessageRecord, NewMessage,
                    Outcome, RecipientRecord, ReplayKey, WorkItem)
 from .sqlite_file import SqliteFile
-from .sqlite_tracking import TrackingMixin, emit, recipient_data
+from .sqlite_tracking import TrackingMixin, recipient_data
 
 SCHEMA_VERSION = 1
 
@@ -80,7 +80,14 @@ CREATE TABLE IF NOT EXISTS recipients (
     read_ms         INTEGER,
     PRIMARY KEY (message_id, seq)
 );
-CREATE INDEX IF NOT EXISTS recipients_queue ON recipients (status, priority, next_attempt_ms);
+-- partial indexes over rows with work left (their WHERE must match _DUE below):
+-- leasing walks the first in order, the expiry sweep and idle waits the others
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients (priority, next_attempt_ms)
+    WHERE status IN ('queued', 'held', 'sending');
+CREATE INDEX IF NOT EXISTS recipients_expiry ON recipients (expires_ms)
+    WHERE status IN ('queued', 'held', 'sending');
+CREATE INDEX IF NOT EXISTS recipients_next ON recipients (next_attempt_ms)
+    WHERE status IN ('queued', 'held', 'sending');
 CREATE INDEX IF NOT EXISTS recipients_target ON recipients (target, status);
 CREATE INDEX IF NOT EXISTS recipients_server_msg ON recipients (server_msg_id) WHERE server_msg_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS recipients_client_msg ON recipients (client_msg_id) WHERE client_msg_id IS NOT NULL;
@@ -153,26 +160,30 @@ _ITEM_COLUMNS = (
     " m.client, m.type, m.version, m.mode, m.priority, m.offline, m.envelope, m.delivery, m.expires_ms")
 
 
-def _work_item(row: tuple, owner: str, new_operation_id: Callable[[str], str]) -> WorkItem:
+def _work_item(row: tuple, owner: str, new_operation_id: Callable[[str], str],
+               settings: dict[str, dict]) -> WorkItem:
     (message_id, seq, kind, target, attempts, status, last_operation, check_operation,
      client, type_, version, mode, priority, offline, envelope, delivery, expires_ms) = row
     # A row still "sending" was leased by a worker that vanished mid-send: its
     # last attempt may have reached OpenIM, so the next one asks first.
     unknown = last_operation if status == "sending" else check_operation
+    if message_id not in settings:
+        settings[message_id] = json.loads(delivery)
     return WorkItem(
         # a recheck of a recipient held for an offline user is not a send attempt
         message_id=message_id, seq=seq, kind=kind, target=target,
         attempts=attempts if status == "held" else attempts + 1,
         operation_id=new_operation_id(f"{message_id}-{seq}"), check_operation_id=unknown,
         lease_owner=owner, client=client, type=type_, version=version, mode=mode, priority=priority,
-        offline=offline, envelope=envelope, delivery=json.loads(delivery), expires_ms=expires_ms)
+        offline=offline, envelope=envelope, expires_ms=expires_ms, delivery=settings[message_id])
 
 
 class SqliteStore(TrackingMixin):
     """SQLite implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset()) -> None:
         self.path = str(path)
+        self.event_types = event_types
         self._db = SqliteFile(self.path, synchronous="FULL")
         self._inbox = SqliteFile(inbox_path(self.path), synchronous="NORMAL")
         self._db.migrate(_SCHEMA, SCHEMA_VERSION)
@@ -251,7 +262,8 @@ class SqliteStore(TrackingMixin):
                 f"SELECT {_ITEM_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id"
                 f" WHERE r.status IN {_DUE} AND r.next_attempt_ms <= ?"
                 " ORDER BY r.priority, r.next_attempt_ms LIMIT ?", (now_ms, limit)).fetchall()
-            items = [_work_item(row, owner, new_operation_id) for row in rows]
+            settings: dict[str, dict] = {}  # delivery settings, parsed once per message
+            items = [_work_item(row, owner, new_operation_id, settings) for row in rows]
             db.executemany(
                 "UPDATE recipients SET status = 'sending', lease_owner = ?, next_attempt_ms = ?,"
                 " attempts = ?, operation_id = ?, check_operation_id = ?"
@@ -273,7 +285,7 @@ class SqliteStore(TrackingMixin):
                       else "ttl passed before delivery")
             db.execute("UPDATE recipients SET status = 'expired', lease_owner = NULL, reason = ?"
                        " WHERE message_id = ? AND seq = ?", (reason, message_id, seq))
-            emit(db, "message.expired", recipient_data(message_id, type_, client, kind, target, reason=reason),
+            self._emit(db, "message.expired", recipient_data(message_id, type_, client, kind, target, reason=reason),
                  now_ms)
 
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
@@ -299,12 +311,12 @@ class SqliteStore(TrackingMixin):
     def _after_outcome(self, db: sqlite3.Connection, item: WorkItem, outcome: Outcome, now_ms: int) -> None:
         data = recipient_data(item.message_id, item.type, item.client, item.kind, item.target)
         if outcome.status == "sent":
-            emit(db, "message.sent", {**data, "server_msg_id": outcome.server_msg_id,
+            self._emit(db, "message.sent", {**data, "server_msg_id": outcome.server_msg_id,
                                       "client_msg_id": outcome.client_msg_id}, now_ms)
         elif outcome.status == "failed":
             db.execute("INSERT OR IGNORE INTO dead_letters (message_id, created_ms) VALUES (?, ?)",
                        (item.message_id, now_ms))
-            emit(db, "message.failed", {**data, "error": outcome.error, "reason": outcome.reason}, now_ms)
+            self._emit(db, "message.failed", {**data, "error": outcome.error, "reason": outcome.reason}, now_ms)
 
     def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
         held = []

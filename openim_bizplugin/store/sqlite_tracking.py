@@ -35,6 +35,11 @@ class TrackingMixin:
     """Callback inbox, presence, receipts and the event outbox."""
 
     _inbox: SqliteFile  # the callback inbox file, provided by SqliteStore
+    event_types: frozenset[str] = frozenset()  # what subscribers listen to; others are not kept
+
+    def _emit(self, db: sqlite3.Connection, type_: str, data: dict[str, Any], now_ms: int) -> None:
+        if type_ in self.event_types:
+            emit(db, type_, data, now_ms)
 
     def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...  # provided by SqliteStore
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]: ...  # provided by SqliteStore
@@ -83,7 +88,7 @@ class TrackingMixin:
             for message_id, seq, target, type_, client in rows:
                 db.execute("UPDATE recipients SET status = 'read', read_ms = ? WHERE message_id = ? AND seq = ?",
                            (now_ms, message_id, seq))
-                emit(db, "message.read", recipient_data(message_id, type_, client, "user", target), now_ms)
+                self._emit(db, "message.read", recipient_data(message_id, type_, client, "user", target), now_ms)
         return len(rows)
 
     def acknowledge(self, message_id: str, user_id: str, receipt: dict[str, Any], now_ms: int) -> bool:
@@ -97,7 +102,7 @@ class TrackingMixin:
                 return False
             db.execute("UPDATE recipients SET status = 'acknowledged', receipt = ? WHERE message_id = ? AND seq = ?",
                        (json.dumps(receipt, ensure_ascii=False), message_id, row[0]))
-            emit(db, "receipt.received",
+            self._emit(db, "receipt.received",
                  recipient_data(message_id, row[1], row[2], "user", user_id, receipt=receipt), now_ms)
         return True
 
@@ -122,7 +127,7 @@ class TrackingMixin:
                 db.execute("UPDATE recipients SET next_attempt_ms = ?, priority = 0"
                            " WHERE target = ? AND status = 'held' AND kind = 'user'", (now_ms, user_id))
             if is_online != was_online:
-                emit(db, "user.online" if is_online else "user.offline",
+                self._emit(db, "user.online" if is_online else "user.offline",
                      {"user_id": user_id, "platform_id": platform_id}, now_ms)
             return True
 

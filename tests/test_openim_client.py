@@ -480,7 +480,7 @@ def test_echoed_secret_is_scrubbed(rsps, client):
 def test_operation_ids_are_unique_per_attempt(rsps, client, clock):
     ids = {client.new_operation_id("send") for _ in range(200)}
     assert len(ids) == 200
-    assert all(re.fullmatch(r"biz-send-1720000000000-[0-9a-f]{8}", i) for i in ids)
+    assert all(re.fullmatch(r"biz-send-1720000000000-[0-9a-f]{7,}", i) for i in ids)
     assert re.fullmatch(r"biz-a-b-\d+-[0-9a-f]{8}", client.new_operation_id("a b/"))
     admin_token_ok(rsps)
     rsps.post(API + "/group/get_group_member_user_id", json=envelope({"userIDs": []}))

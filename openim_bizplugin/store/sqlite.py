@@ -86,9 +86,8 @@ CREATE INDEX IF NOT EXISTS recipients_due ON recipients (priority, next_attempt_
     WHERE status IN ('queued', 'held', 'sending');
 CREATE INDEX IF NOT EXISTS recipients_expiry ON recipients (expires_ms)
     WHERE status IN ('queued', 'held', 'sending');
-CREATE INDEX IF NOT EXISTS recipients_next ON recipients (next_attempt_ms)
-    WHERE status IN ('queued', 'held', 'sending');
-CREATE INDEX IF NOT EXISTS recipients_target ON recipients (target, status);
+
+CREATE INDEX IF NOT EXISTS recipients_held ON recipients (target) WHERE status = 'held';
 CREATE INDEX IF NOT EXISTS recipients_server_msg ON recipients (server_msg_id) WHERE server_msg_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS recipients_client_msg ON recipients (client_msg_id) WHERE client_msg_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS recipients_conversation ON recipients (conversation_id, msg_seq)
@@ -176,6 +175,21 @@ def _work_item(row: tuple, owner: str, new_operation_id: Callable[[str], str],
         operation_id=new_operation_id(f"{message_id}-{seq}"), check_operation_id=unknown,
         lease_owner=owner, client=client, type=type_, version=version, mode=mode, priority=priority,
         offline=offline, envelope=envelope, expires_ms=expires_ms, delivery=settings[message_id])
+
+
+# An outcome is recorded only while this worker still holds the lease of this attempt.
+_COMPLETE_SQL = (
+    "UPDATE recipients SET status = ?, last_error = ?, reason = ?,"
+    " next_attempt_ms = COALESCE(?, next_attempt_ms), check_operation_id = ?,"
+    " server_msg_id = COALESCE(?, server_msg_id), client_msg_id = COALESCE(?, client_msg_id),"
+    " sent_ms = COALESCE(?, sent_ms), lease_owner = NULL"
+    " WHERE message_id = ? AND seq = ? AND status = 'sending' AND operation_id = ? AND lease_owner = ?")
+
+
+def _outcome_row(item: WorkItem, outcome: Outcome) -> tuple:
+    return (outcome.status, outcome.error, outcome.reason, outcome.next_attempt_ms, outcome.unknown_operation_id,
+            outcome.server_msg_id, outcome.client_msg_id, outcome.sent_ms, item.message_id, item.seq,
+            item.operation_id, item.lease_owner)
 
 
 class SqliteStore(TrackingMixin):
@@ -291,22 +305,18 @@ class SqliteStore(TrackingMixin):
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
         done = 0
         with self._write() as db:
+            # outcomes with no dead letter or event to add go in one executemany (batches of 500)
+            plain = [_outcome_row(i, o) for i, o in results if not self._has_effects(o)]
+            if plain:
+                done += db.executemany(_COMPLETE_SQL, plain).rowcount
             for item, outcome in results:
-                changed = db.execute(
-                    "UPDATE recipients SET status = ?, last_error = ?, reason = ?,"
-                    " next_attempt_ms = COALESCE(?, next_attempt_ms), check_operation_id = ?,"
-                    " server_msg_id = COALESCE(?, server_msg_id), client_msg_id = COALESCE(?, client_msg_id),"
-                    " sent_ms = COALESCE(?, sent_ms), lease_owner = NULL"
-                    " WHERE message_id = ? AND seq = ? AND status = 'sending' AND operation_id = ?"
-                    " AND lease_owner = ?",
-                    (outcome.status, outcome.error, outcome.reason, outcome.next_attempt_ms,
-                     outcome.unknown_operation_id, outcome.server_msg_id, outcome.client_msg_id,
-                     outcome.sent_ms, item.message_id, item.seq, item.operation_id, item.lease_owner),
-                ).rowcount
-                done += changed
-                if changed:
+                if self._has_effects(outcome) and db.execute(_COMPLETE_SQL, _outcome_row(item, outcome)).rowcount:
+                    done += 1
                     self._after_outcome(db, item, outcome, now_ms)
         return done
+
+    def _has_effects(self, outcome: Outcome) -> bool:
+        return outcome.status == "failed" or f"message.{outcome.status}" in self.event_types
 
     def _after_outcome(self, db: sqlite3.Connection, item: WorkItem, outcome: Outcome, now_ms: int) -> None:
         data = recipient_data(item.message_id, item.type, item.client, item.kind, item.target)
@@ -330,7 +340,10 @@ class SqliteStore(TrackingMixin):
         return held
 
     def next_due_ms(self) -> int | None:
-        rows = self._read(f"SELECT MIN(next_attempt_ms) FROM recipients WHERE status IN {_DUE}")
+        # one index probe per priority rank (recipients_due is ordered by priority first)
+        rows = self._read("SELECT MIN(due) FROM (" + " UNION ALL ".join(
+            f"SELECT MIN(next_attempt_ms) AS due FROM recipients WHERE status IN {_DUE} AND priority = {rank}"
+            for rank in sorted(set(PRIORITY_RANK.values()))) + ")")
         return rows[0][0]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

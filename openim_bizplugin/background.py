@@ -26,6 +26,11 @@ class BackgroundLoop:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: rounds should end early."""
+        return self._stop.is_set()
+
     def wake(self) -> None:
         """There is new work: let an idle thread look now instead of after its pause."""
         self._wake.set()

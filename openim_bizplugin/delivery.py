@@ -21,9 +21,10 @@ from .background import IDLE_POLL_SECONDS, BackgroundLoop
 from .config import Config
 from .openim import OpenIMClient, OpenIMError
 from .sending import Sender
-from .store.base import Outcome, Store, WorkItem
+from .store.base import PRIORITY_RANK, Outcome, Store, WorkItem
 
 log = logging.getLogger(__name__)
+PREEMPT_CHECK_MS = 50
 
 
 def backoff_seconds(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
@@ -45,6 +46,7 @@ class DeliveryEngine:
 
     def __post_init__(self) -> None:
         self.loop = BackgroundLoop("delivery", self.step, self._idle_seconds)
+        self._last_preempt_check_ms = 0
 
     # -- one round -------------------------------------------------------------
     def step(self) -> int:
@@ -67,11 +69,32 @@ class DeliveryEngine:
         self._record(settled)
         lease.done(item for item, _ in settled)
         for unit in self.sender.units(to_send):
+            if self._should_yield(unit):
+                released = self.store.release(list(lease.open.values()), self._now_ms())
+                log.info("gave back %d leased recipients (%s)", released,
+                         "shutting down" if self.loop.stopping else "higher-priority work is due")
+                break
             unit = lease.keep(unit)
             if unit:
                 self._record(self.sender.send_unit(unit, self._decide))
                 lease.done(unit)
         return len(items)
+
+    def _should_yield(self, unit: list[WorkItem]) -> bool:
+        """Stop this round early: on shutdown, or when better-priority work is waiting.
+
+        A round may hold batch_size recipients; without this, a high message
+        arriving behind a backlog of normal ones waited for the whole round.
+        Checked at most every PREEMPT_CHECK_MS (one indexed query).
+        """
+        if self.loop.stopping:
+            return True
+        rank = PRIORITY_RANK[unit[0].priority]
+        now_ms = self._now_ms()
+        if rank == 0 or now_ms - self._last_preempt_check_ms < PREEMPT_CHECK_MS:
+            return False
+        self._last_preempt_check_ms = now_ms
+        return self.store.higher_due(rank, now_ms)
 
     def _warm_token(self) -> None:
         # Fetch (or wait for) the admin token before leasing, so a slow token

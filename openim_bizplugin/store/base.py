@@ -107,6 +107,7 @@ class WorkItem:
     kind: str  # "user" | "group"
     target: str
     attempts: int  # including this one
+    counted: bool  # whether this lease counts as an attempt (a recheck of a held one does not)
     operation_id: str  # this attempt's OpenIM operationID
     check_operation_id: str | None  # an earlier attempt whose outcome is unknown
     lease_owner: str
@@ -247,6 +248,12 @@ class Store(Protocol):
 
     def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
         """Extend the lease of the items this worker still holds; returns those."""
+
+    def release(self, items: list[WorkItem], now_ms: int) -> int:
+        """Give back leased items not attempted (shutdown, higher-priority work): due at once."""
+
+    def higher_due(self, rank: int, now_ms: int) -> bool:
+        """Whether work of a better priority rank than *rank* is due now."""
 
     def next_due_ms(self) -> int | None:
         """When the earliest waiting recipient becomes due, or None when idle."""

@@ -171,7 +171,7 @@ def _work_item(row: tuple, owner: str, new_operation_id: Callable[[str], str],
     return WorkItem(
         # a recheck of a recipient held for an offline user is not a send attempt
         message_id=message_id, seq=seq, kind=kind, target=target,
-        attempts=attempts if status == "held" else attempts + 1,
+        attempts=attempts if status == "held" else attempts + 1, counted=status != "held",
         operation_id=new_operation_id(f"{message_id}-{seq}"), check_operation_id=unknown,
         lease_owner=owner, client=client, type=type_, version=version, mode=mode, priority=priority,
         offline=offline, envelope=envelope, expires_ms=expires_ms, delivery=settings[message_id])
@@ -338,6 +338,19 @@ class SqliteStore(TrackingMixin):
                                item.lease_owner)).rowcount:
                     held.append(item)
         return held
+
+    def release(self, items: list[WorkItem], now_ms: int) -> int:
+        with self._write() as db:
+            return db.executemany(
+                "UPDATE recipients SET status = 'queued', next_attempt_ms = ?, attempts = ?, lease_owner = NULL"
+                " WHERE message_id = ? AND seq = ? AND status = 'sending' AND operation_id = ? AND lease_owner = ?",
+                [(now_ms, item.attempts - item.counted, item.message_id, item.seq, item.operation_id,
+                  item.lease_owner) for item in items]).rowcount
+
+    def higher_due(self, rank: int, now_ms: int) -> bool:
+        return any(self._read(f"SELECT 1 FROM recipients WHERE status IN {_DUE} AND priority = ?"
+                              " AND next_attempt_ms <= ? LIMIT 1", (better, now_ms))
+                   for better in range(rank))
 
     def next_due_ms(self) -> int | None:
         # one index probe per priority rank (recipients_due is ordered by priority first)

@@ -22,9 +22,14 @@ def services() -> Services:
 
 
 def _verified(body: bytes) -> VerifiedRequest:
-    return services().verifier.verify(
+    """The signed caller, within its rate limit (checked after the signature, so
+    nobody can spend another client's quota)."""
+    svc = services()
+    verified = svc.verifier.verify(
         request.headers.get("X-Biz-Client"), request.headers.get("X-Biz-Signature"),
         request.method, path_and_query(request.environ), body)
+    svc.limiter.check(verified.client_id)
+    return verified
 
 
 @bp.post("/messages")

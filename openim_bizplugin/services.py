@@ -14,6 +14,7 @@ from .catalog import Catalog
 from .config import Config
 from .delivery import DeliveryEngine, build_engine
 from .openim import OpenIMClient
+from .ratelimit import ClientRateLimiter
 from .signing import RequestVerifier
 from .store import open_store
 from .store.base import Store
@@ -32,6 +33,7 @@ class Services:
     config: Config
     catalog: Catalog
     verifier: RequestVerifier
+    limiter: ClientRateLimiter
     store: Store
     openim: OpenIMClient
     engine: DeliveryEngine
@@ -56,7 +58,8 @@ class Services:
         engine = build_engine(config, store, openim, clock, owner, on_events=subscribers.wake)
         # processed callbacks emit events and may release held recipients
         callbacks = CallbackProcessor(config, store, clock, on_change=lambda: (subscribers.wake(), engine.wake()))
-        return cls(config, catalog, verifier, store, openim, engine, subscribers, callbacks, clock)
+        limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
+        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock)
 
     def start_background(self) -> None:
         """Run delivery workers and event dispatch in this process (serve, worker)."""

@@ -246,3 +246,17 @@ def test_quick_envelope_check_never_passes_what_the_schema_refuses(body):
     if plainly_valid(body):
         assert Draft202012Validator(ENVELOPE_SCHEMA).is_valid(body)
     assert plainly_valid(body) == Draft202012Validator(ENVELOPE_SCHEMA).is_valid(body)
+
+
+@pytest.mark.parametrize("config_overrides", [
+    {"clients": {"crm": {"secrets": ["crm-test-secret-0000000001"], "allowed_types": ["profile.*"],
+                         "rate_limit": "2/second"}}}])
+def test_client_over_its_rate_limit_gets_429_with_retry_after(signed, clock, store):
+    assert [signed.post(message(idempotency_key=f"k{i}")).status_code for i in range(2)] == [202, 202]
+    limited = signed.post(message(idempotency_key="k3"))
+    assert _problem(limited, 429)["detail"].endswith("2/second")
+    assert limited.headers["Retry-After"] == "1"
+    assert signed.get("/v1/types", as_client="ops").status_code == 200  # other clients unaffected
+    clock.advance(0.5)
+    assert signed.post(message(idempotency_key="k4")).status_code == 202
+    assert _count(store, "messages") == 3

@@ -228,3 +228,14 @@ def test_backoff_is_full_jitter_and_capped():
     assert backoff_seconds(4, 1.0, 30.0, rand=lambda: 0.5) == pytest.approx(4.0)
     assert backoff_seconds(20, 1.0, 30.0, rand=lambda: 1.0) == 30.0
     assert backoff_seconds(3, 1.0, 30.0, rand=lambda: 0.0) == 0.0
+
+
+def test_newer_message_with_same_collapse_key_replaces_the_queued_one(sidecar, fake):
+    older = sidecar.send(to={"users": ["u1", "u2"]}, collapse_key="profile:u1")
+    newer = sidecar.send(to={"users": ["u1"]}, collapse_key="profile:u1", data={"fields": ["faceURL"]})
+    other_client = sidecar.send(as_client="crm", to={"users": ["u1"]}, collapse_key="profile:u1")
+    by_user = {r["user_id"]: r for r in sidecar.recipients(older)}
+    assert by_user["u1"]["status"] == "skipped" and newer in by_user["u1"]["reason"]
+    assert by_user["u2"]["status"] == "queued"  # not a recipient of the newer message
+    sidecar.drain()
+    assert sorted(_envelope_id(d) for d in fake.deliveries_to(user="u1")) == sorted([newer, other_client])

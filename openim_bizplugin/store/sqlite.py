@@ -50,6 +50,8 @@ CREATE INDEX IF NOT EXISTS messages_idempotency ON messages (client, idempotency
     WHERE idempotency_key IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_replay ON messages (replay_key)
     WHERE replay_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_collapse ON messages (client, collapse_key, expires_ms)
+    WHERE collapse_key IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS recipients (
     message_id      TEXT NOT NULL REFERENCES messages (id),
@@ -243,6 +245,8 @@ class SqliteStore(TrackingMixin):
              m.idempotency_key, m.request_hash, replay.text() if replay else None, m.envelope,
              json.dumps(m.delivery), len(m.targets), m.created_ms, m.expires_ms),
         )
+        if m.collapse_key:
+            self._collapse(db, m)
         rank = PRIORITY_RANK[m.priority]
         db.executemany(
             "INSERT INTO recipients (message_id, seq, kind, target, status, priority, next_attempt_ms,"
@@ -250,6 +254,20 @@ class SqliteStore(TrackingMixin):
             ((m.id, seq, m.target_kind, target, rank, m.created_ms, m.expires_ms)
              for seq, target in enumerate(m.targets)),
         )
+
+    @staticmethod
+    def _collapse(db: sqlite3.Connection, m: NewMessage) -> None:
+        """Older messages of this client with the same collapse key stop waiting for these recipients."""
+        targets = set(m.targets)
+        older = db.execute("SELECT id FROM messages WHERE client = ? AND collapse_key = ? AND expires_ms > ?"
+                           " AND id != ?", (m.client, m.collapse_key, m.created_ms, m.id)).fetchall()
+        reason = f"replaced by newer message {m.id} (collapse_key {m.collapse_key!r})"
+        for (message_id,) in older:
+            waiting = db.execute("SELECT seq, target FROM recipients WHERE message_id = ? AND kind = ?"
+                                 " AND status IN ('queued', 'held')", (message_id, m.target_kind)).fetchall()
+            db.executemany("UPDATE recipients SET status = 'skipped', reason = ? WHERE message_id = ? AND seq = ?"
+                           " AND status IN ('queued', 'held')",
+                           [(reason, message_id, seq) for seq, target in waiting if target in targets])
 
     def replayed(self, replay: ReplayKey) -> Accepted | None:
         rows = self._read("SELECT id, recipient_count FROM messages WHERE replay_key = ?", (replay.text(),))

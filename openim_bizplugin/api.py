@@ -82,7 +82,7 @@ def summary_status(statuses: list[str]) -> str:
     if len(distinct) == 1:
         return statuses[0]
     if distinct & set(ACTIVE_STATUSES):
-        return "queued" if distinct <= {"queued", "held", "throttled"} else "sending"
+        return "queued" if distinct <= {"queued", "held"} else "sending"
     return "sent" if distinct <= set(DELIVERED_STATUSES) else "partial"
 
 

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .catalog import RateLimit
 from .errors import ConfigError
@@ -48,7 +49,7 @@ class OpenIMConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     url: str
-    sqlite_path: Path | None  # set for sqlite:// URLs, resolved against the config folder
+    sqlite_path: Path | None  # set for sqlite:// URLs, resolved against the config folder; None for redis://
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class DeliveryConfig:
     lease_seconds: float = 30.0
     hold_recheck_seconds: float = 60.0
     presence_max_age_seconds: float = 300.0
+    priority_aging_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,27 @@ def _storage(s: _Section, base: Path) -> StorageConfig:
         if not rest or rest == "/":
             raise s.fail("url", "sqlite URL needs a file name (sqlite:///relative.db or sqlite:////abs/path.db)")
         return StorageConfig(url, base / rest if not rest.startswith("/") else Path(rest))
-    raise s.fail("url", f"unsupported storage URL {url.split(':', 1)[0]!r}: use sqlite:///FILE")
+    if url.startswith(("redis://", "rediss://")):
+        problem = _redis_url_problem(url)
+        if problem:
+            raise s.fail("url", problem)
+        return StorageConfig(url, None)
+    raise s.fail("url", f"unsupported storage URL {url.split(':', 1)[0]!r}:"
+                        " use sqlite:///FILE or redis://HOST:PORT/DB")
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with a ``redis://host:port/db`` URL (never echoing a password), or None."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "redis URL has a bad port (redis://HOST:PORT/DB)"
+    if not parts.hostname:
+        return "redis URL needs a host (redis://HOST:PORT/DB)"
+    if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        return "redis URL path must be a database number (redis://HOST:PORT/0)"
+    return None
 
 
 def _delivery(s: _Section) -> DeliveryConfig:
@@ -273,6 +295,7 @@ def _delivery(s: _Section) -> DeliveryConfig:
         lease_seconds=s.float("lease_seconds", d.lease_seconds),
         hold_recheck_seconds=s.float("hold_recheck_seconds", d.hold_recheck_seconds),
         presence_max_age_seconds=s.float("presence_max_age_seconds", d.presence_max_age_seconds),
+        priority_aging_seconds=s.float("priority_aging_seconds", d.priority_aging_seconds),
     )
     s.done()
     return cfg

@@ -61,7 +61,8 @@ class DeliveryEngine:
         self._warm_token()
         lease_ms = int(self.config.delivery.lease_seconds * 1000)
         items = self.store.lease(self._now_ms(), self.config.delivery.batch_size, lease_ms, self.owner,
-                                 self.sender.openim.new_operation_id)
+                                 self.sender.openim.new_operation_id,
+                                 aging_ms=int(self.config.delivery.priority_aging_seconds * 1000))
         if not items:
             return 0
         lease = _Lease(self, items, self._now_ms() + lease_ms)

@@ -21,6 +21,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from .app import create_app
 from .client import BizClient
 from .config import ClientConfig, Config, DeliveryConfig, OpenIMConfig, ServerConfig, StorageConfig
+from .store.base import ACTIVE_STATUSES
 from .testing import FakeOpenIM
 
 DEMO_USERS = ("alice", "bob")
@@ -100,7 +101,7 @@ def _follow(client: BizClient, message_id: str, out: TextIO) -> dict[str, Any]:
         if states != seen:
             print(f"   +{(time.monotonic() - start) * 1000:5.0f} ms  {', '.join(states)}", file=out)
             seen = states
-        if not set(states) & {"queued", "sending", "held", "throttled"}:
+        if not set(states) & set(ACTIVE_STATUSES):
             break
         time.sleep(0.01)
     return status

@@ -20,6 +20,7 @@ from typing import Any
 from .config import Config
 from .openim import OpenIMClient, OpenIMError, SendResult
 from .offline import OfflinePolicy
+from .throttle import RecipientThrottle
 from .store.base import Outcome, Store, WorkItem
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Sender:
         self.openim = openim
         self.clock = clock
         self.offline = OfflinePolicy(config, store, openim, clock)
+        self.throttle = RecipientThrottle(store, clock)
         self.group_notifications_native = True  # until OpenIM says otherwise
 
     def prepare(self, items: list[WorkItem], decide: Decide) -> tuple[Results, list[WorkItem]]:
@@ -48,7 +50,9 @@ class Sender:
         was lost, offline policies, unknown users. Returns (settled outcomes, items to send)."""
         results: Results = []
         due = [item for item in items if not self._confirmed_earlier(item, decide, results)]
-        due = self.offline.apply(due, decide, lambda item, outcome: self._record(results, item, outcome))
+        record = lambda item, outcome: self._record(results, item, outcome)  # noqa: E731
+        due = self.offline.apply(due, decide, record)
+        due = self.throttle.apply(due, record)
         if self.config.openim.check_recipients:
             due = self._drop_unknown_users(due, decide, results)
         return results, due

@@ -34,7 +34,10 @@ class Sidecar:
                     "lease_seconds": 10.0, **delivery}
         openim = {"api_url": fake.url, "timeout_seconds": 0.5}
         openim.update(settings.pop("openim", {}))
-        config = load_config(write_config(tmp_path, {"openim": openim, "delivery": settings}))
+        tables = {"openim": openim, "delivery": settings}
+        if "schemas_dir" in settings:
+            tables["schemas"] = {"dir": str(settings.pop("schemas_dir"))}
+        config = load_config(write_config(tmp_path, tables))
         self.app = create_app(config, clock=clock)
         self.services = self.app.extensions["bizplugin"]
         self.engine, self.store, self.clock = self.services.engine, self.services.store, clock
@@ -239,3 +242,15 @@ def test_newer_message_with_same_collapse_key_replaces_the_queued_one(sidecar, f
     assert by_user["u2"]["status"] == "queued"  # not a recipient of the newer message
     sidecar.drain()
     assert sorted(_envelope_id(d) for d in fake.deliveries_to(user="u1")) == sorted([newer, other_client])
+
+
+def test_long_waiting_low_work_ages_ahead_of_fresh_normal_work(sidecar):
+    low = sidecar.send(to={"users": ["u1"]}, priority="low", idempotency_key="low")
+    sidecar.clock.advance(301)  # past priority_aging_seconds (300 s by default): low counts as normal
+    sidecar.send(to={"users": ["u2"]}, priority="normal", idempotency_key="fresh")
+    [first] = sidecar.store.lease(int(sidecar.clock() * 1000), 1, 1000, "w", lambda hint: hint)
+    assert first.message_id == low  # equal rank now, and it has waited longer
+    sidecar.clock.advance(601)  # due for twice the aging period: the normal one counts as high
+    sidecar.send(to={"users": ["u3"]}, priority="high", idempotency_key="new-high")
+    [second] = sidecar.store.lease(int(sidecar.clock() * 1000), 1, 1000, "w", lambda hint: hint)
+    assert second.target == "u2"

@@ -14,10 +14,11 @@ from typing import Any, Protocol
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 
-# Recipient statuses (SPEC §4). Active ones still have work to do.
-ACTIVE_STATUSES = ("queued", "held", "throttled", "sending")
+# Recipient statuses (SPEC §4). Active ones still have work to do; "throttled"
+# is final: dropped by the type's rate limit (a delayed one stays "queued").
+ACTIVE_STATUSES = ("queued", "held", "sending")
 DELIVERED_STATUSES = ("sent", "read", "acknowledged")
-FINAL_STATUSES = DELIVERED_STATUSES + ("failed", "expired", "skipped")
+FINAL_STATUSES = DELIVERED_STATUSES + ("failed", "expired", "skipped", "throttled")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class Outcome:
     server_msg_id: str | None = None
     client_msg_id: str | None = None
     sent_ms: int | None = None
+    uncounted: bool = False  # nothing was sent: this lease does not count as an attempt
 
     @classmethod
     def sent(cls, server_msg_id: str | None, client_msg_id: str | None, sent_ms: int,
@@ -157,6 +159,14 @@ class Outcome:
     @classmethod
     def skipped(cls, reason: str) -> Outcome:
         return cls("skipped", reason=reason)
+
+    @classmethod
+    def throttled(cls, reason: str) -> Outcome:
+        return cls("throttled", reason=reason)
+
+    @classmethod
+    def deferred(cls, reason: str, next_attempt_ms: int) -> Outcome:
+        return cls("queued", reason=reason, next_attempt_ms=next_attempt_ms, uncounted=True)
 
 
 @dataclass(frozen=True)
@@ -235,8 +245,12 @@ class Store(Protocol):
         """The message and its recipients, or None."""
 
     def lease(self, now_ms: int, limit: int, lease_ms: int, owner: str,
-              new_operation_id: Callable[[str], str]) -> list[WorkItem]:
+              new_operation_id: Callable[[str], str], aging_ms: int = 300_000) -> list[WorkItem]:
         """Take up to *limit* due recipients, highest priority first, for *lease_ms*.
+
+        Recipients due for longer than *aging_ms* move up a priority level
+        (low to normal; after twice that, to high), so a steady stream of
+        high work cannot starve the rest forever.
 
         Due means queued and ready, or leased by a worker whose lease ran out
         (it died mid-send). Recipients past their message's TTL end
@@ -248,6 +262,9 @@ class Store(Protocol):
 
     def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
         """Extend the lease of the items this worker still holds; returns those."""
+
+    def sent_times(self, kind: str, target: str, type_: str, since_ms: int) -> list[int]:
+        """When messages of *type_* were sent to this recipient since *since_ms*, oldest first."""
 
     def release(self, items: list[WorkItem], now_ms: int) -> int:
         """Give back leased items not attempted (shutdown, higher-priority work): due at once."""

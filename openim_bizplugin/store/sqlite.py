@@ -90,6 +90,7 @@ CREATE INDEX IF NOT EXISTS recipients_expiry ON recipients (expires_ms)
     WHERE status IN ('queued', 'held', 'sending');
 
 CREATE INDEX IF NOT EXISTS recipients_held ON recipients (target) WHERE status = 'held';
+CREATE INDEX IF NOT EXISTS recipients_sent ON recipients (target, sent_ms) WHERE sent_ms IS NOT NULL;
 CREATE INDEX IF NOT EXISTS recipients_server_msg ON recipients (server_msg_id) WHERE server_msg_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS recipients_client_msg ON recipients (client_msg_id) WHERE client_msg_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS recipients_conversation ON recipients (conversation_id, msg_seq)
@@ -184,14 +185,14 @@ _COMPLETE_SQL = (
     "UPDATE recipients SET status = ?, last_error = ?, reason = ?,"
     " next_attempt_ms = COALESCE(?, next_attempt_ms), check_operation_id = ?,"
     " server_msg_id = COALESCE(?, server_msg_id), client_msg_id = COALESCE(?, client_msg_id),"
-    " sent_ms = COALESCE(?, sent_ms), lease_owner = NULL"
+    " sent_ms = COALESCE(?, sent_ms), lease_owner = NULL, attempts = attempts - ?"
     " WHERE message_id = ? AND seq = ? AND status = 'sending' AND operation_id = ? AND lease_owner = ?")
 
 
 def _outcome_row(item: WorkItem, outcome: Outcome) -> tuple:
     return (outcome.status, outcome.error, outcome.reason, outcome.next_attempt_ms, outcome.unknown_operation_id,
-            outcome.server_msg_id, outcome.client_msg_id, outcome.sent_ms, item.message_id, item.seq,
-            item.operation_id, item.lease_owner)
+            outcome.server_msg_id, outcome.client_msg_id, outcome.sent_ms,
+            int(outcome.uncounted and item.counted), item.message_id, item.seq, item.operation_id, item.lease_owner)
 
 
 class SqliteStore(TrackingMixin):
@@ -287,9 +288,14 @@ class SqliteStore(TrackingMixin):
 
     # -- delivery queue -------------------------------------------------------
     def lease(self, now_ms: int, limit: int, lease_ms: int, owner: str,
-              new_operation_id: Callable[[str], str]) -> list[WorkItem]:
+              new_operation_id: Callable[[str], str], aging_ms: int = 300_000) -> list[WorkItem]:
         with self._write() as db:
             self._expire_due(db, now_ms)
+            # no starvation: due for aging_ms, low counts as normal; for twice that, anything as high
+            db.execute(f"UPDATE recipients SET priority = 1 WHERE status IN {_DUE} AND priority = 2"
+                       " AND next_attempt_ms <= ?", (now_ms - aging_ms,))
+            db.execute(f"UPDATE recipients SET priority = 0 WHERE status IN {_DUE} AND priority = 1"
+                       " AND next_attempt_ms <= ?", (now_ms - 2 * aging_ms,))
             rows = db.execute(
                 f"SELECT {_ITEM_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id"
                 f" WHERE r.status IN {_DUE} AND r.next_attempt_ms <= ?"
@@ -356,6 +362,12 @@ class SqliteStore(TrackingMixin):
                                item.lease_owner)).rowcount:
                     held.append(item)
         return held
+
+    def sent_times(self, kind: str, target: str, type_: str, since_ms: int) -> list[int]:
+        rows = self._read("SELECT r.sent_ms FROM recipients r JOIN messages m ON m.id = r.message_id"
+                          " WHERE r.target = ? AND r.sent_ms IS NOT NULL AND r.sent_ms > ? AND r.kind = ?"
+                          " AND m.type = ? ORDER BY r.sent_ms", (target, since_ms, kind, type_))
+        return [row[0] for row in rows]
 
     def release(self, items: list[WorkItem], now_ms: int) -> int:
         with self._write() as db:

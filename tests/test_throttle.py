@@ -1,0 +1,65 @@
+"""Per-type, per-recipient rate limits: delay until the window allows, or drop."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import REPO
+from test_delivery import USERS, Sidecar
+from openim_bizplugin.testing import FakeOpenIM
+
+
+@pytest.fixture
+def fake():
+    with FakeOpenIM(users=USERS) as im:
+        yield im
+
+
+def _sidecar(tmp_path, fake, clock, policy: str) -> Sidecar:
+    catalog = tmp_path / "schemas"
+    shutil.copytree(REPO / "schemas", catalog)
+    toml = catalog / "profile.updated" / "type.toml"
+    text = toml.read_text().replace('rate_limit = "10/hour"', 'rate_limit = "2/hour"')
+    toml.write_text(text.replace('rate_limit_policy = "delay"', f'rate_limit_policy = "{policy}"'))
+    return Sidecar(tmp_path, fake, clock, schemas_dir=catalog)
+
+
+def _statuses(side, ids) -> list[str]:
+    return [side.recipients(mid)[0]["status"] for mid in ids]
+
+
+def test_delay_policy_sends_when_the_window_allows_within_the_ttl(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "delay")
+    ids = [side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}") for i in range(3)]
+    side.engine.step()
+    assert _statuses(side, ids) == ["sent", "sent", "queued"]
+    third = side.recipients(ids[2])[0]
+    assert "rate limit 2/hour" in third["reason"] and third["attempts"] == 0
+    side.drain()  # moves the clock to the window's end
+    assert _statuses(side, ids) == ["sent", "sent", "sent"]
+    sent_at = [side.recipients(mid)[0]["sent_at"] for mid in ids]
+    assert sent_at[2] > sent_at[0]
+    assert len(fake.deliveries_to(user="u1")) == 3
+    side.services.close()
+
+
+def test_delay_past_the_ttl_expires_instead_of_sending_late(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "delay")
+    ids = [side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}", ttl_seconds=600) for i in range(3)]
+    side.drain()
+    assert _statuses(side, ids) == ["sent", "sent", "expired"]
+    assert len(fake.deliveries_to(user="u1")) == 2
+    side.services.close()
+
+
+def test_drop_policy_ends_throttled_and_other_recipients_are_not_limited(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "drop")
+    ids = [side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}") for i in range(3)]
+    other = side.send(to={"users": ["u2"]}, idempotency_key="other")
+    side.drain()
+    assert _statuses(side, ids) == ["sent", "sent", "throttled"]
+    assert "dropped" in side.recipients(ids[2])[0]["reason"]
+    assert _statuses(side, [other]) == ["sent"]
+    side.services.close()

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask, Response, current_app, json
 from werkzeug.exceptions import HTTPException
 
-from . import api, callbacks
+from . import api, callbacks, ops
 from .config import Config
 from .errors import BizError, problem
 from .openapi import build_openapi
@@ -30,6 +30,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     app.extensions["bizplugin.openapi"] = build_openapi(svc.catalog)
     app.register_blueprint(api.bp)
     app.register_blueprint(callbacks.bp)
+    app.register_blueprint(ops.bp)
     app.add_url_rule("/openapi.json", "openapi", _openapi)
     app.register_error_handler(BizError, _problem_response)
     app.register_error_handler(HTTPException, _http_problem)

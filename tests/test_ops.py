@@ -1,0 +1,47 @@
+"""/healthz and /readyz."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from test_delivery import USERS, Sidecar
+from openim_bizplugin.testing import FakeOpenIM
+
+
+@pytest.fixture
+def fake():
+    with FakeOpenIM(users=USERS) as im:
+        yield im
+
+
+@pytest.fixture
+def side(tmp_path, fake, clock):
+    sidecar = Sidecar(tmp_path, fake, clock, openim={"timeout_seconds": 10})
+    yield sidecar
+    sidecar.services.close()
+
+
+def test_healthz_and_readyz_when_all_is_well(side):
+    client = side.app.test_client()
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["checks"] == {"storage": "ok", "openim": "ok"}
+
+
+def test_readyz_is_503_naming_openim_when_the_token_cannot_be_had(side, fake):
+    fake.refuse_connections()
+    ready = side.app.test_client().get("/readyz")
+    assert ready.status_code == 503
+    body = ready.get_json()
+    assert body["checks"]["storage"] == "ok" and "get_admin_token" in body["checks"]["openim"]
+    assert "openIM123" not in ready.get_data(as_text=True)
+
+
+def test_readyz_answers_within_a_few_seconds_when_openim_hangs(side, fake):
+    fake.delay_next("/auth/get_admin_token", 8)
+    started = time.monotonic()
+    ready = side.app.test_client().get("/readyz")
+    assert time.monotonic() - started < 5
+    assert ready.status_code == 503 and "no answer" in ready.get_json()["checks"]["openim"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 from ..config import StorageConfig
 from ..errors import ConfigError, StorageUnavailable
 from .base import Store
@@ -13,7 +15,24 @@ def open_store(config: StorageConfig, event_types: frozenset[str] = frozenset())
 
     Only events of *event_types* (what subscribers listen to) are kept in the outbox.
     """
+    if config.url.startswith(("redis://", "rediss://")):
+        from .redis import RedisStore  # the Redis client is loaded only when it is used
+
+        try:
+            return RedisStore(config.url, event_types)
+        except StorageUnavailable as exc:
+            raise ConfigError(f"storage.url: {exc.detail} ({shown_url(config.url)})") from None
     try:
         return SqliteStore(config.sqlite_path, event_types)
     except StorageUnavailable as exc:
         raise ConfigError(f"storage.url: {exc.detail} ({config.sqlite_path})") from None
+
+
+def shown_url(url: str) -> str:
+    """*url* without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,248 @@
+"""Redis storage for what happens after sending (the twin of :mod:`.sqlite_tracking`).
+
+The callback inbox, presence per user and platform, the recipient updates
+callbacks cause, and the event outbox for subscribers. Each change and the
+events it causes are one Lua script, so no event is emitted for a change that
+did not happen. Mixed into :class:`.redis.RedisStore`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .base import CallbackRecord, EventRecord, PresenceState, SubscriberCursor
+from .redis_errors import translated
+
+# Lua, run after redis_scripts.PRELUDE (whose helpers they use); a script's own arguments start at ARGV[4].
+
+# ARGV[4..]: command, natural key, body, received_ms. Returns the new id, or 0 for a duplicate.
+RECORD_CALLBACK = r"""
+local command = ARGV[4]
+if not redis.call('SET', P .. 'cb:seen:' .. #command .. ':' .. command .. ':' .. ARGV[5], 1, 'NX') then return 0 end
+local id = redis.call('INCR', P .. 'cb:seq')
+redis.call('HSET', P .. 'cb:' .. id, 'command', command, 'body', ARGV[6], 'received_ms', ARGV[7], 'done', 0)
+redis.call('ZADD', P .. 'cb:pending', id, id)
+return id
+"""
+
+# ARGV[4..]: index key suffix ('smid:<id>' or 'cmid:<id>'), field, now. Sets the field once per recipient.
+STAMP_ONCE = r"""
+local members = redis.call('SMEMBERS', P .. ARGV[4])
+for _, member in ipairs(members) do redis.call('HSETNX', rkey(member), ARGV[5], ARGV[6]) end
+return #members
+"""
+
+# ARGV[4..]: server_msg_id, conversation id, msg seq.
+SAVED_SEQ = r"""
+local members = redis.call('SMEMBERS', P .. 'smid:' .. ARGV[4])
+for _, member in ipairs(members) do
+  local key = rkey(member)
+  local old = redis.call('HMGET', key, 'conversation_id', 'msg_seq')
+  if old[1] then redis.call('SREM', conv_key(old[1], old[2]), member) end
+  redis.call('HSET', key, 'conversation_id', ARGV[5], 'msg_seq', ARGV[6])
+  redis.call('SADD', conv_key(ARGV[5], ARGV[6]), member)
+end
+return #members
+"""
+
+# ARGV[4..]: conversation id, reader, now, then the seqs read.
+MARK_READ = r"""
+local conversation, reader, now = ARGV[4], ARGV[5], ARGV[6]
+local n = 0
+for i = 7, #ARGV do
+  for _, member in ipairs(redis.call('SMEMBERS', conv_key(conversation, ARGV[i]))) do
+    local key = rkey(member)
+    local f = redis.call('HMGET', key, 'kind', 'target', 'status')
+    if f[1] == 'user' and f[2] == reader and f[3] == 'sent' then
+      redis.call('HSET', key, 'status', 'read', 'read_ms', now)
+      if wants('message.read') then emit('message.read', recipient_json(member, 'user', reader, ''), now) end
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# ARGV[4..]: message id, user id, receipt JSON, now. The first receipt wins.
+ACKNOWLEDGE = r"""
+local mid, user, receipt, now = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local seq = redis.call('HGET', P .. 'mt:' .. mid, user)
+if not seq then return 0 end
+local member = mid .. ':' .. seq
+local key = rkey(member)
+local f = redis.call('HMGET', key, 'kind', 'receipt', 'status')
+if f[1] ~= 'user' or f[2] then return 0 end
+redis.call('HSET', key, 'status', 'acknowledged', 'receipt', receipt)
+if f[3] == 'queued' or f[3] == 'held' or f[3] == 'sending' then unschedule(member, user) end
+if f[3] == 'failed' then redis.call('SREM', P .. 'failed:' .. mid, seq) end
+if wants('receipt.received') then
+  emit('receipt.received', recipient_json(member, 'user', user, '"receipt":' .. receipt), now)
+end
+return 1
+"""
+
+# ARGV[4..]: user id, platform id, online 1/0, seq, now. Values are 'online:seq:updated_ms'.
+PRESENCE = r"""
+local user, platform, online, seq, now = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local key = P .. 'presence:' .. user
+local function user_online()
+  for _, v in ipairs(redis.call('HVALS', key)) do
+    if string.sub(v, 1, 1) == '1' then return true end
+  end
+  return false
+end
+local old = redis.call('HGET', key, platform)
+if old and tonumber(string.match(old, '^%d:(%-?%d+):')) >= seq then return 0 end
+local was = user_online()
+redis.call('HSET', key, platform, online .. ':' .. ARGV[7] .. ':' .. now)
+local is = user_online()
+if is and not was then  -- recipients held for this user are due at once, at the best priority
+  for _, member in ipairs(redis.call('SMEMBERS', P .. 'held:' .. user)) do
+    if redis.call('HGET', rkey(member), 'status') == 'held' then
+      redis.call('HSET', rkey(member), 'next_attempt_ms', now, 'priority', 0)
+      schedule(member, 0, now)
+    end
+  end
+end
+if is ~= was then
+  emit(is and 'user.online' or 'user.offline', cjson.encode({user_id = user, platform_id = tonumber(platform)}), now)
+end
+return 1
+"""
+
+# ARGV[4..]: subscriber. A new cursor starts after the newest event.
+OPEN_CURSOR = r"""
+local key = P .. 'cursor:' .. ARGV[4]
+if redis.call('EXISTS', key) == 0 then
+  redis.call('HSET', key, 'last_seq', tonumber(redis.call('GET', P .. 'events:seq') or '0'), 'attempts', 0,
+             'next_attempt_ms', 0)
+  redis.call('SADD', P .. 'cursors', ARGV[4])
+end
+return redis.call('HMGET', key, 'last_seq', 'attempts', 'next_attempt_ms', 'last_error')
+"""
+
+# ARGV[4..]: subscriber, last seq, attempts, next_attempt_ms, last error, delivered events to keep.
+SAVE_CURSOR = r"""
+local key = P .. 'cursor:' .. ARGV[4]
+if redis.call('EXISTS', key) == 0 then return 0 end
+redis.call('HSET', key, 'last_seq', ARGV[5], 'attempts', ARGV[6], 'next_attempt_ms', ARGV[7])
+set_or_clear(key, 'last_error', ARGV[8])
+-- events every subscriber has passed can go (but the newest of them are kept for a look
+-- back): trim below the lowest cursor, never more
+local lowest = nil
+for _, name in ipairs(redis.call('SMEMBERS', P .. 'cursors')) do
+  local seq = tonumber(redis.call('HGET', P .. 'cursor:' .. name, 'last_seq') or '0')
+  if lowest == nil or seq < lowest then lowest = seq end
+end
+local below = (lowest or 0) - tonumber(ARGV[9]) + 1
+if below > 1 then redis.call('XTRIM', P .. 'events', 'MINID', below .. '-0') end
+return 1
+"""
+
+SCRIPTS = {"record_callback": RECORD_CALLBACK, "stamp_once": STAMP_ONCE, "saved_seq": SAVED_SEQ,
+           "mark_read": MARK_READ, "acknowledge": ACKNOWLEDGE, "presence": PRESENCE, "open_cursor": OPEN_CURSOR,
+           "save_cursor": SAVE_CURSOR}
+
+
+class RedisTrackingMixin:
+    """Callback inbox, presence, receipts and the event outbox."""
+
+    prefix: str
+    events_kept: int  # events every subscriber received that stay in the stream anyway
+    _redis: Any  # redis.Redis, provided by RedisStore
+
+    def _k(self, name: str) -> str: ...  # provided by RedisStore
+    def _run(self, name: str, *args: Any, client: Any = None) -> Any: ...  # provided by RedisStore
+
+    # -- callback inbox ----------------------------------------------------------
+    @translated
+    def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
+        return bool(self._run("record_callback", command, natural_key, body, received_ms))
+
+    @translated
+    def pending_callbacks(self, limit: int) -> list[CallbackRecord]:
+        if limit <= 0:
+            return []
+        ids = self._redis.zrange(self._k("cb:pending"), 0, limit - 1)
+        pipe = self._redis.pipeline(transaction=False)
+        for callback_id in ids:
+            pipe.hmget(self._k(f"cb:{callback_id}"), ("command", "body", "received_ms"))
+        return [CallbackRecord(int(callback_id), command, body, int(received_ms))
+                for callback_id, (command, body, received_ms) in zip(ids, pipe.execute())]
+
+    @translated
+    def finish_callback(self, callback_id: int, error: str | None = None) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        key = self._k(f"cb:{callback_id}")
+        pipe.hset(key, "done", 1)
+        pipe.hset(key, "error", error) if error is not None else pipe.hdel(key, "error")
+        pipe.zrem(self._k("cb:pending"), callback_id)
+        pipe.execute()
+
+    # -- what callbacks tell about sent messages ---------------------------------------
+    @translated
+    def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:
+        return int(self._run("stamp_once", f"smid:{server_msg_id}", "confirmed_ms", now_ms))
+
+    @translated
+    def record_saved_seq(self, server_msg_id: str, conversation_id: str, msg_seq: int) -> int:
+        return int(self._run("saved_seq", server_msg_id, conversation_id, int(msg_seq)))
+
+    @translated
+    def mark_pushed(self, client_msg_id: str, now_ms: int) -> int:
+        return int(self._run("stamp_once", f"cmid:{client_msg_id}", "pushed_ms", now_ms))
+
+    @translated
+    def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
+        """Sent user recipients in *conversation_id* whose seq *reader* read become ``read``."""
+        if not seqs:
+            return 0
+        return int(self._run("mark_read", conversation_id, reader, now_ms, *(int(s) for s in seqs)))
+
+    @translated
+    def acknowledge(self, message_id: str, user_id: str, receipt: dict[str, Any], now_ms: int) -> bool:
+        """Record a client receipt on the user's recipient of *message_id* (first receipt wins)."""
+        return bool(self._run("acknowledge", message_id, user_id, json.dumps(receipt, ensure_ascii=False), now_ms))
+
+    # -- presence --------------------------------------------------------------------------
+    @translated
+    def update_presence(self, user_id: str, platform_id: int, online: bool, seq: int, now_ms: int) -> bool:
+        """Apply a level report unless a newer one (by OpenIM's seq) is known; see SqliteStore."""
+        return bool(self._run("presence", user_id, int(platform_id), int(online), int(seq), now_ms))
+
+    @translated
+    def presence(self, user_ids: list[str]) -> dict[str, PresenceState]:
+        """What callbacks last said of each user (absent when nothing is known)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for user in user_ids:
+            pipe.hvals(self._k(f"presence:{user}"))
+        known = {}
+        for user, values in zip(user_ids, pipe.execute()):
+            if values:
+                reports = [v.split(":") for v in values]
+                known[user] = PresenceState(any(r[0] == "1" for r in reports), max(int(r[2]) for r in reports))
+        return known
+
+    # -- event outbox --------------------------------------------------------------------------
+    @translated
+    def events_after(self, seq: int, limit: int) -> list[EventRecord]:
+        if limit <= 0:
+            return []
+        entries = self._redis.xrange(self._k("events"), f"{int(seq) + 1}-0", "+", count=limit)
+        return [EventRecord(int(entry_id.partition("-")[0]), f["id"], f["type"], json.loads(f["data"]),
+                            int(f["created_ms"])) for entry_id, f in entries]
+
+    @translated
+    def subscriber_cursor(self, subscriber: str) -> SubscriberCursor:
+        """Where *subscriber* stands; a new one starts after the newest event."""
+        last_seq, attempts, next_attempt_ms, last_error = self._run("open_cursor", subscriber)
+        return SubscriberCursor(subscriber, int(last_seq), int(attempts), int(next_attempt_ms), last_error)
+
+    @translated
+    def save_subscriber_cursor(self, cursor: SubscriberCursor) -> None:
+        """Store the position; events every subscriber has passed are trimmed, but the newest
+        ``events_kept`` of them, and never an event some subscriber still waits for."""
+        self._run("save_cursor", cursor.subscriber, cursor.last_seq, cursor.attempts, cursor.next_attempt_ms,
+                  cursor.last_error or "", self.events_kept)
+

@@ -1,0 +1,465 @@
+"""The storage contract: what every backend must do, as one test mixin.
+
+``test_store_contract.py`` runs :class:`StoreContract` against SQLite and
+against a real Redis (huey's ``tests/test_storage.py`` pattern). A subclass
+provides ``new_store(event_types)``: every store it opens shares one
+backend, like replicas sharing one database. Time is always injected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, Outcome, PresenceState, ReplayKey
+from openim_bizplugin.store.base import SubscriberCursor
+
+T0 = 1_700_000_000_000
+EVENTS = frozenset({"message.sent", "message.failed", "message.expired", "message.read", "receipt.received",
+                    "user.online", "user.offline"})
+
+
+def new(mid: str = "m1", *targets: str, priority: str = "normal", created: int = T0, ttl: int = 60,
+        key: str | None = None, digest: str = "h", client: str = "crm", kind: str = "user",
+        offline: str = "store", collapse: str | None = None) -> NewMessage:
+    return NewMessage(
+        id=mid, client=client, type="profile.updated", version=1, mode="notification", priority=priority,
+        offline=offline, ttl_seconds=ttl, collapse_key=collapse, idempotency_key=key, request_hash=digest,
+        envelope='{"id":"%s"}' % mid, delivery={"persistent": True}, target_kind=kind,
+        targets=targets or ("u1", "u2"), created_ms=created)
+
+
+class OpIds:
+    """Fresh operationIDs per call, as the OpenIM client makes them."""
+
+    def __init__(self, tag: str = "op") -> None:
+        self.tag, self.counter = tag, itertools.count(1)
+
+    def __call__(self, hint: str) -> str:
+        return f"{self.tag}{next(self.counter)}-{hint}"
+
+
+def statuses(store: Any, mid: str) -> list[str]:
+    return [r.status for r in store.get_message(mid).recipients]
+
+
+class StoreContract:
+    """Tests every backend passes; subclasses define the ``new_store`` and ``replica_code`` fixtures."""
+
+    @pytest.fixture
+    def store(self, new_store: Any) -> Any:
+        return new_store(EVENTS)
+
+    def lease(self, store: Any, now: int = T0, limit: int = 100, lease_ms: int = 10_000, owner: str = "w",
+              aging_ms: int = 3_600_000) -> list:
+        return store.lease(now, limit, lease_ms, owner, OpIds(owner), aging_ms=aging_ms)
+
+    # -- intake -----------------------------------------------------------------------
+    def test_accept_stores_the_message_and_its_recipients(self, store):
+        accepted = store.accept(new("m1", "u1", "u2"), None, retention_ms=10_000)
+        assert accepted.created and accepted.answer() == {"id": "m1", "status": "queued", "recipients": 2}
+        record = store.get_message("m1")
+        assert (record.id, record.client, record.type, record.version, record.priority, record.offline,
+                record.created_ms, record.expires_ms) == ("m1", "crm", "profile.updated", 1, "normal", "store",
+                                                          T0, T0 + 60_000)
+        assert [(r.kind, r.target, r.status, r.attempts, r.receipt) for r in record.recipients] == [
+            ("user", "u1", "queued", 0, None), ("user", "u2", "queued", 0, None)]
+        assert store.get_message("nope") is None
+
+    def test_a_replayed_request_gets_the_first_answer(self, store):
+        replay = ReplayKey("crm", "v" * 64, 42)
+        store.accept(new("m1"), replay, retention_ms=10_000)
+        assert store.replayed(replay) == store.accept(new("m2"), replay, retention_ms=10_000)
+        assert store.replayed(replay).message_id == "m1" and not store.replayed(replay).created
+        assert store.replayed(ReplayKey("crm", "v" * 64, 43)) is None
+        assert store.get_message("m2") is None
+
+    def test_idempotency_same_mismatch_per_client_and_retention(self, store):
+        store.accept(new("m1", key="k"), None, retention_ms=1_000)
+        repeat = store.accept(new("m2", key="k", created=T0 + 999), None, retention_ms=1_000)
+        assert (repeat.message_id, repeat.created, repeat.recipients) == ("m1", False, 2)
+        with pytest.raises(IdempotencyMismatch):
+            store.accept(new("m3", key="k", digest="other"), None, retention_ms=1_000)
+        assert store.accept(new("m4", key="k", client="ops"), None, retention_ms=1_000).created
+        assert store.accept(new("m5", key="k", created=T0 + 1_000), None, retention_ms=1_000).created
+        assert store.accept(new("m6", key="k", created=T0 + 1_500), None, retention_ms=1_000).message_id == "m5"
+        assert [store.get_message(m) is None for m in ("m2", "m3", "m6")] == [True, True, True]
+
+    # -- leasing ----------------------------------------------------------------------
+    def test_lease_takes_the_best_priority_first_then_the_oldest(self, store):
+        store.accept(new("low", "a", priority="low"), None, retention_ms=0)
+        store.accept(new("n2", "b", created=T0 + 2), None, retention_ms=0)
+        store.accept(new("n1", "c", created=T0 + 1), None, retention_ms=0)
+        store.accept(new("high", "d", priority="high", created=T0 + 3), None, retention_ms=0)
+        store.accept(new("later", "e", priority="high", created=T0 + 50), None, retention_ms=0)
+        assert [i.message_id for i in self.lease(store, T0 + 10, limit=3)] == ["high", "n1", "n2"]
+        assert [i.message_id for i in self.lease(store, T0 + 10)] == ["low"]
+        assert self.lease(store, T0 + 10) == []
+
+    def test_a_work_item_carries_what_the_worker_needs(self, store):
+        store.accept(new("m1", "g1", kind="group", offline="hold"), None, retention_ms=0)
+        [item] = store.lease(T0, 10, 5_000, "w1", lambda hint: f"op-{hint}")
+        assert (item.message_id, item.seq, item.kind, item.target, item.attempts, item.operation_id,
+                item.check_operation_id, item.lease_owner) == ("m1", 0, "group", "g1", 1, "op-m1-0", None, "w1")
+        assert (item.client, item.type, item.version, item.mode, item.priority, item.offline, item.envelope,
+                item.delivery, item.expires_ms) == ("crm", "profile.updated", 1, "notification", "normal", "hold",
+                                                    '{"id":"m1"}', {"persistent": True}, T0 + 60_000)
+        assert statuses(store, "m1") == ["sending"]
+
+    def test_a_live_lease_is_not_handed_out_again(self, store):
+        store.accept(new("m1"), None, retention_ms=0)
+        assert len(self.lease(store, T0, lease_ms=1_000)) == 2
+        assert self.lease(store, T0 + 999, owner="other") == []
+
+    def test_an_expired_lease_is_taken_over_and_asks_about_the_lost_attempt(self, store):
+        store.accept(new("m1", "u1"), None, retention_ms=0)
+        [lost] = self.lease(store, T0, lease_ms=1_000, owner="dead")
+        [taken] = self.lease(store, T0 + 1_000, owner="alive")
+        assert (taken.attempts, taken.check_operation_id, taken.lease_owner) == (2, lost.operation_id, "alive")
+        assert taken.operation_id != lost.operation_id
+        assert store.complete([(lost, Outcome.sent("s-late", "c", T0 + 1_001))], T0 + 1_001) == 0
+        assert store.complete([(taken, Outcome.sent("s1", "c1", T0 + 1_002))], T0 + 1_002) == 1
+        assert store.get_message("m1").recipients[0].server_msg_id == "s1"
+
+    def test_renew_extends_only_the_holders_lease(self, store):
+        store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
+        mine = self.lease(store, T0, lease_ms=1_000)
+        assert store.renew(mine[:1], T0 + 900, 1_000) == mine[:1]
+        [other] = self.lease(store, T0 + 1_000, owner="other")  # only the one not renewed ran out
+        assert other.seq == 1
+        assert store.renew(mine, T0 + 1_100, 1_000) == mine[:1]
+        assert self.lease(store, T0 + 1_950, owner="third") == []
+
+    def test_a_retry_waits_for_its_time_and_carries_the_unknown_operation(self, store):
+        store.accept(new("m1", "u1"), None, retention_ms=0)
+        [first] = self.lease(store)
+        assert store.complete([(first, Outcome.retry("timeout", T0 + 5_000, first.operation_id))], T0 + 1) == 1
+        [r] = store.get_message("m1").recipients
+        assert (r.status, r.attempts, r.last_error) == ("queued", 1, "timeout")
+        assert self.lease(store, T0 + 4_999) == []
+        [second] = self.lease(store, T0 + 5_000)
+        assert (second.attempts, second.check_operation_id) == (2, first.operation_id)
+        store.complete([(second, Outcome.sent("s1", "c1", T0 + 5_001))], T0 + 5_001)
+        [r] = store.get_message("m1").recipients
+        assert (r.status, r.attempts, r.last_error, r.server_msg_id, r.client_msg_id, r.sent_ms) == (
+            "sent", 2, None, "s1", "c1", T0 + 5_001)
+        assert self.lease(store, T0 + 100_000) == []
+
+    def test_skipped_is_final_with_its_reason(self, store):
+        store.accept(new("m1", "u1"), None, retention_ms=0)
+        [item] = self.lease(store)
+        store.complete([(item, Outcome.skipped("user offline"))], T0 + 1)
+        [r] = store.get_message("m1").recipients
+        assert (r.status, r.reason) == ("skipped", "user offline")
+        assert store.next_due_ms() is None
+
+    def test_a_held_recheck_is_no_attempt_and_coming_online_releases_it_first(self, store):
+        store.accept(new("m1", "u1", offline="hold"), None, retention_ms=0)
+        store.accept(new("m2", "u2", created=T0 - 5), None, retention_ms=0)
+        [item] = [i for i in self.lease(store) if i.message_id == "m1"]
+        store.complete([(item, Outcome.held("user offline", T0 + 30_000))], T0 + 1)
+        assert (store.get_message("m1").recipients[0].status, store.get_message("m1").recipients[0].reason) == (
+            "held", "user offline")
+        [recheck] = [i for i in self.lease(store, T0 + 30_000, owner="w2") if i.message_id == "m1"]
+        assert (recheck.attempts, getattr(recheck, "counted", False)) == (1, False)
+        store.complete([(recheck, Outcome.held("still offline", T0 + 60_000 - 1))], T0 + 30_001)
+        store.accept(new("m3", "u3", created=T0 + 30_002), None, retention_ms=0)
+        assert store.update_presence("u1", 1, True, 1, T0 + 30_005)
+        [first] = self.lease(store, T0 + 30_005, limit=1, owner="w3")
+        assert (first.message_id, first.attempts) == ("m1", 1)  # due at once, before the older normal m3
+
+    def test_a_newer_message_with_the_collapse_key_replaces_what_still_waits(self, store):
+        store.accept(new("gone", "u2", ttl=1, created=T0 - 5_000, collapse="profile"), None, retention_ms=0)
+        store.accept(new("m1", "u1", "u2", "u3", collapse="profile"), None, retention_ms=0)  # 'gone' had expired
+        store.accept(new("other", "u2", client="ops", collapse="profile", created=T0 + 1), None, retention_ms=0)
+        store.accept(new("groups", "u2", kind="group", collapse="profile", created=T0 + 1), None, retention_ms=0)
+        [sending] = self.lease(store, limit=1)  # m1's u1 (the oldest, 'gone', is past its TTL)
+        assert (sending.message_id, sending.target) == ("m1", "u1")
+        store.accept(new("m2", "u1", "u2", created=T0 + 2, collapse="profile"), None, retention_ms=0)
+        record = store.get_message("m1")
+        assert [(r.status, r.reason) for r in record.recipients] == [
+            ("sending", None), ("skipped", "replaced by newer message m2 (collapse_key 'profile')"),
+            ("queued", None)]
+        assert statuses(store, "other") == statuses(store, "groups") == ["queued"]
+        assert statuses(store, "gone") == ["expired"]
+        taken = {(i.message_id, i.target) for i in self.lease(store, T0 + 2)}
+        assert taken == {("m1", "u3"), ("m2", "u1"), ("m2", "u2"), ("other", "u2"), ("groups", "u2")}
+
+    def test_long_waiting_work_ages_up_a_level_then_two(self, store):
+        store.accept(new("low", "u1", priority="low", ttl=3_600), None, retention_ms=0)
+        store.accept(new("normal", "u2", created=T0 + 250_000, ttl=3_600), None, retention_ms=0)
+        [first] = self.lease(store, T0 + 300_000, limit=1, aging_ms=300_000)
+        assert first.message_id == "low"  # due for 300 s: counts as normal, and it is older
+        store.accept(new("high", "u3", priority="high", created=T0 + 550_000, ttl=3_600), None, retention_ms=0)
+        [second] = self.lease(store, T0 + 850_000, limit=1, aging_ms=300_000)
+        assert second.message_id == "normal"  # due for 600 s: counts as high, and it is older
+
+    def test_a_deferred_outcome_is_no_attempt_and_throttled_is_final(self, store):
+        store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
+        a, b = self.lease(store)
+        store.complete([(a, Outcome.deferred("delayed: rate limit", T0 + 5_000)),
+                        (b, Outcome.throttled("dropped: rate limit"))], T0 + 1)
+        assert [(r.status, r.attempts, r.reason) for r in store.get_message("m1").recipients] == [
+            ("queued", 0, "delayed: rate limit"), ("throttled", 1, "dropped: rate limit")]
+        assert store.next_due_ms() == T0 + 5_000
+        [again] = self.lease(store, T0 + 5_000)
+        assert (again.target, again.attempts) == ("u1", 1)
+
+    def test_sent_times_per_type_and_recipient(self, store):
+        store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
+        store.accept(new("g1", "u1", kind="group", created=T0 + 1), None, retention_ms=0)
+        a, b, g = self.lease(store, T0 + 1)
+        store.complete([(a, Outcome.sent("s1", "c1", T0 + 10)), (b, Outcome.retry("busy", T0 + 99)),
+                        (g, Outcome.sent("s2", "c2", T0 + 20))], T0 + 30)
+        [c] = self.lease(store, T0 + 99)
+        store.complete([(c, Outcome.sent("s3", "c3", T0 + 100))], T0 + 100)
+        assert store.sent_times("user", "u1", "profile.updated", T0) == [T0 + 10]
+        assert store.sent_times("user", "u1", "profile.updated", T0 + 10) == []
+        assert store.sent_times("group", "u1", "profile.updated", T0) == [T0 + 20]
+        assert store.sent_times("user", "u2", "profile.updated", 0) == [T0 + 100]
+        assert store.sent_times("user", "u1", "order.status_changed", 0) == []
+
+    def test_release_gives_untried_work_back_due_at_once(self, store):
+        store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
+        a, b = self.lease(store, lease_ms=10_000)
+        assert store.release([a], T0 + 5) == 1
+        assert store.release([a], T0 + 6) == 0  # no longer ours
+        assert statuses(store, "m1") == ["queued", "sending"] and store.next_due_ms() == T0 + 5
+        [again] = self.lease(store, T0 + 5, owner="w2")
+        assert (again.target, again.attempts, again.check_operation_id) == ("u1", 1, None)
+
+    def test_higher_due_sees_only_better_work_that_is_due(self, store):
+        store.accept(new("low", "u1", priority="low"), None, retention_ms=0)
+        store.accept(new("normal", "u2", created=T0 + 100), None, retention_ms=0)
+        assert not store.higher_due(2, T0 + 99)
+        assert store.higher_due(2, T0 + 100)
+        assert not store.higher_due(1, T0 + 100) and not store.higher_due(0, T0 + 100)
+        store.accept(new("high", "u3", priority="high", created=T0 + 200), None, retention_ms=0)
+        assert store.higher_due(1, T0 + 200)
+
+    # -- TTL ----------------------------------------------------------------------
+    def test_recipients_past_their_ttl_expire_with_the_reason(self, store):
+        store.accept(new("queued", "u1"), None, retention_ms=0)
+        store.accept(new("held", "u1", offline="hold"), None, retention_ms=0)
+        store.accept(new("sending", "u1"), None, retention_ms=0)
+        items = {i.message_id: i for i in self.lease(store, T0, lease_ms=1_000)}
+        store.complete([(items["queued"], Outcome.retry("busy", T0 + 60_000)),
+                        (items["held"], Outcome.held("offline", T0 + 60_000))], T0 + 1)
+        assert self.lease(store, T0 + 60_000) == []
+        reasons = {m: store.get_message(m).recipients[0] for m in ("queued", "held", "sending")}
+        assert {m: (r.status, r.reason) for m, r in reasons.items()} == {
+            "queued": ("expired", "ttl passed before delivery"),
+            "held": ("expired", "ttl passed while the user was offline"),
+            "sending": ("expired", "ttl passed; the last attempt's outcome is unknown")}
+        expired = [e for e in store.events_after(0, 100) if e.type == "message.expired"]
+        assert sorted(e.data["message_id"] for e in expired) == ["held", "queued", "sending"]
+        assert expired[0].data["user_id"] == "u1" and expired[0].data["client"] == "crm"
+        assert store.next_due_ms() is None
+
+    def test_expired_recipients_are_never_handed_out(self, store):
+        store.accept(new("old", "u1", ttl=1), None, retention_ms=0)
+        store.accept(new("new", "u2", ttl=600), None, retention_ms=0)
+        assert [i.message_id for i in self.lease(store, T0 + 1_000, limit=1)] == ["new"]
+        assert statuses(store, "old") == ["expired"]
+
+    # -- failures -------------------------------------------------------------------
+    def test_failed_recipients_are_dead_letters_until_replayed(self, store):
+        store.accept(new("m1", "u1", "u2", "u3"), None, retention_ms=0)
+        a, b, c = self.lease(store)
+        store.complete([(a, Outcome.failed("e1", "refused")), (b, Outcome.failed("e2", "gave up")),
+                        (c, Outcome.sent("s", "c", T0 + 1))], T0 + 1)
+        [letter] = store.dead_letters()
+        assert (letter.message_id, letter.client, letter.type, letter.failed, letter.last_error,
+                letter.created_ms) == ("m1", "crm", "profile.updated", 2, "e2", T0 + 1)
+        assert [e.data.get("reason") for e in store.events_after(0, 100) if e.type == "message.failed"] == [
+            "refused", "gave up"]
+        assert store.replay_dead_letters("nope", T0 + 2) == 0
+        assert store.replay_dead_letters("m1", T0 + 2) == 2
+        assert store.dead_letters() == [] and statuses(store, "m1") == ["queued", "queued", "sent"]
+        again = self.lease(store, T0 + 2)
+        assert [(i.target, i.attempts, i.check_operation_id) for i in again] == [("u1", 1, None), ("u2", 1, None)]
+
+    def test_replay_all_dead_letters_newest_first(self, store):
+        for n, mid in enumerate(("m1", "m2")):
+            store.accept(new(mid, "u1"), None, retention_ms=0)
+            [item] = self.lease(store, T0 + n)
+            store.complete([(item, Outcome.failed("boom", "refused"))], T0 + 10 + n)
+        assert [d.message_id for d in store.dead_letters()] == ["m2", "m1"]
+        assert [d.message_id for d in store.dead_letters(limit=1)] == ["m2"]
+        assert store.replay_dead_letters(None, T0 + 20) == 2 and store.dead_letters() == []
+
+    def test_next_due_is_the_earliest_waiting_recipient(self, store):
+        assert store.next_due_ms() is None
+        store.accept(new("m1", "u1"), None, retention_ms=0)
+        store.accept(new("m2", "u2", priority="low", created=T0 - 7), None, retention_ms=0)
+        assert store.next_due_ms() == T0 - 7
+        items = self.lease(store, T0, lease_ms=3_000)
+        assert store.next_due_ms() == T0 + 3_000  # a lease comes due when it runs out
+        store.complete([(items[0], Outcome.retry("busy", T0 + 2_000)), (items[1], Outcome.sent("s", "c", T0))], T0)
+        assert store.next_due_ms() == T0 + 2_000
+
+    # -- presence and events ------------------------------------------------------------
+    def test_presence_is_ordered_by_seq_across_platforms(self, store):
+        assert store.update_presence("u1", 1, True, 5, T0)
+        assert not store.update_presence("u1", 1, False, 4, T0 + 1)  # older report
+        assert not store.update_presence("u1", 1, False, 5, T0 + 1)
+        assert store.update_presence("u1", 2, False, 1, T0 + 2)
+        assert store.presence(["u1", "u2"]) == {"u1": PresenceState(True, T0 + 2)}
+        assert store.update_presence("u1", 1, False, 6, T0 + 3)
+        assert store.presence(["u1"]) == {"u1": PresenceState(False, T0 + 3)}
+        assert store.presence([]) == {}
+        changes = [(e.type, e.data) for e in store.events_after(0, 100)]
+        assert changes == [("user.online", {"user_id": "u1", "platform_id": 1}),
+                           ("user.offline", {"user_id": "u1", "platform_id": 1})]
+
+    def test_events_are_kept_only_for_subscribed_types(self, new_store):
+        store = new_store(frozenset({"message.sent"}))
+        store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
+        a, b = self.lease(store)
+        store.complete([(a, Outcome.failed("e", "refused")), (b, Outcome.sent("s2", "c2", T0 + 1))], T0 + 1)
+        store.update_presence("u1", 1, True, 1, T0 + 2)
+        [event] = store.events_after(0, 10)
+        assert (event.type, event.created_ms) == ("message.sent", T0 + 1)
+        assert event.data == {"message_id": "m1", "type": "profile.updated", "client": "crm", "user_id": "u2",
+                              "server_msg_id": "s2", "client_msg_id": "c2"}
+        assert event.id.startswith("evt_")
+
+    def test_a_new_subscriber_starts_after_the_newest_event_and_keeps_its_place(self, store):
+        store.update_presence("u1", 1, True, 1, T0)
+        store.update_presence("u2", 1, True, 1, T0)
+        cursor = store.subscriber_cursor("crm-hook")
+        assert (cursor.attempts, cursor.next_attempt_ms, cursor.last_error) == (0, 0, None)
+        assert store.events_after(cursor.last_seq, 10) == []
+        store.update_presence("u3", 1, True, 1, T0 + 1)
+        store.update_presence("u4", 1, True, 1, T0 + 2)
+        events = store.events_after(cursor.last_seq, 10)
+        assert [e.data["user_id"] for e in events] == ["u3", "u4"] and events[0].seq < events[1].seq
+        assert store.events_after(cursor.last_seq, 1) == events[:1]
+        assert store.events_after(events[0].seq, 10) == events[1:]  # ids and seqs are stable
+        saved = SubscriberCursor("crm-hook", events[0].seq, 2, T0 + 9, "HTTP 500")
+        store.save_subscriber_cursor(saved)
+        assert store.subscriber_cursor("crm-hook") == saved
+        store.save_subscriber_cursor(SubscriberCursor("crm-hook", events[1].seq))
+        assert store.subscriber_cursor("crm-hook") == SubscriberCursor("crm-hook", events[1].seq)
+        assert store.subscriber_cursor("other").last_seq == events[1].seq
+
+    # -- callbacks -----------------------------------------------------------------------
+    def test_the_callback_inbox_dedupes_and_keeps_arrival_order(self, store):
+        assert store.record_callback("cmdA", "k1", '{"a":1}', T0)
+        assert not store.record_callback("cmdA", "k1", '{"a":2}', T0 + 1)
+        assert store.record_callback("cmdA", "k2", '{"b":1}', T0 + 2)
+        assert store.record_callback("cmdB", "k1", '{"c":1}', T0 + 3)
+        pending = store.pending_callbacks(10)
+        assert [(c.command, c.body, c.received_ms) for c in pending] == [
+            ("cmdA", '{"a":1}', T0), ("cmdA", '{"b":1}', T0 + 2), ("cmdB", '{"c":1}', T0 + 3)]
+        assert pending[0].id < pending[1].id < pending[2].id
+        store.finish_callback(pending[0].id)
+        store.finish_callback(pending[2].id, "ValueError: odd")
+        assert store.pending_callbacks(10) == [pending[1]]
+        assert store.pending_callbacks(0) == [] and store.pending_callbacks(1) == [pending[1]]
+        assert not store.record_callback("cmdA", "k1", "{}", T0 + 4)  # finished ones stay seen
+
+    def test_callbacks_update_sent_recipients(self, store):
+        store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
+        a, b = self.lease(store)
+        store.complete([(a, Outcome.sent("s1", "c1", T0 + 1)), (b, Outcome.sent("s2", "c2", T0 + 1))], T0 + 1)
+        assert (store.confirm_sent("s1", T0 + 2), store.confirm_sent("nope", T0 + 2)) == (1, 0)
+        assert (store.mark_pushed("c1", T0 + 3), store.mark_pushed("nope", T0 + 3)) == (1, 0)
+        assert store.record_saved_seq("s1", "si_u1_admin", 7) == 1
+        assert store.record_saved_seq("s2", "si_u2_admin", 7) == 1
+        assert store.record_saved_seq("nope", "si_x", 1) == 0
+        assert store.mark_read("si_u1_admin", [7], "u2", T0 + 4) == 0  # not the reader's message
+        assert store.mark_read("si_u1_admin", [6, 7, 7], "u1", T0 + 4) == 1
+        assert store.mark_read("si_u1_admin", [7], "u1", T0 + 5) == 0
+        assert statuses(store, "m1") == ["read", "sent"]
+        [read] = [e for e in store.events_after(0, 100) if e.type == "message.read"]
+        assert read.data == {"message_id": "m1", "type": "profile.updated", "client": "crm", "user_id": "u1"}
+
+    def test_the_first_receipt_acknowledges_and_ends_the_work(self, store):
+        store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
+        receipt = {"id": "m1", "ok": True, "at": 1_700_000_000_123, "note": "vu ✓"}
+        assert store.acknowledge("m1", "u2", receipt, T0 + 1)
+        assert not store.acknowledge("m1", "u2", {"id": "m1", "ok": False}, T0 + 2)
+        assert not store.acknowledge("m1", "u9", receipt, T0 + 2)
+        assert not store.acknowledge("nope", "u1", receipt, T0 + 2)
+        record = store.get_message("m1")
+        assert [(r.status, r.receipt) for r in record.recipients] == [("queued", None), ("acknowledged", receipt)]
+        assert [i.target for i in self.lease(store, T0 + 3)] == ["u1"]
+        [event] = [e for e in store.events_after(0, 100) if e.type == "receipt.received"]
+        assert event.data == {"message_id": "m1", "type": "profile.updated", "client": "crm", "user_id": "u2",
+                              "receipt": receipt}
+
+    # -- shared credentials -----------------------------------------------------------------
+    def test_tokens_and_locks_are_shared(self, new_store):
+        one, two = new_store(frozenset()), new_store(frozenset())
+        assert one.load_token("admin") is None
+        one.save_token("admin", "tok-1", T0 + 60_000)
+        assert two.load_token("admin") == ("tok-1", T0 + 60_000)
+        one.save_token("admin", "tok-2", T0 + 120_000)
+        assert two.load_token("admin") == ("tok-2", T0 + 120_000)
+        assert one.try_lock("refresh", "a", 60_000)
+        assert not two.try_lock("refresh", "b", 60_000)
+        assert one.try_lock("refresh", "a", 60_000)  # the holder renews it
+        two.unlock("refresh", "b")  # not the holder: no effect
+        assert not two.try_lock("refresh", "b", 60_000)
+        one.unlock("refresh", "a")
+        assert two.try_lock("refresh", "b", 60_000)
+        assert one.try_lock("other", "a", 60_000)
+        one.ping()
+
+    # -- replicas --------------------------------------------------------------------
+    def test_replicas_leasing_concurrently_take_each_recipient_once(self, new_store):
+        stores = [new_store(frozenset()), new_store(frozenset())]
+        for n in range(5):
+            stores[0].accept(new(f"m{n}", *(f"u{n}-{i}" for i in range(1_000))), None, retention_ms=0)
+        taken: list[Any] = []
+        errors: list[Exception] = []
+
+        def worker(store: Any, owner: str) -> None:
+            try:
+                for _ in range(1_000):  # bounded: 5,000 recipients in batches of 50 need far fewer rounds
+                    items = store.lease(T0, 50, 600_000, owner, OpIds(owner))
+                    if not items:
+                        return
+                    taken.extend(items)
+                    store.complete([(i, Outcome.sent(f"s-{i.operation_id}", None, T0)) for i in items], T0)
+            except Exception as exc:  # collected: the assertion shows it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(stores[n % 2], f"r{n % 2}-t{n}")) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert errors == []
+        counts = Counter((i.message_id, i.seq) for i in taken)
+        assert len(counts) == 5_000 and set(counts.values()) == {1}
+        assert all(set(statuses(stores[1], f"m{n}")) == {"sent"} for n in range(5))
+
+    def test_a_replica_killed_mid_work_loses_nothing(self, new_store, replica_code):
+        store = new_store(frozenset())
+        store.accept(new("m1", *(f"u{i}" for i in range(100))), None, retention_ms=0)
+        code = replica_code + (
+            "\nitems = store.lease(%d, 100, 10_000, 'doomed', lambda hint: 'doomed-' + hint)"
+            "\nprint(len(items), flush=True)\nsys.stdin.read()\n" % T0)
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        try:
+            assert child.stdout.readline().strip() == "100"
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+        assert child.returncode == -signal.SIGKILL
+        assert self.lease(store, T0 + 9_999, owner="survivor") == []  # its leases still run
+        items = self.lease(store, T0 + 10_000, owner="survivor")
+        assert len(items) == 100 and all(i.check_operation_id.startswith("doomed-m1-") for i in items)
+        assert store.complete([(i, Outcome.sent("s", None, T0 + 10_001)) for i in items], T0 + 10_001) == 100
+        assert set(statuses(store, "m1")) == {"sent"}

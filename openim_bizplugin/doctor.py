@@ -13,6 +13,7 @@ from .config import Config
 from .errors import BizError
 from .openim import OpenIMError
 from .services import Services
+from .store import shown_url
 
 # The callbacks the sidecar understands (SPEC §6); before-hooks stay off: they
 # block OpenIM's sending whenever the sidecar is down (failedContinue is ignored).
@@ -49,7 +50,7 @@ def run_doctor(config: Config, out: TextIO, public_url: str | None = None) -> bo
     try:
         types = services.catalog.types()
         print(f"ok    schemas: {len(types)} types in {config.schemas_dir}", file=out)
-        check("storage", lambda: (services.store.ping(), config.storage.url)[1])
+        check("storage", lambda: (services.store.ping(), shown_url(config.storage.url))[1])
         check("OpenIM admin token", lambda: (services.openim.admin_token(),
                                              f"obtained from {config.openim.api_url} as {config.openim.admin_user_id}")[1])
         check("sender account", lambda: _sender_exists(services, config.openim.sender_id))

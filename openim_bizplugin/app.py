@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask, Response, current_app, json
 from werkzeug.exceptions import HTTPException
 
-from . import api, callbacks, ops
+from . import api, callbacks, ops, ui
 from .config import Config
 from .errors import BizError, problem
 from .openapi import build_openapi
@@ -31,6 +31,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     app.register_blueprint(api.bp)
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(ops.bp)
+    if config.ui_token:  # the operator page; without [ui] token it does not exist (a plain 404)
+        ui.init_app(app, config.ui_token)  # also the session key (from the token) and cookie flags
     app.add_url_rule("/openapi.json", "openapi", _openapi)
     app.register_error_handler(BizError, _problem_response)
     app.register_error_handler(HTTPException, _http_problem)

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, Outcome, PresenceState, ReplayKey
+from openim_bizplugin.store.base import (IdempotencyMismatch, NewMessage, Outcome, PresenceCounts, PresenceState,
+                                        ReplayKey)
 from openim_bizplugin.store.base import SubscriberCursor
 
 T0 = 1_700_000_000_000
@@ -305,6 +306,69 @@ class StoreContract:
         assert store.next_due_ms() == T0 + 3_000  # a lease comes due when it runs out
         store.complete([(items[0], Outcome.retry("busy", T0 + 2_000)), (items[1], Outcome.sent("s", "c", T0))], T0)
         assert store.next_due_ms() == T0 + 2_000
+
+    # -- for the operator page ------------------------------------------------------------
+    def test_queue_depth_counts_the_work_left_by_priority(self, store):
+        assert store.queue_depth() == {"high": 0, "normal": 0, "low": 0}
+        store.accept(new("h", "a", "b", priority="high"), None, retention_ms=0)
+        store.accept(new("n", "c"), None, retention_ms=0)
+        store.accept(new("l", "d", "e", "f", priority="low"), None, retention_ms=0)
+        assert store.queue_depth() == {"high": 2, "normal": 1, "low": 3}
+        a, b, c, d = self.lease(store, limit=4)  # leased work still counts: it is not done
+        assert store.queue_depth() == {"high": 2, "normal": 1, "low": 3}
+        store.complete([(a, Outcome.sent("s", "c", T0)), (b, Outcome.failed("e", "refused")),
+                        (c, Outcome.held("offline", T0 + 60_000)), (d, Outcome.skipped("dropped"))], T0 + 1)
+        assert store.queue_depth() == {"high": 0, "normal": 1, "low": 2}
+        self.lease(store, T0 + 10_000, aging_ms=6_000)  # waiting that long, low counts as normal
+        assert store.queue_depth() == {"high": 0, "normal": 3, "low": 0}
+
+    def test_recent_messages_newest_first_with_their_first_recipients(self, store):
+        store.accept(new("m1", "u1", "u2", "u3"), None, retention_ms=10_000)
+        store.accept(new("m2", "g1", kind="group", priority="high", created=T0 + 1), None, retention_ms=10_000)
+        store.accept(new("m3", *(f"v{i}" for i in range(5)), created=T0 + 2, key="k"), None, retention_ms=10_000)
+        store.accept(new("again", "x", created=T0 + 3, key="k"), None, retention_ms=10_000)  # a repeat of m3
+        a, b, _ = [i for i in self.lease(store) if i.message_id == "m1"]
+        store.complete([(a, Outcome.sent("s1", "c1", T0 + 5)), (b, Outcome.failed("e", "refused"))], T0 + 5)
+        newest, middle = store.recent_messages(2, recipients=2)
+        assert (newest.message.id, newest.recipient_count, newest.status_counts) == ("m3", 5, {"queued": 5})
+        assert [r.target for r in newest.message.recipients] == ["v0", "v1"]
+        assert (middle.message.id, middle.message.priority, middle.recipient_count) == ("m2", "high", 1)
+        assert [(r.kind, r.target) for r in middle.message.recipients] == [("group", "g1")]
+        oldest = store.recent_messages(10)[2]
+        assert oldest.message == store.get_message("m1") and len(store.recent_messages(10)) == 3
+        assert (oldest.recipient_count, oldest.status_counts) == (3, {"sent": 1, "failed": 1, "sending": 1})
+        assert store.recent_messages(0) == [] and store.recent_messages(1, recipients=0)[0].message.recipients == ()
+
+    def test_failed_recipients_of_dead_letters_newest_first(self, store):
+        for n, (mid, targets) in enumerate((("m1", ("u1", "u2", "u3")), ("m2", ("u4",)))):
+            store.accept(new(mid, *targets), None, retention_ms=0)
+            items = self.lease(store, T0 + n)
+            store.complete([(i, Outcome.failed(f"e-{i.target}", "refused") if i.target != "u2"
+                             else Outcome.sent("s", "c", T0)) for i in items], T0 + 10 + n)
+        failed = store.failed_recipients(10)
+        assert [(f.message_id, f.recipient.target, f.failed_ms) for f in failed] == [
+            ("m2", "u4", T0 + 11), ("m1", "u1", T0 + 10), ("m1", "u3", T0 + 10)]
+        first = failed[0]
+        assert (first.client, first.type, first.recipient.status, first.recipient.attempts,
+                first.recipient.last_error, first.recipient.reason) == (
+                    "crm", "profile.updated", "failed", 1, "e-u4", "refused")
+        assert [f.recipient.target for f in store.failed_recipients(2)] == ["u4", "u1"]
+        store.acknowledge("m1", "u1", {"id": "m1", "ok": True}, T0 + 20)  # the app got it after all
+        store.replay_dead_letters("m2", T0 + 21)
+        assert [f.recipient.target for f in store.failed_recipients(10)] == ["u3"]
+        assert store.failed_recipients(0) == []
+
+    def test_presence_counts_users_by_their_last_report(self, store):
+        assert store.presence_counts() == PresenceCounts(0, 0)
+        store.update_presence("u1", 1, True, 1, T0)
+        store.update_presence("u1", 2, False, 1, T0)  # online on another platform
+        store.update_presence("u2", 1, True, 1, T0)
+        store.update_presence("u2", 1, False, 2, T0 + 1)
+        store.update_presence("u3", 1, True, 1, T0)
+        store.update_presence("u3", 1, False, 0, T0 + 1)  # older report: ignored
+        assert store.presence_counts() == PresenceCounts(online=2, offline=1)
+        store.update_presence("u1", 1, False, 2, T0 + 2)
+        assert store.presence_counts() == PresenceCounts(online=1, offline=2)
 
     # -- presence and events ------------------------------------------------------------
     def test_presence_is_ordered_by_seq_across_platforms(self, store):

@@ -182,6 +182,34 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class RecentMessage:
+    """A message as the operator page lists it: its first recipients, and counts over all of them."""
+
+    message: MessageRecord  # recipients: only the first few, by seq
+    recipient_count: int
+    status_counts: dict[str, int]  # status -> how many recipients have it
+
+
+@dataclass(frozen=True)
+class FailedRecipient:
+    """A recipient that failed for good, with the message it belongs to (a dead letter)."""
+
+    message_id: str
+    client: str
+    type: str
+    recipient: RecipientRecord
+    failed_ms: int  # when the message became a dead letter
+
+
+@dataclass(frozen=True)
+class PresenceCounts:
+    """How many users OpenIM's presence callbacks last reported online and offline."""
+
+    online: int
+    offline: int
+
+
+@dataclass(frozen=True)
 class CallbackRecord:
     """An OpenIM callback as received, waiting to be processed."""
 
@@ -280,6 +308,21 @@ class Store(Protocol):
 
     def replay_dead_letters(self, message_id: str | None, now_ms: int) -> int:
         """Queue the failed recipients of one message (or all) again; returns how many."""
+
+    # -- for the operator page (see ui) -----------------------------------------------
+    def queue_depth(self) -> dict[str, int]:
+        """Recipients with work left (queued, held, sending) per priority as they now stand
+        (after aging), with every priority present: ``{"high": 0, "normal": 3, "low": 1}``."""
+
+    def recent_messages(self, limit: int, recipients: int = 50) -> list[RecentMessage]:
+        """The newest *limit* messages (Redis keeps the newest 1,000), newest first, each with its
+        first *recipients* recipients."""
+
+    def failed_recipients(self, limit: int) -> list[FailedRecipient]:
+        """Up to *limit* failed recipients of dead letters, newest dead letter first, then by seq."""
+
+    def presence_counts(self) -> PresenceCounts:
+        """Users whose last presence report says online (on any platform), and the others known."""
 
     # -- after sending: callbacks, presence, receipts, events (see sqlite_tracking) --
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:

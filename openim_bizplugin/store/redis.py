@@ -21,9 +21,11 @@ integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
     collapse:<client>:<key>  zset  message ids with that collapse key, by expires_ms
     sent:<kind>:<n>:<target>:<type>  zset  sent members by sent_ms (per-type rate limits)
     dead               zset    message ids with failed recipients, by first failure ms
+    recent             list    the newest 1,000 message ids, newest first (the operator page)
     failed:<mid>       set     seqs of the failed recipients of a dead letter
     smid:<id> cmid:<id> conv:<n>:<conversation>:<seq>   sets of members, for callbacks
     presence:<user>    hash    platform -> "online:seq:updated_ms"
+    users:known users:online   sets of users with a presence report, and of those online
     events             stream  subscriber events, entry id "<seq>-0", seq from events:seq
     cursor:<name>      hash    a subscriber's position; cursors: set of names
     cb:<id> cb:pending cb:seq cb:seen:<n>:<command>:<key>   the callback inbox
@@ -42,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -50,8 +53,8 @@ import redis.exceptions as rexc
 
 from ..errors import StorageUnavailable
 from . import redis_scripts, redis_tracking
-from .base import (PRIORITY_RANK, Accepted, DeadLetter, IdempotencyMismatch, MessageRecord, NewMessage, Outcome,
-                   RecipientRecord, ReplayKey, WorkItem)
+from .base import (PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch, MessageRecord,
+                   NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey, WorkItem)
 from .redis_errors import translated
 from .redis_tracking import RedisTrackingMixin
 from .sqlite_tracking import recipient_data
@@ -67,6 +70,8 @@ _MESSAGE_FIELDS = ("client", "type", "version", "mode", "priority", "offline", "
                    "expires_ms", "created_ms", "recipient_count")
 _RECIPIENT_FIELDS = ("kind", "target", "status", "attempts", "last_error", "reason", "server_msg_id",
                      "client_msg_id", "sent_ms", "receipt")
+_SUMMARY_FIELDS = ("client", "type", "version", "mode", "priority", "offline", "created_ms", "expires_ms",
+                   "recipient_count")
 
 
 def durability_plan(version: str, appendonly: str | None, appendfsync: str | None) -> tuple[bool, str]:
@@ -274,6 +279,64 @@ class RedisStore(RedisTrackingMixin):
     def replay_dead_letters(self, message_id: str | None, now_ms: int) -> int:
         ids = [message_id] if message_id else self._redis.zrange(self._k("dead"), 0, -1)
         return sum(int(self._run("replay", mid, now_ms)) for mid in ids)
+
+    # -- for the operator page ------------------------------------------------------------
+    @translated
+    def queue_depth(self) -> dict[str, int]:
+        pipe = self._redis.pipeline(transaction=False)
+        for rank in PRIORITY_RANK.values():
+            pipe.zcount(self._k("due"), rank * BAND, (rank + 1) * BAND - 1)
+        return dict(zip(PRIORITY_RANK, (int(n) for n in pipe.execute())))
+
+    @translated
+    def recent_messages(self, limit: int, recipients: int = 50) -> list[RecentMessage]:
+        ids = self._redis.lrange(self._k("recent"), 0, limit - 1) if limit > 0 else []  # at most 1,000
+        return [found for found in (self._recent(mid, max(recipients, 0)) for mid in ids) if found]
+
+    def _recent(self, message_id: str, shown: int) -> RecentMessage | None:
+        fields = self._redis.hmget(self._k(f"m:{message_id}"), _SUMMARY_FIELDS)
+        if fields[0] is None:
+            return None
+        client, type_, version, mode, priority, offline, created_ms, expires_ms, count = fields
+        pipe = self._redis.pipeline(transaction=False)
+        for seq in range(int(count)):  # the shown ones in full, of the others only the status
+            key = self._k(f"r:{message_id}:{seq}")
+            pipe.hmget(key, _RECIPIENT_FIELDS) if seq < shown else pipe.hget(key, "status")
+        found = pipe.execute()
+        records = tuple(_recipient(row) for row in found[:shown])
+        statuses = Counter([r.status for r in records] + found[shown:])
+        message = MessageRecord(message_id, client, type_, int(version), mode, priority, offline, int(created_ms),
+                                int(expires_ms), recipients=records)
+        return RecentMessage(message, int(count), dict(statuses))
+
+    @translated
+    def failed_recipients(self, limit: int) -> list[FailedRecipient]:
+        failed: list[FailedRecipient] = []
+        start = 0
+        while len(failed) < limit:
+            page = self._redis.zrevrange(self._k("dead"), start, start + 99, withscores=True)
+            if not page:
+                break
+            start += len(page)
+            for message_id, failed_ms in page:
+                failed += self._failed_of(message_id, int(failed_ms), limit - len(failed))
+        return failed[:max(limit, 0)]
+
+    def _failed_of(self, message_id: str, failed_ms: int, limit: int) -> list[FailedRecipient]:
+        seqs = sorted(int(seq) for seq in self._redis.smembers(self._k(f"failed:{message_id}")))[:max(limit, 0)]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hmget(self._k(f"m:{message_id}"), ("client", "type"))
+        for seq in seqs:
+            pipe.hmget(self._k(f"r:{message_id}:{seq}"), _RECIPIENT_FIELDS)
+        (client, type_), *rows = pipe.execute()
+        return [FailedRecipient(message_id, client, type_, _recipient(row), failed_ms) for row in rows]
+
+    @translated
+    def presence_counts(self) -> PresenceCounts:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.scard(self._k("users:online")), pipe.scard(self._k("users:known"))
+        online, known = pipe.execute()
+        return PresenceCounts(int(online), int(known) - int(online))
 
     # -- shared credentials and locks ----------------------------------------------
     @translated

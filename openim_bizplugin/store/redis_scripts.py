@@ -129,6 +129,8 @@ end
 if replay ~= '' then redis.call('SET', P .. 'replay:' .. replay, mid) end
 -- created_ms decides whether a key is still retained; the PX only collects old keys
 if idem ~= '' and retention > 0 then redis.call('SET', idem_key, mid, 'PX', retention) end
+redis.call('LPUSH', P .. 'recent', mid)  -- the operator page lists the newest messages (up to 1000)
+redis.call('LTRIM', P .. 'recent', 0, 999)
 return {'created', mid, #ARGV - first + 1}
 """
 

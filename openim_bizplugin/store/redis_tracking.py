@@ -97,6 +97,8 @@ if old and tonumber(string.match(old, '^%d:(%-?%d+):')) >= seq then return 0 end
 local was = user_online()
 redis.call('HSET', key, platform, online .. ':' .. ARGV[7] .. ':' .. now)
 local is = user_online()
+redis.call('SADD', P .. 'users:known', user)  -- counted on the operator page
+if is then redis.call('SADD', P .. 'users:online', user) else redis.call('SREM', P .. 'users:online', user) end
 if is and not was then  -- recipients held for this user are due at once, at the best priority
   for _, member in ipairs(redis.call('SMEMBERS', P .. 'held:' .. user)) do
     if redis.call('HGET', rkey(member), 'status') == 'held' then

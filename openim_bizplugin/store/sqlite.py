@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import (PRIORITY_RANK, Accepted, DeadLetter, IdempotencyMismatch, MessageRecord, NewMessage,
-                   Outcome, RecipientRecord, ReplayKey, WorkItem)
+from .base import (PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch, MessageRecord,
+                   NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey, WorkItem)
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
 
@@ -178,6 +178,15 @@ def _work_item(row: tuple, owner: str, new_operation_id: Callable[[str], str],
         operation_id=new_operation_id(f"{message_id}-{seq}"), check_operation_id=unknown,
         lease_owner=owner, client=client, type=type_, version=version, mode=mode, priority=priority,
         offline=offline, envelope=envelope, expires_ms=expires_ms, delivery=settings[message_id])
+
+
+_RECIPIENT_COLUMNS = ("kind, target, status, attempts, last_error, reason, server_msg_id, client_msg_id,"
+                      " sent_ms, receipt")
+
+
+def _recipient_record(row: tuple | list) -> RecipientRecord:
+    """A RecipientRecord from the _RECIPIENT_COLUMNS of a row."""
+    return RecipientRecord(*row[:9], receipt=json.loads(row[9]) if row[9] else None)
 
 
 # An outcome is recorded only while this worker still holds the lease of this attempt.
@@ -409,6 +418,41 @@ class SqliteStore(TrackingMixin):
                     (now_ms, mid)).rowcount
                 db.execute("DELETE FROM dead_letters WHERE message_id = ?", (mid,))
         return replayed
+
+    # -- for the operator page ------------------------------------------------------------
+    def queue_depth(self) -> dict[str, int]:
+        counts = dict(self._read(f"SELECT priority, COUNT(*) FROM recipients WHERE status IN {_DUE}"
+                                 " GROUP BY priority"))  # counted on the partial index recipients_due
+        return {name: counts.get(rank, 0) for name, rank in PRIORITY_RANK.items()}
+
+    def recent_messages(self, limit: int, recipients: int = 50) -> list[RecentMessage]:
+        # the rowid is the acceptance order: the newest are found without a scan
+        rows = self._read(
+            "SELECT id, client, type, version, mode, priority, offline, created_ms, expires_ms, recipient_count"
+            " FROM messages ORDER BY rowid DESC LIMIT ?", (max(limit, 0),))
+        recent = []
+        for *fields, count in rows:
+            shown = self._read(f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?"
+                               " ORDER BY seq LIMIT ?", (fields[0], max(recipients, 0)))
+            counts = self._read("SELECT status, COUNT(*) FROM recipients WHERE message_id = ? GROUP BY status",
+                                (fields[0],))
+            record = MessageRecord(*fields, recipients=tuple(_recipient_record(r) for r in shown))
+            recent.append(RecentMessage(record, count, dict(counts)))
+        return recent
+
+    def failed_recipients(self, limit: int) -> list[FailedRecipient]:
+        rows = self._read(
+            f"SELECT d.message_id, m.client, m.type, d.created_ms, {_RECIPIENT_COLUMNS}"
+            " FROM dead_letters d JOIN messages m ON m.id = d.message_id"
+            " JOIN recipients ON recipients.message_id = d.message_id AND recipients.status = 'failed'"
+            " ORDER BY d.created_ms DESC, recipients.seq LIMIT ?", (max(limit, 0),))
+        return [FailedRecipient(mid, client, type_, _recipient_record(rest), failed_ms)
+                for mid, client, type_, failed_ms, *rest in rows]
+
+    def presence_counts(self) -> PresenceCounts:
+        [(online, known)] = self._read("SELECT COALESCE(SUM(up), 0), COUNT(*) FROM"
+                                       " (SELECT MAX(online) AS up FROM presence GROUP BY user_id)")
+        return PresenceCounts(online, known - online)
 
     # -- shared credentials and locks ----------------------------------------------
     def load_token(self, name: str) -> tuple[str, int] | None:

@@ -160,3 +160,87 @@ def machine_lines(db_dir: Path, dists: tuple[str, ...]) -> list[str]:
         f"load average    {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min) at start",
         f"database dir    {db_dir} ({filesystem_of(db_dir)}; median fsync {fsync_ms(db_dir):.3f} ms)",
     ]
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def percentile_ms(seconds: list[float], q: float) -> float:
+    """The *q* quantile (0..1, nearest rank, as bench_intake computes it) of *seconds*, in ms; nan if empty."""
+    if not seconds:
+        return float("nan")
+    ordered = sorted(seconds)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def package_source(package: Path) -> str:
+    """Where the code under test comes from: its folder and, in a git checkout, the commit (+ local edits)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"from {package} (not a git checkout)"
+    return f"from {package} at {commit}" + (" with uncommitted edits" if dirty else "")
+
+
+# -- profiling every thread of a server ---------------------------------------------------------------
+def profile_threads(clock: str = "cpu") -> list:
+    """From now on, run every new ``threading.Thread`` of this process under its own cProfile profiler.
+
+    cProfile only sees the thread that enables it, so ``threading.Thread.run``
+    is wrapped (in this process only, not in the package). Returns the list
+    that collects ``(thread name, profile)`` pairs; merge them with
+    :func:`dump_profiles` once the threads are done. With *clock* "cpu" each
+    profile counts its thread's CPU time, so waiting (fsync, locks, the GIL,
+    the network) drops out; "wall" keeps it.
+    """
+    import cProfile
+    import threading
+
+    profiles: list = []
+    lock = threading.Lock()
+    original = threading.Thread.run
+
+    def run_profiled(self: threading.Thread) -> None:
+        profile = cProfile.Profile(time.thread_time) if clock == "cpu" else cProfile.Profile()
+        with lock:
+            profiles.append((self.name, profile))
+        profile.enable()
+        try:
+            original(self)
+        finally:
+            profile.disable()
+
+    threading.Thread.run = run_profiled  # type: ignore[method-assign]
+    return profiles
+
+
+def dump_profiles(profiles: list, out: Path, keep=lambda name: True) -> int:  # type: ignore[no-untyped-def]
+    """Merge the profiles of the threads whose name passes *keep* into *out*; returns how many were merged."""
+    import pstats
+
+    chosen = [p for name, p in profiles if keep(name) and p.getstats()]
+    if not chosen:
+        return 0
+    merged = pstats.Stats(chosen[0])
+    for p in chosen[1:]:
+        merged.add(p)
+    merged.dump_stats(str(out))
+    return len(chosen)
+
+
+def print_profile_top(path: Path, title: str, top: int = 15, sort: str = "tottime") -> None:
+    """Print the *top* functions of a pstats file by *sort*, indented, lines cut at 160 characters."""
+    import io
+    import pstats
+
+    if not path.exists():
+        print(f"  (no profile written: {path})")
+        return
+    text = io.StringIO()
+    pstats.Stats(str(path), stream=text).sort_stats(sort).print_stats(top)
+    lines = [line for line in text.getvalue().splitlines() if line.strip()]
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), 0)
+    print(f"\n{title} ({path}), top {top} by {sort}:")
+    for line in lines[start - 1 if start else 0:]:
+        print("  " + line[:160])

@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     check = schema_commands.add_parser("check", help="validate every schema and example, show version changes")
     check.add_argument("-c", "--config", help="config file (default: $BIZPLUGIN_CONFIG)")
     check.add_argument("--dir", help="catalogue folder (default: the config's schemas.dir)")
+    docs = schema_commands.add_parser("docs", help="write a browsable catalogue of the types (Markdown or HTML)")
+    docs.add_argument("-c", "--config", help="config file (default: $BIZPLUGIN_CONFIG)")
+    docs.add_argument("--dir", help="catalogue folder (default: the config's schemas.dir)")
+    docs.add_argument("--out", required=True, help="file to write, or - for standard output")
+    docs.add_argument("--format", choices=("markdown", "html"),
+                      help="default: html when --out ends in .html or .htm, else markdown")
 
     sign = command("sign", "print the two signature headers for a request")
     sign.add_argument("--client", required=True)
@@ -190,7 +196,23 @@ def _schemas(args: argparse.Namespace, stdout: TextIO) -> int:
     from .schemacheck import run_check
 
     directory = Path(args.dir) if args.dir else _config(args).schemas_dir
+    if args.schemas_command == "docs":
+        return _schemas_docs(directory, args, stdout)
     return run_check(directory, stdout)
+
+
+def _schemas_docs(directory: Path, args: argparse.Namespace, stdout: TextIO) -> int:
+    from .schemadocs import DocsError, write_docs
+
+    try:
+        summary = write_docs(directory, args.out, args.format, stdout)
+    except ConfigError as exc:  # an invalid catalogue: not a config problem here
+        raise CommandError(f"{exc} (`schemas check --dir {directory}` lists every problem)") from None
+    except DocsError as exc:
+        raise CommandError(str(exc)) from None
+    if args.out != "-":  # standard output holds the catalogue itself
+        print(summary, file=stdout)
+    return EXIT_OK
 
 
 def _client_secret(config: Config, client_id: str) -> str:

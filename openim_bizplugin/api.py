@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
+from . import metrics
 from .errors import NotFound
 from .intake import accept_message
 from .services import Services
@@ -39,6 +40,8 @@ def post_message() -> Any:
     verified = _verified(body)
     answer = accept_message(svc, verified, body, request.headers.get("Content-Type"),
                             request.headers.get("Idempotency-Key"))
+    if answer.accepted.created:
+        metrics.current().accepted(verified.client_id, answer.message_type)
     return jsonify(answer.accepted.answer()), 202, answer.headers
 
 

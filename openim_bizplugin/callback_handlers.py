@@ -25,6 +25,8 @@ from typing import Any
 from .background import BackgroundLoop
 from .config import Config
 from .errors import StorageUnavailable
+from .metrics import DISCARD, Metrics
+from .openim import operation_message_id
 from .store.base import CallbackRecord, Store
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ def parse_receipt(content: Any) -> dict[str, Any] | None:
 def after_send_single(ctx: Context, p: dict[str, Any]) -> None:
     """The sidecar's own send is confirmed; a user's Custom message to the sender may be a receipt."""
     if p.get("sendID") == ctx.sender_id:
-        ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms)
+        _log_confirmed(p, ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms))
         return
     if p.get("recvID") != ctx.sender_id or p.get("contentType") != CUSTOM_CONTENT_TYPE:
         log.debug("after-send %s: not for the sender account; ignored", p.get("serverMsgID"))
@@ -131,16 +133,33 @@ def after_send_single(ctx: Context, p: dict[str, Any]) -> None:
         log.debug("after-send %s from %r: Custom message without a receipt; ignored", p.get("serverMsgID"), sender)
         return
     if ctx.store.acknowledge(receipt["id"], sender, receipt, ctx.now_ms):
-        log.info("message %s user %s: receipt %r received", receipt["id"], sender, receipt.get("status"))
+        log.info("message %s user %s: receipt %r received", receipt["id"], sender, receipt.get("status"),
+                 extra=_receipt_fields(p, receipt, sender))
     else:
         log.info("message %s user %s: receipt ignored (no such recipient, or one already received)",
-                 receipt["id"][:64], sender[:128])
+                 receipt["id"][:64], sender[:128], extra=_receipt_fields(p, receipt, sender))
+
+
+def _receipt_fields(p: dict[str, Any], receipt: dict[str, Any], sender: str) -> dict[str, Any]:
+    return {"event": "receipt.received", "message_id": receipt["id"][:64], "recipient": sender[:128],
+            "status": receipt.get("status"), "callback": p.get("callbackCommand"),
+            "operation_id": p.get("operationID")}
+
+
+def _log_confirmed(p: dict[str, Any], recipients: int) -> None:
+    """The callback line of one of the sidecar's own messages: its operationID names the message."""
+    operation_id = p.get("operationID") if isinstance(p.get("operationID"), str) else None
+    log.info("callback %s: OpenIM confirmed serverMsgID %s (operationID %s, %d recipients)",
+             p.get("callbackCommand"), p.get("serverMsgID"), operation_id, recipients,
+             extra={"event": "callback.confirmed", "callback": p.get("callbackCommand"),
+                    "message_id": operation_message_id(operation_id or ""), "operation_id": operation_id,
+                    "server_msg_id": p.get("serverMsgID"), "recipients": recipients})
 
 
 def after_send_group(ctx: Context, p: dict[str, Any]) -> None:
     """The sidecar's own group send is confirmed."""
     if p.get("sendID") == ctx.sender_id:
-        ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms)
+        _log_confirmed(p, ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms))
 
 
 def conversation_id(p: dict[str, Any]) -> str | None:
@@ -163,7 +182,7 @@ def after_msg_save_db(ctx: Context, p: dict[str, Any]) -> None:
     if p.get("sendID") != ctx.sender_id:
         return
     server_msg_id = _field(p, "serverMsgID")
-    ctx.store.confirm_sent(server_msg_id, ctx.now_ms)
+    _log_confirmed(p, ctx.store.confirm_sent(server_msg_id, ctx.now_ms))
     conversation, seq = conversation_id(p), p.get("seq")
     if conversation is None or not isinstance(seq, int) or seq <= 0:
         log.debug("saved message %s has no chat conversation or seq; reads cannot be tracked", server_msg_id)
@@ -245,6 +264,7 @@ class CallbackProcessor:
         # Called after a round that applied callbacks: they may have emitted subscriber
         # events, and a user coming online makes held recipients due for delivery.
         self.on_change = on_change
+        self.metrics: Metrics = DISCARD  # the app's, once metrics.install() hands it over
         self.loop = BackgroundLoop("callbacks", self.step)
 
     def step(self) -> int:
@@ -262,12 +282,15 @@ class CallbackProcessor:
                 apply_callback(ctx, record)
                 error = None
             except StorageUnavailable as exc:
-                log.warning("callback %d (%s) left for later: %s", record.id, record.command, exc)
+                log.warning("callback %d (%s) left for later: %s", record.id, record.command, exc,
+                            extra={"event": "callback.postponed", "callback": record.command})
                 break
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"[:500]
-                log.warning("callback %d (%s) could not be applied: %s", record.id, record.command, error)
+                log.warning("callback %d (%s) could not be applied: %s", record.id, record.command, error,
+                            extra={"event": "callback.failed", "callback": record.command})
             self.store.finish_callback(record.id, error)
+            self.metrics.callback_processed(record.command, error is None)
             done += 1
         if done:
             self.on_change()

@@ -23,7 +23,8 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from .callback_handlers import natural_key
+from . import metrics
+from .callback_handlers import HANDLERS, natural_key
 from .errors import NotFound, PayloadTooLarge, StorageUnavailable
 from .services import Services
 from .wire import read_body
@@ -41,6 +42,12 @@ def token_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
 
 
+def _fields(command: str, operation_id: str | None) -> dict[str, Any]:
+    """The structured log fields of a received callback (both come from the request: kept short)."""
+    return {"event": "callback.received", "callback": command[:80],
+            "operation_id": (operation_id or "")[:128] or None}
+
+
 def take_callback(services: Services, command: str, body: bytes, operation_id: str | None) -> str:
     """Store one callback for processing; says what became of it, never raises.
 
@@ -51,27 +58,34 @@ def take_callback(services: Services, command: str, body: bytes, operation_id: s
         text = body.decode("utf-8")
         payload: Any = json.loads(text)
     except (ValueError, RecursionError):  # bad UTF-8, bad JSON, or nested too deep to parse
-        log.warning("callback %s (operationID %s): body is not JSON; ignored", command[:80], operation_id)
+        log.warning("callback %s (operationID %s): body is not JSON; ignored", command[:80], operation_id,
+                    extra=_fields(command, operation_id))
         return "unparseable"
     key = natural_key(command, payload)
     if key is None:
-        log.debug("callback %s (operationID %s): not handled; ignored", command[:80], operation_id)
+        log.debug("callback %s (operationID %s): not handled; ignored", command[:80], operation_id,
+                  extra=_fields(command, operation_id))
         return "ignored"
     if not isinstance(payload, dict):
-        log.warning("callback %s (operationID %s): body is not a JSON object; ignored", command, operation_id)
+        log.warning("callback %s (operationID %s): body is not a JSON object; ignored", command, operation_id,
+                    extra=_fields(command, operation_id))
         return "unparseable"
     try:
         stored = services.store.record_callback(command, key, text, int(services.clock() * 1000))
     except StorageUnavailable as exc:
-        log.error("callback %s (operationID %s) lost: %s", command, operation_id, exc)
+        log.error("callback %s (operationID %s) lost: %s", command, operation_id, exc,
+                  extra=_fields(command, operation_id))
         return "failed"
     except Exception:  # answering OpenIM matters more than this one event
-        log.exception("callback %s (operationID %s) lost: unexpected error", command, operation_id)
+        log.exception("callback %s (operationID %s) lost: unexpected error", command, operation_id,
+                      extra=_fields(command, operation_id))
         return "failed"
     if not stored:
-        log.debug("callback %s (operationID %s): duplicate of %s; ignored", command, operation_id, key[:200])
+        log.debug("callback %s (operationID %s): duplicate of %s; ignored", command, operation_id, key[:200],
+                  extra=_fields(command, operation_id))
         return "duplicate"
-    log.debug("callback %s (operationID %s) stored", command, operation_id)
+    log.debug("callback %s (operationID %s) stored", command, operation_id,
+              extra=_fields(command, operation_id))
     services.callbacks.wake()
     return "stored"
 
@@ -90,7 +104,14 @@ def receive(token: str, command: str) -> Response:
     try:
         body = read_body(request.stream, request.content_length, services.config.server.max_body_bytes)
     except PayloadTooLarge as exc:
-        log.warning("callback %s (operationID %s) ignored: %s", command[:80], operation_id, exc.detail)
+        _count(command, "too-large")
+        log.warning("callback %s (operationID %s) ignored: %s", command[:80], operation_id, exc.detail,
+                    extra=_fields(command, operation_id))
         return continue_response()
-    take_callback(services, command, body, operation_id)
+    _count(command, take_callback(services, command, body, operation_id))
     return continue_response()
+
+
+def _count(command: str, result: str) -> None:
+    # commands we do not handle share one label: the command comes from the URL
+    metrics.current().callback_received(command if command in HANDLERS else "other", result)

@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import logs
 from .client import BizClient, BizClientError
 from .config import CONFIG_ENV, Config, config_path, load_config
 from .errors import BizError, ConfigError
 from .signing import signature_headers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class CommandError(Exception):
@@ -41,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = command("serve", "run the HTTP server with its delivery workers")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="of the JSON lines on stderr")
 
-    command("worker", "run delivery workers only (no HTTP), sharing the store with the servers")
+    worker = command("worker", "run delivery workers only (no HTTP), sharing the store with the servers")
+    worker.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="of the JSON lines on stderr")
 
     dlq = command("dlq", "the dead-letter list: messages with recipients that failed for good", config=False)
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
@@ -131,7 +135,7 @@ def _serve(args: argparse.Namespace, stdout: TextIO) -> int:
     from .server import serve  # Flask and the store are only needed here
 
     config = _config(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level.upper(), config)
     return serve(config, host=args.host, port=args.port, announce=stdout)
 
 
@@ -139,7 +143,7 @@ def _worker(args: argparse.Namespace, stdout: TextIO) -> int:
     from .server import run_workers
 
     config = _config(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level.upper(), config)
     return run_workers(config, announce=stdout)
 
 
@@ -182,6 +186,7 @@ def _demo(args: argparse.Namespace, stdout: TextIO) -> int:
         schemas = Path("schemas")
     if not schemas.is_dir():
         raise CommandError(f"no catalogue at {schemas}: pass --schemas DIR or -c CONFIG")
+    logs.setup(logging.WARNING)  # the demo tells its own story on stdout; only trouble goes to stderr
     return run_demo(schemas.resolve(), stdout)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .background import IDLE_POLL_SECONDS, BackgroundLoop
 from .config import Config
+from .metrics import DISCARD, Metrics
 from .openim import OpenIMClient, OpenIMError
 from .sending import Sender
 from .store.base import PRIORITY_RANK, Outcome, Store, WorkItem
@@ -43,6 +44,7 @@ class DeliveryEngine:
     owner: str = "worker"
     rand: Callable[[], float] = random.random
     on_events: Callable[[], None] = lambda: None  # outcomes emitted subscriber events
+    metrics: Metrics = DISCARD  # the app's, once metrics.install() hands it over
 
     def __post_init__(self) -> None:
         self.loop = BackgroundLoop("delivery", self.step, self._idle_seconds)
@@ -109,6 +111,7 @@ class DeliveryEngine:
         if not results:
             return
         recorded = self.store.complete(results, self._now_ms())
+        self.metrics.outcomes(results)
         self.on_events()
         if recorded < len(results):
             log.warning("%d outcomes were not recorded: their lease had passed to another worker",

@@ -7,6 +7,7 @@ read from the request.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from .signing import VerifiedRequest
 from .store.base import Accepted, IdempotencyMismatch, NewMessage, ReplayKey
 from .strictjson import loads
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -24,6 +27,7 @@ class Answer:
 
     accepted: Accepted
     deprecated: bool
+    message_type: str = ""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -36,7 +40,7 @@ def accept_message(services: Services, verified: VerifiedRequest, raw: bytes,
     replay = ReplayKey(verified.client_id, verified.signed_value, verified.timestamp)
     earlier = services.store.replayed(replay)
     if earlier is not None:
-        return _answer_for(services, earlier)
+        return _answer_for(services, earlier, verified.client_id)
     _require_json(content_type)
     client = services.config.clients[verified.client_id]
     request = parse_envelope(
@@ -53,14 +57,29 @@ def accept_message(services: Services, verified: VerifiedRequest, raw: bytes,
             f"idempotency key {request.idempotency_key!r} was used for a different message ({exc})",
             errors=[Violation("/idempotency_key", "already used with another body")]) from None
     if accepted.created:
+        log.info("message %s accepted from %s: %s v%d to %d %s(s), priority %s", message.id, message.client,
+                 message.type, message.version, len(message.targets), message.target_kind, message.priority,
+                 extra={"event": "message.accepted", "message_id": message.id, "client": message.client,
+                        "type": message.type, "version": message.version, "recipients": len(message.targets),
+                        "priority": message.priority})
         services.engine.wake()
-    return Answer(accepted, request.deprecated)
+    else:
+        _log_repeat(accepted, client.client_id)
+    return Answer(accepted, request.deprecated, message.type)
 
 
-def _answer_for(services: Services, accepted: Accepted) -> Answer:
+def _log_repeat(accepted: Accepted, client_id: str) -> None:
+    log.info("message %s: repeated request from %s answered again", accepted.message_id, client_id,
+             extra={"event": "message.repeated", "message_id": accepted.message_id, "client": client_id})
+
+
+def _answer_for(services: Services, accepted: Accepted, client_id: str) -> Answer:
+    """The first answer again, for a replayed request."""
+    _log_repeat(accepted, client_id)
     record = services.store.get_message(accepted.message_id)
     message_type = services.catalog.get(record.type) if record else None
-    return Answer(accepted, bool(message_type and message_type.is_deprecated(record.version)))
+    return Answer(accepted, bool(message_type and message_type.is_deprecated(record.version)),
+                  record.type if record else "")
 
 
 def _require_json(content_type: str | None) -> None:

@@ -41,6 +41,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from .config import OpenIMConfig
+from .metrics import DISCARD, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ SINGLE_CHAT, GROUP_CHAT = 1, 3
 ADMIN_PLATFORM = 10
 _VALIDATION = re.compile(r"Field validation|error\(s\) decoding|mapstructure")
 _HINT = re.compile(r"[^A-Za-z0-9_.]+")
+_DELIVERY_OPERATION = re.compile(r"biz-([0-9a-f]{32})-\d+-")  # new_operation_id(f"{message_id}-{seq}")
+
+
+def operation_message_id(operation_id: str) -> str | None:
+    """The message id in the operationID of a delivery attempt, or None for other calls."""
+    found = _DELIVERY_OPERATION.match(operation_id)
+    return found.group(1) if found else None
 
 
 class OpenIMError(Exception):
@@ -206,6 +214,7 @@ class OpenIMClient:
         self._lock = threading.Lock()
         self._token: _Token | None = None
         self._op_tag, self._op_counter = secrets.token_hex(3), itertools.count()
+        self.metrics: Metrics = DISCARD  # the app's, once metrics.install() hands it over
 
     def new_operation_id(self, hint: str = "") -> str:
         """``biz-<hint>-<ms>-<process tag><counter>``: unique per attempt, safe in headers and logs.
@@ -240,7 +249,8 @@ class OpenIMClient:
             if exc.err_code not in TOKEN_ERRORS:
                 raise
             log.info("OpenIM refused the admin token (%s, operationID %s): refreshing once",
-                     exc.err_msg, operation_id)
+                     exc.err_msg, operation_id, extra={"event": "openim.token_refused", "endpoint": endpoint,
+                                                       "operation_id": operation_id, "err_code": exc.err_code})
         token = self._refresh(failed=token)
         retry_id = operation_id if same_id_on_retry else f"{operation_id}-retry"
         return self._post(endpoint, body, retry_id, token), retry_id
@@ -265,8 +275,13 @@ class OpenIMClient:
             raise OpenIMError(endpoint=endpoint, operation_id=operation_id, retryable=retryable,
                               outcome_unknown=unknown, err_msg=self._scrub(f"{type(exc).__name__}: {exc}")) from exc
         finally:
+            seconds = time.monotonic() - started
+            outcome = str(code) if code is not None else ("network" if status is None else f"http-{status}")
+            self.metrics.openim_call(endpoint, outcome, seconds)
             log.debug("OpenIM %s operationID=%s http=%s errCode=%s %.0fms", endpoint, operation_id, status, code,
-                      (time.monotonic() - started) * 1000)
+                      seconds * 1000, extra={"event": "openim.call", "endpoint": endpoint, "operation_id": operation_id,
+                                             "http_status": status, "err_code": code,
+                                             "duration_ms": round(seconds * 1000, 1)})
 
     def _data(self, endpoint: str, operation_id: str, status: int, envelope: dict[str, Any] | None) -> Any:
         if envelope is None:
@@ -348,7 +363,8 @@ class OpenIMClient:
         token = _Token(value, int(self._clock() * 1000) + lifetime * 1000)  # a duration, not a timestamp
         self._tokens.save_token(TOKEN_NAME, token.value, token.expires_ms)
         log.info("obtained a new OpenIM admin token for %s (operationID %s, valid %d s)",
-                 self._config.admin_user_id, operation_id, lifetime)
+                 self._config.admin_user_id, operation_id, lifetime,
+                 extra={"event": "openim.token", "operation_id": operation_id})
         return self._adopt(token)
 
     # -- messages ------------------------------------------------------------------

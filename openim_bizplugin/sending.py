@@ -175,7 +175,10 @@ class Sender:
         results.extend((i, self._sent(batch.sent[i.target])) for i in items if i.target in batch.sent)
         log.info("message %s: batch_send_msg to %d users: %d sent, %d refused (operationID %s, attempt %d)",
                  first.message_id, len(items), len(items) - len(refused), len(refused), first.operation_id,
-                 first.attempts)
+                 first.attempts, extra={"event": "delivery.batch", "message_id": first.message_id,
+                                        "client": first.client, "type": first.type,
+                                        "operation_id": first.operation_id, "recipients": len(items),
+                                        "refused": len(refused), "attempt": first.attempts})
         self._settle_refused(refused, decide, results)
 
     def _settle_refused(self, items: list[WorkItem], decide: Decide, results: Results) -> None:
@@ -200,7 +203,10 @@ class Sender:
     def _record(self, results: Results, item: WorkItem, outcome: Outcome) -> None:
         log.info("message %s %s %s: %s (operationID %s, attempt %d)%s", item.message_id, item.kind, item.target,
                  outcome.status, item.operation_id, item.attempts,
-                 f": {outcome.error}" if outcome.error else "")
+                 f": {outcome.error}" if outcome.error else "",
+                 extra={"event": "delivery.outcome", "message_id": item.message_id, "recipient": item.target,
+                        "kind": item.kind, "client": item.client, "type": item.type,
+                        "operation_id": item.operation_id, "status": outcome.status, "attempt": item.attempts})
         results.append((item, outcome))
 
     def _now_ms(self) -> int:

@@ -23,7 +23,10 @@ class _RequestHandler(WSGIRequestHandler):
     """Werkzeug's handler, logging through ``logging`` without ANSI colours."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.info('%s "%s %s" %s', self.address_string(), self.command, masked_path(self.path), code)
+        path = masked_path(self.path)
+        log.info('%s "%s %s" %s', self.address_string(), self.command, path, code,
+                 extra={"event": "http.access", "remote": self.address_string(), "method": self.command,
+                        "path": path, "status": getattr(code, "value", code)})
 
 
 def masked_path(path: str) -> str:
@@ -66,7 +69,11 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
 
 
 def run_workers(config: Config, announce: TextIO | None = None) -> int:
-    """``openim-bizplugin worker``: delivery threads only, no HTTP, until SIGTERM/SIGINT."""
+    """``openim-bizplugin worker``: delivery threads only, no HTTP, until SIGTERM/SIGINT.
+
+    No HTTP means no ``/metrics``: a worker's counters are not scraped (the
+    queue depth is, from the shared store, by every ``serve``).
+    """
     from .services import Services
 
     services = Services.build(config)

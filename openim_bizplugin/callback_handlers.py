@@ -30,6 +30,7 @@ from .openim import operation_message_id
 from .store.base import CallbackRecord, Store
 
 log = logging.getLogger(__name__)
+ONLINE_COMMAND = "callbackAfterUserOnlineCommand"
 
 CUSTOM_CONTENT_TYPE = 110  # OpenIM's Custom message: how client receipts arrive
 SINGLE_CHAT, GROUP_CHAT = 1, 3  # OpenIM sessionType values (OPENIM.md §3.1)
@@ -259,11 +260,13 @@ class CallbackProcessor:
     """Applies stored callbacks in arrival order; ``step()`` is one round, ``loop`` runs threads."""
 
     def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time, *,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 on_online: Callable[[], None] = lambda: None) -> None:
         self.config, self.store, self.clock = config, store, clock
         # Called after a round that applied callbacks: they may have emitted subscriber
-        # events, and a user coming online makes held recipients due for delivery.
-        self.on_change = on_change
+        # events (on_change), and a user coming online makes held recipients due (on_online;
+        # waking delivery after every round caused a burst of empty lease rounds).
+        self.on_change, self.on_online = on_change, on_online
         self.metrics: Metrics = DISCARD  # the app's, once metrics.install() hands it over
         self.loop = BackgroundLoop("callbacks", self.step)
 
@@ -275,7 +278,8 @@ class CallbackProcessor:
         failure is different: the callback stays pending and the round ends,
         to be tried again once the store answers.
         """
-        done = 0
+        finished: list[tuple[int, str | None]] = []
+        online = False
         for record in self.store.pending_callbacks(BATCH_SIZE):
             ctx = Context(self.store, self.config.openim.sender_id, int(self.clock() * 1000))
             try:
@@ -289,12 +293,15 @@ class CallbackProcessor:
                 error = f"{type(exc).__name__}: {exc}"[:500]
                 log.warning("callback %d (%s) could not be applied: %s", record.id, record.command, error,
                             extra={"event": "callback.failed", "callback": record.command})
-            self.store.finish_callback(record.id, error)
+            finished.append((record.id, error))
+            online = online or record.command == ONLINE_COMMAND
             self.metrics.callback_processed(record.command, error is None)
-            done += 1
-        if done:
+        if finished:
+            self.store.finish_callbacks(finished)
             self.on_change()
-        return done
+            if online:  # a user came online: recipients held for them may be due now
+                self.on_online()
+        return len(finished)
 
     def wake(self) -> None:
         """A callback was stored: let an idle thread process it now instead of at its next poll."""

@@ -211,6 +211,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     subscribers = _subscribers(data.get("subscribers", []))
     ui = _Section("ui", data.get("ui", {}))
     ui_token = ui.secret("token", None)
+    if ui_token is not None and len(ui_token) < 16:
+        raise ui.fail("token", "must be at least 16 characters (it guards the operator page)")
     ui.done()
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
                   clients, subscribers, ui_token)

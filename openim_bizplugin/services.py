@@ -57,7 +57,8 @@ class Services:
         subscribers = SubscriberDispatcher(config, store, owner=owner)
         engine = build_engine(config, store, openim, clock, owner, on_events=subscribers.wake)
         # processed callbacks emit events and may release held recipients
-        callbacks = CallbackProcessor(config, store, clock, on_change=lambda: (subscribers.wake(), engine.wake()))
+        callbacks = CallbackProcessor(config, store, clock, on_change=subscribers.wake,
+                                      on_online=engine.wake)
         limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
         return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock)
 

@@ -425,8 +425,7 @@ class StoreContract:
         assert [(c.command, c.body, c.received_ms) for c in pending] == [
             ("cmdA", '{"a":1}', T0), ("cmdA", '{"b":1}', T0 + 2), ("cmdB", '{"c":1}', T0 + 3)]
         assert pending[0].id < pending[1].id < pending[2].id
-        store.finish_callback(pending[0].id)
-        store.finish_callback(pending[2].id, "ValueError: odd")
+        store.finish_callbacks([(pending[0].id, None), (pending[2].id, "ValueError: odd")])
         assert store.pending_callbacks(10) == [pending[1]]
         assert store.pending_callbacks(0) == [] and store.pending_callbacks(1) == [pending[1]]
         assert not store.record_callback("cmdA", "k1", "{}", T0 + 4)  # finished ones stay seen

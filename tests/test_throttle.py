@@ -63,3 +63,19 @@ def test_drop_policy_ends_throttled_and_other_recipients_are_not_limited(tmp_pat
     assert "dropped" in side.recipients(ids[2])[0]["reason"]
     assert _statuses(side, [other]) == ["sent"]
     side.services.close()
+
+
+def test_parallel_delivery_threads_share_the_window(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "drop")
+    ids = [side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}") for i in range(6)]
+    now_ms = int(clock() * 1000)
+    # two "threads" each lease three recipients for the same user before anything is recorded as sent
+    first = side.store.lease(now_ms, 3, 10_000, "w1", lambda hint: f"a-{hint}")
+    second = side.store.lease(now_ms, 3, 10_000, "w2", lambda hint: f"b-{hint}")
+    throttle = side.engine.sender.throttle
+    outcomes = []
+    allowed = throttle.apply(first, lambda item, outcome: outcomes.append(outcome))
+    allowed += throttle.apply(second, lambda item, outcome: outcomes.append(outcome))
+    assert len(allowed) == 2 and [o.status for o in outcomes] == ["throttled"] * 4
+    assert len(ids) == 6
+    side.services.close()

@@ -331,8 +331,8 @@ class Store(Protocol):
     def pending_callbacks(self, limit: int) -> list[CallbackRecord]:
         """Unprocessed callbacks, oldest first."""
 
-    def finish_callback(self, callback_id: int, error: str | None = None) -> None:
-        """Mark a callback processed (with the error, if processing failed)."""
+    def finish_callbacks(self, results: list[tuple[int, str | None]]) -> None:
+        """Mark callbacks processed, each with its error if processing failed (one write)."""
 
     def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:
         """OpenIM's after-send callback confirmed this message."""

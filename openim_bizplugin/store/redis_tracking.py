@@ -174,12 +174,13 @@ class RedisTrackingMixin:
                 for callback_id, (command, body, received_ms) in zip(ids, pipe.execute())]
 
     @translated
-    def finish_callback(self, callback_id: int, error: str | None = None) -> None:
+    def finish_callbacks(self, results: list[tuple[int, str | None]]) -> None:
         pipe = self._redis.pipeline(transaction=True)
-        key = self._k(f"cb:{callback_id}")
-        pipe.hset(key, "done", 1)
-        pipe.hset(key, "error", error) if error is not None else pipe.hdel(key, "error")
-        pipe.zrem(self._k("cb:pending"), callback_id)
+        for callback_id, error in results:
+            key = self._k(f"cb:{callback_id}")
+            pipe.hset(key, "done", 1)
+            pipe.hset(key, "error", error) if error is not None else pipe.hdel(key, "error")
+            pipe.zrem(self._k("cb:pending"), callback_id)
         pipe.execute()
 
     # -- what callbacks tell about sent messages ---------------------------------------

@@ -20,9 +20,10 @@ IDLE_CONNECTIONS = 8
 class SqliteFile:
     """Connections to one database file with the given ``synchronous`` level."""
 
-    def __init__(self, path: str, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str, synchronous: str = "FULL", autocheckpoint: bool = True) -> None:
         self.path = path
         self.synchronous = synchronous
+        self.autocheckpoint = autocheckpoint
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._writer = threading.Lock()
@@ -34,6 +35,8 @@ class SqliteFile:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            if not self.autocheckpoint:  # the owner calls checkpoint() at a time that suits it
+                db.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"cannot open the database: {exc}") from exc
         return db
@@ -97,6 +100,11 @@ class SqliteFile:
             elif found > version:
                 raise StorageUnavailable(
                     f"database schema version {found} is newer than this release understands")
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the file without waiting for readers or writers."""
+        with contextlib.suppress(sqlite3.Error), self.borrow() as db:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
         with self._lock:

@@ -56,9 +56,12 @@ class TrackingMixin:
                                 " ORDER BY id LIMIT ?", (limit,))
         return [CallbackRecord(*row) for row in rows]
 
-    def finish_callback(self, callback_id: int, error: str | None = None) -> None:
+    def finish_callbacks(self, results: list[tuple[int, str | None]]) -> None:
+        # one transaction per round: a lock taken per callback made OpenIM's answers wait (bench_callbacks)
         with self._inbox.write() as db:
-            db.execute("UPDATE callbacks SET done = 1, error = ? WHERE id = ?", (error, callback_id))
+            db.executemany("UPDATE callbacks SET done = 1, error = ? WHERE id = ?",
+                           [(error, callback_id) for callback_id, error in results])
+        self._inbox.checkpoint()  # here, off the answer path, outside the write lock
 
     # -- what callbacks tell about sent messages ---------------------------------------
     def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:

@@ -1,14 +1,29 @@
 """WSGI entry point for production servers, e.g.
-``gunicorn 'openim_bizplugin.wsgi:create()'`` with ``BIZPLUGIN_CONFIG`` set."""
+``gunicorn 'openim_bizplugin.wsgi:create()'`` with ``BIZPLUGIN_CONFIG`` set.
+
+Serves HTTP only: run ``openim-bizplugin worker`` beside it for delivery,
+callback processing and subscriber events (docs/deployment.md).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+
 from flask import Flask
 
+from . import logs
 from .app import create_app
 from .config import config_path, load_config
+from .errors import ConfigError
 
 
 def create() -> Flask:
-    """The app for the config named by ``BIZPLUGIN_CONFIG``."""
-    return create_app(load_config(config_path(None)))
+    """The app for the config named by ``BIZPLUGIN_CONFIG``, logging JSON lines to stderr."""
+    try:
+        config = load_config(config_path(None))
+        logs.setup(os.environ.get("BIZPLUGIN_LOG_LEVEL", "INFO").upper(), config)
+        return create_app(config)
+    except ConfigError as exc:  # one clear line, not a traceback per gunicorn worker
+        print(f"openim-bizplugin: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -55,6 +55,8 @@ def run_demo(schemas_dir: Path, out: TextIO) -> int:
     secret = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory() as tmp, FakeOpenIM(users=DEMO_USERS + ("imAdmin",),
                                                           groups={DEMO_GROUP: DEMO_USERS}) as fake:
+        for user in DEMO_USERS:  # online, so types with offline = "hold" go out at once
+            fake.set_online(user, [1])
         config = demo_config(schemas_dir, Path(tmp), fake.url, secret)
         app = create_app(config)
         services = app.extensions["bizplugin"]

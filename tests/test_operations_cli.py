@@ -46,3 +46,13 @@ def test_dlq_list_and_replay_of_unknown_id(tmp_path):
     assert code == 0 and "0 dead letters" in out
     code, _, err = _run("dlq", "replay", "nope", "-c", str(config))
     assert code == 1 and err.strip() == "openim-bizplugin: no dead letter 'nope'"
+
+
+def test_demo_delivers_one_message_of_each_type_and_shows_what_apps_receive():
+    from conftest import REPO
+    code, out, err = _run("demo", "--schemas", str(REPO / "schemas"))
+    assert code == 0, out + err
+    assert "4 of 4 messages delivered." in out
+    assert "onRecvCustomBusinessMessage receives" in out and "customElem" in out
+    for name in ("profile.updated", "app.upgrade_available", "order.status_changed", "action.required"):
+        assert f"── {name} v" in out

@@ -104,6 +104,69 @@ def own_cpu_seconds() -> float:
     return t.user + t.system
 
 
+class RedisProcess:
+    """A ``redis-server`` of a benchmark's own on a free loopback port, its files in *folder*.
+
+    *fsync* is the AOF policy: ``always`` (every write on disk before Redis
+    answers, what SQLite's ``synchronous=FULL`` promises), ``everysec``, or
+    ``no`` for no AOF at all (and no RDB snapshots either).
+    """
+
+    def __init__(self, folder: Path, fsync: str = "always", timeout: float = 10) -> None:
+        import shutil
+        import socket
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        aof = ["--appendonly", "no"] if fsync == "no" else ["--appendonly", "yes", "--appendfsync", fsync]
+        self.fsync = fsync
+        self.log_path = folder / "redis.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                          "--dir", str(folder), *aof], stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while not self._answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"redis-server did not start:\n{self.log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.02)
+
+    def _answers(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def version(self) -> str:
+        found = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+        return next((part[2:] for part in found.split() if part.startswith("v=")), "?")
+
+    def stop(self) -> None:
+        """SIGTERM by pid (SIGKILL after 10 s)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # -- machine context -------------------------------------------------------------------------------
 def dist_version(name: str) -> str:
     try:

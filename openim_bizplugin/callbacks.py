@@ -12,6 +12,9 @@ workers and are dropped after 3 s, and its before-callbacks *block* sending
 on any failure (it ignores ``failedContinue``), so a slow or failing answer
 here would lose events or stop chat. Unknown commands are understood and
 ignored (zulip's rule), not stored.
+
+"At once" holds while storage stalls too: the inbox write gets
+:data:`INBOX_WAIT_SECONDS` (see :class:`InboxWriter`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -48,8 +54,9 @@ def _fields(command: str, operation_id: str | None) -> dict[str, Any]:
             "operation_id": (operation_id or "")[:128] or None}
 
 
-def take_callback(services: Services, command: str, body: bytes, operation_id: str | None) -> str:
-    """Store one callback for processing; says what became of it, never raises.
+def take_callback(services: Services, command: str, body: bytes, operation_id: str | None,
+                  writer: InboxWriter | None = None) -> str:
+    """Store one callback for processing (through *writer*, bounded, when given); never raises.
 
     ``stored``, ``duplicate`` (seen before), ``ignored`` (a command we do not
     handle), ``unparseable`` (not a JSON object) or ``failed`` (storage).
@@ -71,7 +78,9 @@ def take_callback(services: Services, command: str, body: bytes, operation_id: s
                     extra=_fields(command, operation_id))
         return "unparseable"
     try:
-        stored = services.store.record_callback(command, key, text, int(services.clock() * 1000))
+        received_ms = int(services.clock() * 1000)
+        stored = (writer.record(services.store, command, key, text, received_ms) if writer
+                  else services.store.record_callback(command, key, text, received_ms))
     except StorageUnavailable as exc:
         log.error("callback %s (operationID %s) lost: %s", command, operation_id, exc,
                   extra=_fields(command, operation_id))
@@ -108,10 +117,72 @@ def receive(token: str, command: str) -> Response:
         log.warning("callback %s (operationID %s) ignored: %s", command[:80], operation_id, exc.detail,
                     extra=_fields(command, operation_id))
         return continue_response()
-    _count(command, take_callback(services, command, body, operation_id))
+    _count(command, take_callback(services, command, body, operation_id, current_app.extensions[INBOX_WRITER]))
     return continue_response()
 
 
 def _count(command: str, result: str) -> None:
     # commands we do not handle share one label: the command comes from the URL
     metrics.current().callback_received(command if command in HANDLERS else "other", result)
+
+
+# -- Answering while storage stalls -------------------------------------------------
+#
+# A write to the inbox can wait on SQLite's lock for busy_timeout (30 s: another
+# process holds it, a checkpoint, a slow disk) or on a Redis socket timeout,
+# and OpenIM drops an after-callback (or blocks a message, for a before-callback)
+# long before. So the write runs on a small pool and the request waits for it at
+# most INBOX_WAIT_SECONDS, then answers "continue" anyway and logs the callback
+# as lost; the write itself goes on and may still land (its outcome is logged).
+#
+# The trade-off, against answering first and storing from an in-memory queue:
+# here a callback is normally stored *before* OpenIM hears "continue", so a crash
+# just after answering loses nothing, and a loss only happens while storage is
+# actually stalled; the price is a thread hand-off per callback (~50 µs) and,
+# during a stall, a wait of INBOX_WAIT_SECONDS per callback, within OpenIM's
+# 3 s. At most MAX_PENDING_WRITES writes wait at once; past that a callback is
+# answered at once and lost, so a long stall cannot pile up threads or memory.
+
+INBOX_WAIT_SECONDS = 1.0
+MAX_PENDING_WRITES = 64
+INBOX_WRITER = "bizplugin.callback_inbox"
+
+
+class InboxWriter:
+    """Inbox writes on their own threads, each waited for at most *wait* seconds."""
+
+    def __init__(self, wait: float = INBOX_WAIT_SECONDS, pending: int = MAX_PENDING_WRITES,
+                 workers: int = 4) -> None:
+        self.wait = wait
+        self._slots = threading.BoundedSemaphore(pending)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="callback-inbox")
+
+    def record(self, store: Any, command: str, key: str, text: str, received_ms: int) -> bool:
+        """``store.record_callback(...)``; StorageUnavailable when it does not finish in time."""
+        if not self._slots.acquire(blocking=False):
+            raise StorageUnavailable("too many callback inbox writes are already waiting (storage stalled)")
+        try:
+            future = self._pool.submit(store.record_callback, command, key, text, received_ms)
+        except RuntimeError as exc:  # the pool was shut down
+            self._slots.release()
+            raise StorageUnavailable(f"callback inbox writer stopped: {exc}") from None
+        future.add_done_callback(lambda _done: self._slots.release())
+        try:
+            return future.result(timeout=self.wait)
+        except FutureTimeout:
+            future.add_done_callback(lambda done: _late_outcome(command, key, done))
+            raise StorageUnavailable(f"the callback inbox did not take the write within {self.wait:g} s; "
+                                     "answered OpenIM anyway (the write may still land)") from None
+
+
+def _late_outcome(command: str, key: str, done: Future) -> None:
+    error = None if done.cancelled() else done.exception()
+    if error is None and not done.cancelled():
+        log.warning("callback %s (%s) stored late, after OpenIM was answered", command[:80], key[:200])
+    else:
+        log.error("callback %s (%s) lost after OpenIM was answered: %s", command[:80], key[:200], error)
+
+
+@bp.record_once
+def _install_writer(state: Any) -> None:
+    state.app.extensions[INBOX_WRITER] = InboxWriter()

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
-from .catalog import MODES, OFFLINE_POLICIES, PRIORITIES, Catalog, MessageType
+from .catalog import (MAX_VIOLATIONS, MODES, OFFLINE_POLICIES, PRIORITIES, BoundedValidator, Catalog,
+                      MessageType, violations)
 from .errors import Forbidden, NotFound, Unprocessable, Violation
-from .strictjson import pointer_escape
 
 MAX_ID_LENGTH = 128
 MAX_TTL_SECONDS = 366 * 86400
@@ -52,7 +51,8 @@ ENVELOPE_SCHEMA: dict[str, Any] = {
         "mode": {"enum": list(MODES)},
     },
 }
-_ENVELOPE_VALIDATOR = Draft202012Validator(ENVELOPE_SCHEMA)
+# Bounded, and with ECMA-262 patterns: "$" in _KEY must not accept "key\n".
+_ENVELOPE_VALIDATOR = BoundedValidator(ENVELOPE_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ def parse_envelope(body: Any, *, client_id: str, allowed_types: tuple[str, ...],
                    max_recipients: int, header_key: str | None = None) -> MessageRequest:
     """Check *body* against the envelope, the client's rights and the type's schema."""
     if not plainly_valid(body):  # jsonschema only when there is something to explain
-        _raise_if(sorted((_violation(e) for e in _ENVELOPE_VALIDATOR.iter_errors(body)), key=lambda v: v.path),
-                  "the message envelope is invalid")
+        _raise_if(violations(_ENVELOPE_VALIDATOR, body), "the message envelope is invalid")
+        body = _integers(body)
     name, version = body["type"], body["version"]
     if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed_types):
         raise Forbidden(f"client {client_id!r} may not send type {name!r}")
@@ -143,13 +143,15 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meaning, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _raise_if(violations: list[Violation], detail: str) -> None:
-    if violations:
-        raise Unprocessable(detail, errors=violations)
+def _integers(body: dict[str, Any]) -> dict[str, Any]:
+    """*body* with ``version`` and ``ttl_seconds`` as ints: JSON Schema's "integer" admits 1.0,
+    which would reach the stored envelope (``"v": 1.0``) and the idempotency hash."""
+    return {k: int(v) if k in ("version", "ttl_seconds") else v for k, v in body.items()}
 
 
-def _violation(error: Any) -> Violation:
-    return Violation("".join(f"/{pointer_escape(str(p))}" for p in error.absolute_path), error.message)
+def _raise_if(found: list[Violation], detail: str) -> None:
+    if found:
+        raise Unprocessable(detail, errors=found)
 
 
 def id_problem(value: str) -> str | None:
@@ -168,9 +170,9 @@ def _unique_ids(path: str, ids: list[str], cap: int) -> tuple[str, ...]:
     if len(unique) > cap:
         raise Unprocessable(f"{len(unique)} recipients is over the cap of {cap} (server.max_recipients)",
                             errors=[Violation(path, f"at most {cap} unique ids")])
-    _raise_if([Violation(f"{path}/{i}", f"id {value[:40]!r} {problem}")
-               for i, value in enumerate(ids) if (problem := id_problem(value))],
-              "some recipient ids are not valid")
+    problems = (Violation(f"{path}/{i}", f"id {value[:40]!r} {problem}")
+                for i, value in enumerate(ids) if (problem := id_problem(value)))
+    _raise_if(list(itertools.islice(problems, MAX_VIOLATIONS)), "some recipient ids are not valid")
     return unique
 
 

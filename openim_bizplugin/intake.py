@@ -11,6 +11,8 @@ import logging
 import secrets
 from dataclasses import dataclass
 
+from werkzeug.http import parse_options_header
+
 from .envelope import MessageRequest, parse_envelope
 from .errors import UnsupportedMediaType, Unprocessable, Violation
 from .services import Services
@@ -83,9 +85,10 @@ def _answer_for(services: Services, accepted: Accepted, client_id: str) -> Answe
 
 
 def _require_json(content_type: str | None) -> None:
-    mimetype, _, params = (content_type or "").partition(";")
-    charset = params.strip().lower().removeprefix("charset=").strip('"') if params.strip() else "utf-8"
-    if mimetype.strip().lower() != "application/json" or charset not in ("utf-8", "utf8"):
+    # Parsed as RFC 9110 says (quoted values, any order): "charset=utf-8; x=y" is fine too.
+    mimetype, params = parse_options_header(content_type or "")
+    charset = params.get("charset", "utf-8").lower()
+    if mimetype.lower() != "application/json" or charset not in ("utf-8", "utf8"):
         raise UnsupportedMediaType(
             f"Content-Type must be application/json (UTF-8), not {(content_type or 'missing')[:80]!r}")
 

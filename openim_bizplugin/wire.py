@@ -51,8 +51,12 @@ def path_and_query(environ: dict[str, Any]) -> str:
         if not raw.startswith("/"):  # absolute-form target: keep path and query only
             parts = urlsplit(raw)
             raw = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        # WSGI hands over the target as latin-1 text; signers hash it as UTF-8.
-        return raw.encode("latin-1").decode("utf-8", "replace")
+        # WSGI hands over the target as latin-1 text; signers hash it as UTF-8. A server
+        # that already decoded it (text beyond latin-1) is taken at its word.
+        try:
+            return raw.encode("latin-1").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            return raw
     path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~%")
     query = environ.get("QUERY_STRING", "")
     return f"{path}?{query}" if query else path

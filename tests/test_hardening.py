@@ -33,7 +33,8 @@ from werkzeug.serving import make_server
 from conftest import REPO, SECRETS, Signed, message, write_config
 from openim_bizplugin.app import create_app
 from openim_bizplugin.callbacks import CONTINUE, INBOX_WAIT_SECONDS
-from openim_bizplugin.catalog import VALIDATION_BUDGET, Catalog, pattern_degree
+from openim_bizplugin.boundedschema import VALIDATION_BUDGET, pattern_degree
+from openim_bizplugin.catalog import Catalog
 from openim_bizplugin.config import load_config
 from openim_bizplugin.errors import ConfigError
 from openim_bizplugin.signing import signature_headers

@@ -307,3 +307,25 @@ def print_profile_top(path: Path, title: str, top: int = 15, sort: str = "tottim
     print(f"\n{title} ({path}), top {top} by {sort}:")
     for line in lines[start - 1 if start else 0:]:
         print("  " + line[:160])
+
+
+# -- machine-readable summaries (read by bench/run) ------------------------------------------------
+def figure(name: str, figure: str, value, *, unit: str = "", baseline=None, ratio=None,  # type: ignore[no-untyped-def]
+           target: str = "", passed: bool | None = None) -> dict:
+    """One row of a summary: *value* of *figure* for *name*, against *baseline*; *passed* None = no target."""
+    def clean(x):  # type: ignore[no-untyped-def]
+        return None if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))) else x
+
+    if ratio is None and isinstance(value, (int, float)) and isinstance(baseline, (int, float)) and baseline:
+        ratio = value / baseline
+    return {"name": name, "figure": figure, "value": clean(value), "unit": unit, "baseline": clean(baseline),
+            "ratio": clean(ratio), "target": target, "pass": passed}
+
+
+def write_summary(path: str | Path, benchmark: str, sizes: str, figures: list[dict],
+                  problems: list[str] = ()) -> None:  # type: ignore[assignment]
+    """Write the key figures of a run as JSON for ``bench/run`` (``--summary-json PATH``)."""
+    import json
+
+    Path(path).write_text(json.dumps({"benchmark": benchmark, "sizes": sizes, "figures": figures,
+                                      "problems": list(problems)}, indent=1, allow_nan=False) + "\n")

@@ -84,9 +84,9 @@ from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, Child, console_script, cpu_seconds, dump_profiles, machine_lines,  # noqa: E402
-                     memory_kb, own_cpu_seconds, package_source, percentile_ms, print_profile_top,
-                     profile_threads)
+from _common import (REPO, Child, console_script, cpu_seconds, dump_profiles, figure,  # noqa: E402
+                     machine_lines, memory_kb, own_cpu_seconds, package_source, percentile_ms,
+                     print_profile_top, profile_threads, write_summary)
 
 TOKEN = "bench-callback-token-0123456789abcdef"
 PREFIX = f"/openim/callback/{TOKEN}/"
@@ -677,6 +677,35 @@ def report_storage(rounds: list[Round], expected: int, warmup: int, inbox: Inbox
     return good
 
 
+def summary(path: str, args: argparse.Namespace, rounds: list[Round], stored_ok: bool, answers_ok: bool) -> None:
+    """The key figures as JSON for bench/run (--summary-json)."""
+    figures = []
+    for conc in sorted({r.concurrency for r in rounds}):
+        a = [r for r in rounds if r.concurrency == conc and r.side == "A"]
+        b = [r for r in rounds if r.concurrency == conc and r.side == "B"]
+        if not a or not b:
+            continue
+        rate_a, rate_b = statistics.mean(r.rate for r in a), statistics.mean(r.rate for r in b)
+        p99_a = percentile_ms([x for r in a for x in r.latencies], 0.99)
+        p99_b = percentile_ms([x for r in b for x in r.latencies], 0.99)
+        figures.append(figure("callbacks", f"acks/s vs bare Flask, {conc} senders", rate_a, unit="acks/s",
+                              baseline=rate_b, target=f">= {TARGET_RATIO:.2f}",
+                              passed=bool(rate_b) and rate_a / rate_b >= TARGET_RATIO))
+        figures.append(figure("callbacks", f"p99 answer, {conc} senders (baseline: bare p99)", p99_a, unit="ms",
+                              baseline=p99_b, target=f"< {TARGET_P99_MS:g} ms", passed=p99_a < TARGET_P99_MS))
+    a = [r for r in rounds if r.side == "A"]
+    if a and args.delivery_workers:
+        figures.append(figure("callbacks", "processor drain after a burst (max)", max(r.drain_seconds for r in a),
+                              unit="s"))
+    figures.append(figure("callbacks checks", "every callback answered, stored once, applied", 0 if stored_ok and
+                          answers_ok else 1, unit="problems", target="0", passed=stored_ok and answers_ok))
+    problems = ([] if stored_ok else ["inbox rows or processing: MISMATCH"]) + \
+               ([] if answers_ok else ["some callbacks were not answered 200 with the continue JSON"])
+    sizes = (f"bursts of {args.callbacks:,}, senders {','.join(map(str, args.concurrency))}, rounds {args.rounds}, "
+             f"warm-up {args.warmup}")
+    write_summary(path, "callbacks", sizes, figures, problems)
+
+
 # -- main -------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -712,6 +741,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "by this script, not package code) and print p50/p99 per stage")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (config, logs, databases)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--summary-json", metavar="PATH", help="also write the key figures to PATH as JSON (bench/run)")
     p.add_argument("--switch-interval", type=float, metavar="SECONDS",
                    help="sys.setswitchinterval() in both servers (default: Python's 0.005): how long a thread "
                         "that wants the GIL waits before the running thread is made to let go")
@@ -826,6 +856,8 @@ def main(argv: list[str]) -> int:
         ok = stored_ok and answers_ok
         if not answers_ok:
             print("PROBLEM: some callbacks were not answered 200 with the continue JSON (see errors above)")
+        if args.summary_json:
+            summary(args.summary_json, args, rounds, stored_ok, answers_ok)
         print(f"\nsidecar process: resident {memory_before.get('VmRSS', 0) / 1024:.0f} -> "
               f"{memory_after.get('VmRSS', 0) / 1024:.0f} MB (peak {memory_after.get('VmHWM', 0) / 1024:.0f} MB) "
               f"after {sum(r.callbacks for r in rounds if r.side == 'A') + args.warmup} callbacks")

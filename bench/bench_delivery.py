@@ -81,8 +81,13 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
+from _common import figure, write_summary  # noqa: E402
 
 TARGET_RATIO = 0.8
+# bench/run's bar for "memory stays flat": worker peak-RSS bytes per extra queued recipient, 10k -> 100k.
+# Below what one object per queued recipient would cost; bounded caches (SQLite's page cache per
+# pooled connection) also show up here, spread over the 90,000 extra recipients.
+RSS_GROWTH_TARGET = 500
 CLIENT_ID = "bench"
 SECRET = "bench-secret-0123456789abcdef"
 FAKE_SECRET = "openIM123"
@@ -599,6 +604,45 @@ def report(phases: list[Phase]) -> bool:
     return passed
 
 
+def summary(path: str, args: argparse.Namespace, phases: list[Phase]) -> None:
+    """The key figures as JSON for bench/run (--summary-json)."""
+    figures = []
+    by_name: dict[str, dict[str, list[Phase]]] = defaultdict(lambda: defaultdict(list))
+    for p in phases:
+        by_name[p.scenario.name][p.side].append(p)
+    for name, sides in by_name.items():
+        scenario = (sides["direct"] + sides["sidecar"])[0].scenario
+        label = f"delivery {name}"
+        if sides["direct"] and sides["sidecar"]:
+            rate, base = mean_rate(sides["sidecar"]), mean_rate(sides["direct"])
+            figures.append(figure(label, f"{scenario.mode} {scenario.describe()}: rcpt/s vs direct loop", rate,
+                                  unit="rcpt/s", baseline=base, target=f">= {TARGET_RATIO:.2f}",
+                                  passed=rate / base >= TARGET_RATIO))
+        if scenario.messages == 1 and scenario.users == USERS and sides["sidecar"]:
+            done = sides["sidecar"]
+            figures.append(figure(label, f"fan-out 1 x {USERS:,} ({scenario.mode}) completes",
+                                  max(p.seconds for p in done), unit="s", target="all sent once",
+                                  passed=not any(p.problems for p in done)))
+    peaks: dict[int, int] = {}
+    for p in phases:
+        if p.side == "sidecar" and p.scenario.memory:
+            peaks[p.scenario.recipients] = max(peaks.get(p.scenario.recipients, 0), p.rss_peak_kb)
+    points = sorted(peaks.items())
+    for (low, low_kb), (high, high_kb) in zip(points, points[1:]):
+        growth = (high_kb - low_kb) * 1024 / (high - low)
+        final = high == points[-1][0] and low >= USERS
+        figures.append(figure("delivery memory", f"worker peak RSS {low // 1000}k -> {high // 1000}k queued: "
+                              f"growth per rcpt ({low_kb / 1024:.0f} -> {high_kb / 1024:.0f} MB)", growth,
+                              unit="B/rcpt", target=f"< {RSS_GROWTH_TARGET} B/rcpt" if final else "",
+                              passed=growth < RSS_GROWTH_TARGET if final else None))
+    problems = [f"{p.scenario.name} {p.side}: {problem}" for p in phases for problem in p.problems]
+    figures.append(figure("delivery checks", "each recipient sent exactly once, rows 'sent'", len(problems),
+                          unit="problems", target="0", passed=not problems))
+    sizes = (f"{', '.join(f'{s.name} {s.describe()}' for s in args.scenarios)}; "
+             f"{'/'.join(args.sides)} x{args.repeat}, {args.workers} workers")
+    write_summary(path, "delivery", sizes, figures, problems)
+
+
 # -- main ---------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -617,6 +661,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="what --profile measures: each thread's CPU time (default) or wall time")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs, databases)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a scenario misses the target ratio")
+    p.add_argument("--summary-json", metavar="PATH", help="also write the key figures to PATH as JSON (bench/run)")
     p.add_argument("--fake-openim", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profiled-worker", nargs=3, metavar=("CONFIG", "OUT", "CLOCK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -660,6 +705,8 @@ def main(argv: list[str]) -> int:
                       file=sys.stderr)
         print()
         passed = report(phases)
+        if args.summary_json:
+            summary(args.summary_json, args, phases)
         print(f"\nwhole run {time.monotonic() - began:.0f} s; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     finally:

@@ -455,7 +455,8 @@ def report(rounds: list[Round]) -> float:
     return ratio
 
 
-def durability(db: Path, accepted: int, recipients: int) -> bool:
+def durability(db: Path, accepted: int, recipients: int) -> tuple[bool, int]:
+    """Print the check; (ok, messages in the file)."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
             messages = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
@@ -463,12 +464,41 @@ def durability(db: Path, accepted: int, recipients: int) -> bool:
         conn.close()
     except sqlite3.Error as exc:
         print(f"durability: sidecar answered 202 x {accepted}; cannot read {db}: {exc}: MISMATCH")
-        return False
+        return False, -1
     ok = messages == accepted and rows == accepted * recipients
     print(f"durability: sidecar answered 202 x {accepted}; after SIGKILL the database holds "
           f"{messages} messages and {rows} recipient rows (expected {accepted * recipients}): "
           f"{'OK' if ok else 'MISMATCH'}")
-    return ok
+    return ok, messages
+
+
+def write_summary(path: str, args: argparse.Namespace, rounds: list[Round], accepted: int, stored: int,
+                  durable: bool) -> None:
+    """The key figures as JSON for bench/run (--summary-json)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import figure
+    from _common import write_summary as write
+
+    def mean(values: list[float]) -> float:
+        return statistics.mean(values) if values else float("nan")
+
+    a, b = [r for r in rounds if r.side == "A"], [r for r in rounds if r.side == "B"]
+    rate_a, rate_b = mean([r.rate for r in a]), mean([r.rate for r in b])
+    ratio = rate_a / rate_b if b and rate_b else float("nan")
+    cpu_a = mean([r.cpu_per_request(r.server_cpu) for r in a])
+    cpu_b = mean([r.cpu_per_request(r.server_cpu) for r in b])
+    figures = [
+        figure("intake", "req/s sidecar vs bare Flask", rate_a, unit="req/s", baseline=rate_b, ratio=ratio,
+               target=f">= {TARGET_RATIO:.2f}", passed=ratio >= TARGET_RATIO if a and b else None),
+        figure("intake", "server CPU per request, sidecar vs bare", cpu_a, unit="ms", baseline=cpu_b),
+        figure("intake", "p99 latency sidecar vs bare", mean([r.pct(0.99) for r in a]), unit="ms",
+               baseline=mean([r.pct(0.99) for r in b])),
+        figure("intake", "202s stored after SIGKILL", stored, unit="msgs", baseline=accepted, target="all",
+               passed=durable),
+    ]
+    sizes = (f"{args.seconds:g} s rounds {args.rounds}, concurrency {args.concurrency}, "
+             f"{args.recipients} recipients")
+    write(path, "intake", sizes, figures, [] if durable else ["durability check: MISMATCH"])
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -493,6 +523,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="what --profile measures: each thread's CPU time (default) or wall time")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (config, logs, database)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the target ratio is missed")
+    p.add_argument("--summary-json", metavar="PATH", help="also write the key figures to PATH as JSON (bench/run)")
     p.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profiled-sidecar", nargs=3, metavar=("CONFIG", "OUT", "CLOCK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -550,7 +581,9 @@ def main(argv: list[str]) -> int:
             print(f"profile written to {args.profile} (python -m pstats {args.profile})")
         else:
             servers["A"].stop(signal.SIGKILL)  # only what was committed before answering survives
-        durable = durability(db, accepted, args.recipients) if "A" in args.rounds else True
+        durable, stored = durability(db, accepted, args.recipients) if "A" in args.rounds else (True, 0)
+        if args.summary_json:
+            write_summary(args.summary_json, args, rounds, accepted, stored, durable)
     finally:
         for server in servers.values():
             server.stop()

@@ -78,8 +78,8 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, Child, RedisProcess, console_script, cpu_seconds, machine_lines,  # noqa: E402
-                     package_source, usable_cpus)
+from _common import (REPO, Child, RedisProcess, console_script, cpu_seconds, figure, machine_lines,  # noqa: E402
+                     package_source, usable_cpus, write_summary)
 from bench_delivery import (ADMIN, BATCH, CLIENT_ID, DELIVERING, FAKE_SECRET, LISTENING, NOTIFY, PATH,  # noqa: E402
                             SECRET, TYPE, USERS, user_id)
 
@@ -538,6 +538,33 @@ def report(runs: list[Run], latencies: list[Latency], targets: list[Target], arg
           f"message call {args.call_delay * 1000:g} ms)")
 
 
+def summary(path: str, runs: list[Run], latencies: list[Latency], problems: list[tuple[str, str]],
+            args: argparse.Namespace) -> None:
+    """The key figures as JSON for bench/run (--summary-json): rates against Redis x1, latency in call delays
+    (the baseline is one call delay of the fake)."""
+    figures = []
+    for run in runs:
+        base = next((r for r in runs if r.workload == run.workload and r.target == Target("redis", 1)), None)
+        figures.append(figure("replicas", f"{run.workload.name} {run.workload.recipients:,}: rcpt/s, {run.target.label}", run.rate, unit="rcpt/s",
+                              baseline=base.rate if base else None))
+    delay_ms = args.call_delay * 1000
+    for lat in latencies:
+        if not lat.seconds:
+            continue
+        p50 = statistics.median(lat.seconds) * 1000
+        # A high message that waited behind the queue would see most of the backlog sent first.
+        overtook = max(lat.between) < args.backlog // 10
+        figures.append(figure("replicas", f"high p50 under {args.backlog:,} backlog, {lat.target.label} "
+                              f"(max {max(lat.between)} sent between)", p50, unit="ms",
+                              baseline=delay_ms, target="overtakes backlog", passed=overtook))
+    figures.append(figure("replicas checks", "each recipient sent exactly once, all 'sent'", len(problems),
+                          unit="problems", target="0", passed=not problems))
+    sizes = (f"notification {args.notify:,}, custom {args.custom:,}, replicas {args.replicas}"
+             f"{'' if args.no_sqlite else ' + SQLite x1'}, backlog {args.backlog:,}, {args.highs} highs, "
+             f"call delay {delay_ms:g} ms")
+    write_summary(path, "replicas", sizes, figures, [f"{where}: {problem}" for where, problem in problems])
+
+
 # -- main -----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -557,6 +584,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--poll", type=float, default=0.02, help="seconds between completion checks (default 0.02)")
     p.add_argument("--timeout", type=float, default=300, help="give up on one phase after this (default 300)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs, databases)")
+    p.add_argument("--summary-json", metavar="PATH", help="also write the key figures to PATH as JSON (bench/run)")
     p.add_argument("--fake-openim", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.replica_counts = [int(n) for n in args.replicas.split(",") if n]
@@ -605,6 +633,8 @@ def main(argv: list[str]) -> int:
         print()
         for where, problem in problems:
             print(f"PROBLEM {where}: {problem}")
+        if args.summary_json:
+            summary(args.summary_json, runs, latencies, problems, args)
         if runs and not problems:
             print("checks: every throughput run delivered each recipient exactly once (the fake's count, no error "
                   "answers) and every recipient ended 'sent' in the store")

@@ -49,6 +49,8 @@ import time
 from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import filesystem_of, fsync_ms  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PATH = "/v1/messages"
@@ -370,34 +372,6 @@ def run_round(side: str, server: Server, args: argparse.Namespace, round_no: int
 
 
 # -- context and reporting -----------------------------------------------------------------------
-def filesystem_of(path: Path) -> str:
-    best, kind = "", "?"
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
-                best, kind = parts[1], parts[2]
-    except OSError:
-        pass
-    return kind
-
-
-def fsync_ms(directory: Path, count: int = 50) -> float:
-    probe = directory / "fsync-probe"
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
-    times = []
-    try:
-        for _ in range(count):
-            os.write(fd, b"x" * 4096)
-            began = time.perf_counter()
-            os.fsync(fd)
-            times.append(time.perf_counter() - began)
-    finally:
-        os.close(fd)
-        probe.unlink()
-    return statistics.median(times) * 1000
-
-
 def print_context(args: argparse.Namespace, db_dir: Path) -> None:
     from importlib.metadata import PackageNotFoundError, version
 

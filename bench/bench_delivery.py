@@ -81,7 +81,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
-from _common import figure, write_summary  # noqa: E402
+from _common import dump_profiles, figure, profile_threads, write_summary  # noqa: E402
 
 TARGET_RATIO = 0.8
 # bench/run's bar for "memory stays flat": worker peak-RSS bytes per extra queued recipient, 10k -> 100k.
@@ -450,41 +450,13 @@ def run_sidecar(scenario: Scenario, fake: Fake, args: argparse.Namespace, work: 
 
 # -- optional: the worker under cProfile (every delivery thread) ------------------------------------------
 def profiled_worker(config: str, out: str, clock: str) -> int:
-    """``openim-bizplugin worker`` with each thread it starts profiled; merged stats go to *out* on SIGTERM.
-
-    cProfile only sees the thread that enables it, so ``threading.Thread.run``
-    is wrapped here (not in the package) to give every thread the worker
-    starts (its delivery loops and any other background loop) its own
-    profiler. With *clock* "cpu" the profiles count each thread's CPU time, so
-    waiting (HTTP answers, fsync, SQLite locks, the GIL) drops out; "wall" keeps it.
-    """
-    import cProfile
-    import pstats
-
+    """``openim-bizplugin worker`` with every thread it starts profiled (see
+    ``_common.profile_threads``); merged stats go to *out* when it stops."""
     from openim_bizplugin.cli import run
 
-    profiles: list[tuple[str, cProfile.Profile]] = []
-    lock = threading.Lock()
-    original = threading.Thread.run
-
-    def run_profiled(self: threading.Thread) -> None:
-        profile = cProfile.Profile(time.thread_time) if clock == "cpu" else cProfile.Profile()
-        with lock:
-            profiles.append((self.name, profile))
-        profile.enable()
-        try:
-            original(self)
-        finally:
-            profile.disable()
-
-    threading.Thread.run = run_profiled  # type: ignore[method-assign]
+    profiles = profile_threads(clock)
     code = run(["worker", "-c", config], sys.stdout, sys.stderr)
-    stats = [p for _, p in profiles if p.getstats()]
-    if stats:
-        merged = pstats.Stats(stats[0])
-        for p in stats[1:]:
-            merged.add(p)
-        merged.dump_stats(out)
+    dump_profiles(profiles, Path(out))
     print(f"profiled threads: {', '.join(name for name, _ in profiles)}", file=sys.stderr)
     return code
 

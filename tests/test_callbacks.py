@@ -204,6 +204,17 @@ def test_storage_failure_while_processing_leaves_the_callback_for_later(side):
     assert side.store.presence(["u1"])["u1"].online
 
 
+def test_a_storage_failure_mid_round_keeps_what_was_applied_before_it(side):
+    side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u1", 1, seq=9))
+    side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u2", 1, seq=9))
+    with sqlite3.connect(side.store.path) as db:
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON presence WHEN NEW.user_id = 'u2'"
+                   " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+    assert side.processor.step() == 1  # the round's changes commit together, up to the failure
+    assert [done for _, _, done, _ in side.inbox()] == [1, 0]
+    assert side.store.presence(["u1"])["u1"].online and "u2" not in side.store.presence(["u2"])
+
+
 def test_duplicate_callbacks_are_processed_once(side):
     body = fixture_text("callbackAfterUserOnlineCommand").encode()
     for _ in range(3):

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from conftest import message
+from openim_bizplugin.errors import StorageUnavailable
 from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, ReplayKey
 from openim_bizplugin.store.sqlite import SqliteStore
 
@@ -88,3 +89,28 @@ def test_failed_write_is_503_and_leaves_nothing_behind(signed, store, tmp_path, 
     assert response.status_code == 503
     assert response.get_json(force=True)["title"].startswith("Storage unavailable")
     assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+def test_a_batch_commits_its_writes_together_and_a_failed_write_alone_is_undone(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    with sqlite3.connect(store.path) as db:
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON presence WHEN NEW.user_id = 'bad'"
+                   " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    outside = sqlite3.connect(store.path)
+    with store.batch():
+        assert store.update_presence("u1", 1, True, 1, 1_000)
+        assert store.presence(["u1"])["u1"].online  # reads inside the batch see its writes
+        with pytest.raises(StorageUnavailable, match="refused"):
+            store.update_presence("bad", 1, True, 1, 1_000)
+        assert store.update_presence("u2", 1, True, 1, 1_000)
+        assert outside.execute("SELECT count(*) FROM presence").fetchone() == (0,)  # not committed yet
+    assert outside.execute("SELECT user_id FROM presence ORDER BY user_id").fetchall() == [("u1",), ("u2",)]
+
+
+def test_a_batch_that_raises_commits_nothing(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    with pytest.raises(RuntimeError), store.batch():
+        store.update_presence("u1", 1, True, 1, 1_000)
+        raise RuntimeError("crash mid-round")
+    assert store.presence(["u1"]) == {}
+    assert store.update_presence("u1", 1, True, 1, 1_000)  # the file is usable afterwards

@@ -8,6 +8,7 @@ committed together, so nothing answered ``202`` can be lost.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -375,6 +376,11 @@ class Store(Protocol):
 
     def unlock(self, name: str, owner: str) -> None:
         """Release a lock taken by *owner*."""
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Group this thread's writes inside the block into one transaction where the
+        backend has them (SQLite: one commit, one fsync); each write still succeeds or
+        fails alone. Redis writes are atomic one by one, so there it changes nothing."""
 
     def ping(self) -> None:
         """Raise StorageUnavailable when the store cannot be reached."""

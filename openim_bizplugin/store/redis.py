@@ -41,11 +41,13 @@ below every subscriber's cursor (keeping the newest EVENTS_KEPT of those). See
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import redis
@@ -356,6 +358,9 @@ class RedisStore(RedisTrackingMixin):
     @translated
     def unlock(self, name: str, owner: str) -> None:
         self._scripts["unlock"](keys=[self._k(f"lock:{name}")], args=[owner])
+
+    def batch(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()  # each write is one atomic script or command already
 
     @translated
     def ping(self) -> None:

@@ -12,6 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from .base import (PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch, MessageRecord,
@@ -479,6 +480,9 @@ class SqliteStore(TrackingMixin):
     def unlock(self, name: str, owner: str) -> None:
         with self._write() as db:
             db.execute("DELETE FROM shared WHERE name = ? AND owner = ?", (f"lock:{name}", owner))
+
+    def batch(self) -> AbstractContextManager[None]:
+        return self._db.batch()
 
     def ping(self) -> None:
         self._read("SELECT 1")

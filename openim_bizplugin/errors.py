@@ -104,6 +104,10 @@ class StorageUnavailable(BizError):
     status, slug, title = 503, "storage-unavailable", "Storage unavailable; nothing was stored"
 
 
+class StorageBusy(StorageUnavailable):
+    """A write that was asked not to wait could not start at once (nothing was written)."""
+
+
 def problem(exc: BizError) -> dict[str, Any]:
     """Render *exc* as an RFC 9457 problem document."""
     body: dict[str, Any] = {

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from conftest import message
-from openim_bizplugin.errors import StorageUnavailable
+from openim_bizplugin.errors import StorageBusy, StorageUnavailable
 from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, ReplayKey
 from openim_bizplugin.store.sqlite import SqliteStore
 
@@ -114,3 +114,36 @@ def test_a_batch_that_raises_commits_nothing(tmp_path):
         raise RuntimeError("crash mid-round")
     assert store.presence(["u1"]) == {}
     assert store.update_presence("u1", 1, True, 1, 1_000)  # the file is usable afterwards
+
+
+def test_record_callback_now_refuses_to_wait_for_a_lock_and_writes_nothing(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    locker = sqlite3.connect(store._inbox.path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # another process is writing the inbox
+    with pytest.raises(StorageBusy, match="locked by another process"):
+        store.record_callback_now("cmd", "k1", "{}", 1)
+    locker.execute("ROLLBACK")
+    with store._inbox.write():  # another thread of this process is writing it
+        with pytest.raises(StorageBusy, match="in progress"):
+            _in_other_thread(lambda: store.record_callback_now("cmd", "k1", "{}", 1))
+    assert store.pending_callbacks(10) == []
+    assert store.record_callback_now("cmd", "k1", "{}", 1)
+    with store._inbox.borrow() as db:  # the connection waits for locks again afterwards
+        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+
+
+def _in_other_thread(call):
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(_capture(call)))
+    thread.start()
+    thread.join(10)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _capture(call):
+    try:
+        return call()
+    except BaseException as exc:  # handed back to the test thread
+        return exc

@@ -329,6 +329,12 @@ class Store(Protocol):
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
         """Keep a callback for processing; False when (command, natural_key) was seen."""
 
+    def record_callback_now(self, command: str, natural_key: str, body: str, received_ms: int,
+                            wait_seconds: float = 0.0) -> bool:
+        """:meth:`record_callback` only if it can start without waiting for a lock (at most
+        *wait_seconds* for this process's other writes, not at all for another process's), else
+        :class:`~openim_bizplugin.errors.StorageBusy` (always, where the backend cannot tell)."""
+
     def pending_callbacks(self, limit: int) -> list[CallbackRecord]:
         """Unprocessed callbacks, oldest first."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import StorageBusy
 from .base import CallbackRecord, EventRecord, PresenceState, SubscriberCursor
 from .redis_errors import translated
 
@@ -161,6 +162,11 @@ class RedisTrackingMixin:
     @translated
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
         return bool(self._run("record_callback", command, natural_key, body, received_ms))
+
+    def record_callback_now(self, command: str, natural_key: str, body: str, received_ms: int,
+                            wait_seconds: float = 0.0) -> bool:
+        # a Redis call cannot tell beforehand whether it will wait (socket timeout 30 s)
+        raise StorageBusy("Redis writes always take the bounded path")
 
     @translated
     def pending_callbacks(self, limit: int) -> list[CallbackRecord]:

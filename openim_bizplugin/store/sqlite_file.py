@@ -11,7 +11,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 
-from ..errors import StorageUnavailable
+from ..errors import StorageBusy, StorageUnavailable
 
 BUSY_TIMEOUT_MS = 30_000
 IDLE_CONNECTIONS = 8
@@ -74,23 +74,49 @@ class SqliteFile:
             with self._savepoint(outer):
                 yield outer
             return
-        with self._writer, self.borrow() as db:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                self._local.db = db
+        with self._writer, self.borrow() as db, self._transaction(db):
+            yield db
+
+    @contextlib.contextmanager
+    def write_now(self, wait_seconds: float = 0.0) -> Iterator[sqlite3.Connection]:
+        """Like :meth:`write`, but raises StorageBusy instead of waiting for a lock: for
+        longer than *wait_seconds* for this process's other writers, at all for another
+        process's (busy_timeout 0 for BEGIN)."""
+        if not self._writer.acquire(timeout=wait_seconds):
+            raise StorageBusy("another write to this file is in progress")
+        try:
+            with self.borrow() as db:
+                db.execute("PRAGMA busy_timeout = 0")
                 try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
+                    db.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    raise StorageBusy(f"the database is locked by another process: {exc}") from None
                 finally:
-                    self._local.db = None
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+                    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                with self._transaction(db, begun=True):
+                    yield db
+        finally:
+            self._writer.release()
+
+    @contextlib.contextmanager
+    def _transaction(self, db: sqlite3.Connection, begun: bool = False) -> Iterator[None]:
+        try:
+            if not begun:
+                db.execute("BEGIN IMMEDIATE")
+            self._local.db = db
+            try:
+                yield
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            finally:
+                self._local.db = None
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
 
     @staticmethod
     @contextlib.contextmanager

@@ -19,6 +19,9 @@ from .sqlite_file import SqliteFile
 from .base import CallbackRecord, EventRecord, PresenceState, SubscriberCursor
 
 
+_RECORD_CALLBACK = "INSERT OR IGNORE INTO callbacks (command, natural_key, body, received_ms) VALUES (?, ?, ?, ?)"
+
+
 def emit(db: sqlite3.Connection, type_: str, data: dict[str, Any], now_ms: int) -> None:
     """Add one subscriber event (stable id) to the outbox, inside the caller's transaction."""
     db.execute("INSERT INTO events (id, type, data, created_ms) VALUES (?, ?, ?, ?)",
@@ -47,9 +50,12 @@ class TrackingMixin:
     # -- callback inbox ----------------------------------------------------------
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
         with self._inbox.write() as db:
-            return db.execute(
-                "INSERT OR IGNORE INTO callbacks (command, natural_key, body, received_ms) VALUES (?, ?, ?, ?)",
-                (command, natural_key, body, received_ms)).rowcount == 1
+            return db.execute(_RECORD_CALLBACK, (command, natural_key, body, received_ms)).rowcount == 1
+
+    def record_callback_now(self, command: str, natural_key: str, body: str, received_ms: int,
+                            wait_seconds: float = 0.0) -> bool:
+        with self._inbox.write_now(wait_seconds) as db:
+            return db.execute(_RECORD_CALLBACK, (command, natural_key, body, received_ms)).rowcount == 1
 
     def pending_callbacks(self, limit: int) -> list[CallbackRecord]:
         rows = self._inbox.read("SELECT id, command, body, received_ms FROM callbacks WHERE done = 0"

@@ -3,15 +3,15 @@
 Every line is one JSON object::
 
     {"ts": "2026-11-26T12:00:00.123Z", "level": "INFO", "logger": "openim_bizplugin.sending",
-     "event": "delivery.outcome", "msg": "message 0193… user u1: sent (operationID biz-0193…-0-…, attempt 1)",
+     "event": "delivery.outcome", "msg": "message 0193… user u1: sent (operationID biz-0193…-…-0, attempt 1)",
      "message_id": "0193…", "recipient": "u1", "client": "crm", "type": "profile.updated",
-     "operation_id": "biz-0193…-0-…", "status": "sent", "attempt": 1}
+     "operation_id": "biz-0193…-…-0", "status": "sent", "attempt": 1}
 
 ``ts`` is RFC 3339 UTC; ``event`` names what happened, and the fields after
 ``msg`` are whatever the call site passed in ``extra=`` (``message_id``,
 ``recipient``, ``client``, ``operation_id``, ``type``, ``status``,
 ``callback``, …). The operationID the sidecar gives a delivery attempt embeds
-the message id (``biz-<message id>-<seq>-…``), so one grep for a message id
+the message id (``biz-<message id>-<ms>-<tag>-<seq>``), so one grep for a message id
 finds its acceptance, its OpenIM calls, the callbacks OpenIM sends about it
 (they carry that operationID) and its receipt.
 

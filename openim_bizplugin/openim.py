@@ -54,7 +54,7 @@ SINGLE_CHAT, GROUP_CHAT = 1, 3
 ADMIN_PLATFORM = 10
 _VALIDATION = re.compile(r"Field validation|error\(s\) decoding|mapstructure")
 _HINT = re.compile(r"[^A-Za-z0-9_.]+")
-_DELIVERY_OPERATION = re.compile(r"biz-([0-9a-f]{32})-\d+-")  # new_operation_id(f"{message_id}-{seq}")
+_DELIVERY_OPERATION = re.compile(r"biz-([0-9a-f]{32})-\d+-")  # new_operation_id(message_id) + f"-{seq}"
 
 
 def operation_message_id(operation_id: str) -> str | None:
@@ -219,8 +219,8 @@ class OpenIMClient:
     def new_operation_id(self, hint: str = "") -> str:
         """``biz-<hint>-<ms>-<process tag><counter>``: unique per attempt, safe in headers and logs.
 
-        A random tag once per process and a counter, not random bytes per call:
-        leasing makes one per recipient (urandom cost ~6 us each).
+        A random tag once per process and a counter, not random bytes per call.
+        Leasing makes one per message and round and appends ``-<seq>`` per recipient.
         """
         hint = _HINT.sub("-", hint).strip("-")[:40]
         ms = int(self._clock() * 1000)

@@ -20,6 +20,7 @@ from .catalog import RateLimit
 from .store.base import Outcome, Store, WorkItem
 
 Record = Callable[[WorkItem, Outcome], None]
+FORGET_ABOVE = 100_000  # approvals kept before the ones whose window has passed are dropped
 
 
 class RecipientThrottle:
@@ -29,37 +30,47 @@ class RecipientThrottle:
         self.store, self.clock = store, clock
         self._approved: dict[tuple[str, str, str], list[int]] = {}  # this process's recent approvals
         self._lock = threading.Lock()
+        self._forget_above = FORGET_ABOVE
 
     def apply(self, items: list[WorkItem], record: Record) -> list[WorkItem]:
-        """Record delayed/throttled outcomes; return the items that may go now."""
+        """Record delayed/throttled outcomes; return the items that may go now (in order)."""
         now_ms = int(self.clock() * 1000)
-        send_now = []
+        limited: dict[tuple[str, str, str], list[WorkItem]] = {}  # (kind, type, rate) -> items
         for item in items:
-            text = item.delivery.get("rate_limit")
-            if not text:
-                send_now.append(item)
-                continue
+            if text := item.delivery.get("rate_limit"):
+                limited.setdefault((item.kind, item.type, text), []).append(item)
+        held_back: set[int] = set()
+        for (kind, type_, text), group in limited.items():
             limit = RateLimit.parse(text)
-            key = (item.kind, item.target, item.type)
             window_ms = limit.period_seconds * 1000
-            sent = self.store.sent_times(item.kind, item.target, item.type, now_ms - window_ms)
-            if self._approve(key, len(sent), limit.count, now_ms, window_ms):
-                send_now.append(item)
-            elif item.delivery.get("rate_limit_policy") == "drop":
-                record(item, Outcome.throttled(f"dropped: {item.type} rate limit {limit.text} reached"))
-            else:
-                opens_ms = (sent[0] if sent else now_ms) + window_ms
-                record(item, Outcome.deferred(f"delayed: {item.type} rate limit {limit.text}", opens_ms))
-        return send_now
+            # one query per round and type, not one per recipient (a Redis round trip each)
+            sent_times = self.store.sent_times(kind, list({i.target: None for i in group}), type_,
+                                               now_ms - window_ms)
+            with self._lock:
+                refused = [(item, sent_times.get(item.target, ())) for item in group
+                           if not self._approve((kind, item.target, type_), len(sent_times.get(item.target, ())),
+                                                limit.count, now_ms, window_ms)]
+            for item, sent in refused:
+                held_back.add(id(item))
+                if item.delivery.get("rate_limit_policy") == "drop":
+                    record(item, Outcome.throttled(f"dropped: {item.type} rate limit {limit.text} reached"))
+                else:
+                    opens_ms = (sent[0] if sent else now_ms) + window_ms
+                    record(item, Outcome.deferred(f"delayed: {item.type} rate limit {limit.text}", opens_ms))
+        return [item for item in items if id(item) not in held_back]
 
     def _approve(self, key: tuple[str, str, str], sent: int, count: int, now_ms: int, window_ms: int) -> bool:
-        """Take a slot in the window unless the sends recorded, or this process's approvals, fill it."""
-        with self._lock:
-            recent = [t for t in self._approved.get(key, ()) if t > now_ms - window_ms]
-            if max(sent, len(recent)) >= count:
-                self._approved[key] = recent
-                return False
-            self._approved[key] = recent + [now_ms]
-            if len(self._approved) > 100_000:  # forget windows that have passed
-                self._approved = {k: v for k, v in self._approved.items() if v and v[-1] > now_ms - window_ms}
-            return True
+        """Take a slot in the window unless the sends recorded, or this process's approvals, fill it
+        (the caller holds the lock)."""
+        cutoff = now_ms - window_ms
+        recent = [t for t in self._approved.get(key, ()) if t > cutoff]
+        if max(sent, len(recent)) >= count:
+            self._approved[key] = recent
+            return False
+        recent.append(now_ms)
+        self._approved[key] = recent
+        if len(self._approved) > self._forget_above:  # forget windows that have passed
+            self._approved = {k: v for k, v in self._approved.items() if v and v[-1] > cutoff}
+            # rebuilt only once it has doubled again: not on every approval when all are recent
+            self._forget_above = max(FORGET_ABOVE, 2 * len(self._approved))
+        return True

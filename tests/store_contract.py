@@ -222,11 +222,12 @@ class StoreContract:
                         (g, Outcome.sent("s2", "c2", T0 + 20))], T0 + 30)
         [c] = self.lease(store, T0 + 99)
         store.complete([(c, Outcome.sent("s3", "c3", T0 + 100))], T0 + 100)
-        assert store.sent_times("user", "u1", "profile.updated", T0) == [T0 + 10]
-        assert store.sent_times("user", "u1", "profile.updated", T0 + 10) == []
-        assert store.sent_times("group", "u1", "profile.updated", T0) == [T0 + 20]
-        assert store.sent_times("user", "u2", "profile.updated", 0) == [T0 + 100]
-        assert store.sent_times("user", "u1", "order.status_changed", 0) == []
+        assert store.sent_times("user", ["u1", "u2", "u3"], "profile.updated", T0) == {
+            "u1": [T0 + 10], "u2": [T0 + 100]}
+        assert store.sent_times("user", ["u1"], "profile.updated", T0 + 10) == {}
+        assert store.sent_times("group", ["u1"], "profile.updated", T0) == {"u1": [T0 + 20]}
+        assert store.sent_times("user", ["u1", "u2"], "order.status_changed", 0) == {}
+        assert store.sent_times("user", [], "profile.updated", 0) == {}
 
     def test_release_gives_untried_work_back_due_at_once(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)

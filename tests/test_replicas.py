@@ -133,8 +133,8 @@ def calls_in_flight(openim: FakeOpenIM, endpoint: str, tag: str) -> list[Call]:
 
 
 def operation_tag(operation_id: str) -> str:
-    """The process tag in ``biz-<hint>-<ms>-<tag><counter>``: 6 hex digits per OpenIM client (process)."""
-    return operation_id.rsplit("-", 1)[-1][:6]
+    """The process tag in ``biz-<hint>-<ms>-<tag><counter>[-<seq>]``: 6 hex digits per OpenIM client (process)."""
+    return re.search(r"-\d{13}-([0-9a-f]{6})", operation_id).group(1)
 
 
 def tag_of(replica: RunningServer) -> str | None:

@@ -284,6 +284,9 @@ class Store(Protocol):
         Due means queued and ready, or leased by a worker whose lease ran out
         (it died mid-send). Recipients past their message's TTL end
         ``expired`` here instead of being handed out.
+
+        Each item's operationID is ``new_operation_id(message_id) + "-" + seq``:
+        one call per message and round, unique per attempt.
         """
 
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
@@ -292,8 +295,9 @@ class Store(Protocol):
     def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
         """Extend the lease of the items this worker still holds; returns those."""
 
-    def sent_times(self, kind: str, target: str, type_: str, since_ms: int) -> list[int]:
-        """When messages of *type_* were sent to this recipient since *since_ms*, oldest first."""
+    def sent_times(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, list[int]]:
+        """When messages of *type_* were sent to each of *targets* since *since_ms*, oldest
+        first (one query for a whole round; targets with none are left out)."""
 
     def release(self, items: list[WorkItem], now_ms: int) -> int:
         """Give back leased items not attempted (shutdown, higher-priority work): due at once."""

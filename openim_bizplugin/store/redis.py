@@ -182,8 +182,10 @@ class RedisStore(RedisTrackingMixin):
         rows = self._run("lease", now_ms, limit, max(lease_ms, 1), owner, placeholder, BANDS, aging_ms)
         if not rows:
             return []
-        operation_ids = [new_operation_id("{0}-{2}".format(*member.rpartition(":"))) for member, *_ in rows]
         message_ids = list(dict.fromkeys(member.rpartition(":")[0] for member, *_ in rows))
+        bases = {message_id: new_operation_id(message_id) for message_id in message_ids}
+        operation_ids = [f"{bases[message_id]}-{seq}"
+                         for message_id, _, seq in (member.rpartition(":") for member, *_ in rows)]
         pipe = self._redis.pipeline(transaction=False)
         self._run("stamp", owner, placeholder,
                   *(x for (member, *_), op in zip(rows, operation_ids) for x in (member, op)), client=pipe)
@@ -223,10 +225,12 @@ class RedisStore(RedisTrackingMixin):
         return [item for item, ok in zip(items, kept) if ok]
 
     @translated
-    def sent_times(self, kind: str, target: str, type_: str, since_ms: int) -> list[int]:
-        found = self._redis.zrangebyscore(self._k(_sent_key(kind, target, type_)), f"({since_ms}", "+inf",
-                                          withscores=True)
-        return [int(sent_ms) for _, sent_ms in found]
+    def sent_times(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, list[int]]:
+        pipe = self._redis.pipeline(transaction=False)  # one round trip for the whole round
+        for target in targets:
+            pipe.zrangebyscore(self._k(_sent_key(kind, target, type_)), f"({since_ms}", "+inf", withscores=True)
+        return {target: [int(sent_ms) for _, sent_ms in found]
+                for target, found in zip(targets, pipe.execute()) if found}
 
     @translated
     def release(self, items: list[WorkItem], now_ms: int) -> int:

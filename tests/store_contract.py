@@ -272,6 +272,15 @@ class StoreContract:
         assert [i.message_id for i in self.lease(store, T0 + 1_000, limit=1)] == ["new"]
         assert statuses(store, "old") == ["expired"]
 
+    def test_a_recipient_past_its_ttl_since_the_last_lease_is_expired_when_picked(self, store):
+        store.accept(new("old", "u1", ttl=1, created=T0 - 500), None, retention_ms=0)  # expires at T0 + 500
+        store.accept(new("new", "u2", ttl=600), None, retention_ms=0)
+        assert self.lease(store, T0, limit=0) == []  # a round a moment earlier, with no room
+        leased = [i.message_id for i in self.lease(store, T0 + 600, limit=1)]
+        assert statuses(store, "old") == ["expired"]
+        leased += [i.message_id for i in self.lease(store, T0 + 700)]
+        assert leased == ["new"]
+
     # -- failures -------------------------------------------------------------------
     def test_failed_recipients_are_dead_letters_until_replayed(self, store):
         store.accept(new("m1", "u1", "u2", "u3"), None, retention_ms=0)

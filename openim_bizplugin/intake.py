@@ -78,10 +78,8 @@ def _log_repeat(accepted: Accepted, client_id: str) -> None:
 def _answer_for(services: Services, accepted: Accepted, client_id: str) -> Answer:
     """The first answer again, for a replayed request."""
     _log_repeat(accepted, client_id)
-    record = services.store.get_message(accepted.message_id)
-    message_type = services.catalog.get(record.type) if record else None
-    return Answer(accepted, bool(message_type and message_type.is_deprecated(record.version)),
-                  record.type if record else "")
+    message_type = services.catalog.get(accepted.type)
+    return Answer(accepted, bool(message_type and message_type.is_deprecated(accepted.version)), accepted.type)
 
 
 def _require_json(content_type: str | None) -> None:

@@ -201,7 +201,10 @@ def test_deprecated_version_is_accepted_with_deprecation_header(tmp_path, clock)
     toml.write_text(toml.read_text().replace("deprecated_versions = []", "deprecated_versions = [1]"))
     app = create_app(load_config(write_config(tmp_path, {"schemas": {"dir": "schemas"}})), clock=clock)
     client = Signed(app.test_client(), clock)
-    assert client.post(message()).headers["Deprecation"] == "true"
+    body = message()
+    first, replayed = client.post(body), client.post(body)  # the same signed request twice: a replay
+    assert first.headers["Deprecation"] == replayed.headers["Deprecation"] == "true"
+    assert replayed.get_json() == first.get_json()
     assert "Deprecation" not in client.post(message(version=2)).headers
     listed = {(t["type"], t["version"]): t for t in client.get("/v1/types").get_json()["types"]}
     assert listed[("profile.updated", 1)]["deprecated"] is True

@@ -67,6 +67,8 @@ class Accepted:
     message_id: str
     recipients: int
     created: bool
+    type: str = ""  # the message's type and version: filled in by replayed() (is it deprecated?)
+    version: int = 0
 
     def answer(self) -> dict[str, Any]:
         return {"id": self.message_id, "status": "queued", "recipients": self.recipients}
@@ -268,7 +270,7 @@ class Store(Protocol):
         """
 
     def replayed(self, replay: ReplayKey) -> Accepted | None:
-        """The answer stored for an earlier request with this identity."""
+        """The answer stored for an earlier request with this identity, with its type and version."""
 
     def get_message(self, message_id: str) -> MessageRecord | None:
         """The message and its recipients, or None."""

@@ -157,8 +157,8 @@ class RedisStore(RedisTrackingMixin):
         message_id = self._redis.get(self._k(f"replay:{replay.text()}"))
         if message_id is None:
             return None
-        return Accepted(message_id, int(self._redis.hget(self._k(f"m:{message_id}"), "recipient_count")),
-                        created=False)
+        count, type_, version = self._redis.hmget(self._k(f"m:{message_id}"), ["recipient_count", "type", "version"])
+        return Accepted(message_id, int(count), created=False, type=type_, version=int(version))
 
     @translated
     def get_message(self, message_id: str) -> MessageRecord | None:

@@ -290,8 +290,9 @@ class SqliteStore(TrackingMixin):
                            [(reason, message_id, seq) for seq, target in waiting if target in targets])
 
     def replayed(self, replay: ReplayKey) -> Accepted | None:
-        rows = self._read("SELECT id, recipient_count FROM messages WHERE replay_key = ?", (replay.text(),))
-        return Accepted(rows[0][0], rows[0][1], created=False) if rows else None
+        rows = self._read("SELECT id, recipient_count, type, version FROM messages WHERE replay_key = ?",
+                          (replay.text(),))
+        return Accepted(*rows[0][:2], created=False, type=rows[0][2], version=rows[0][3]) if rows else None
 
     def get_message(self, message_id: str) -> MessageRecord | None:
         rows = self._read(

@@ -33,7 +33,7 @@ from werkzeug.serving import make_server
 from conftest import REPO, SECRETS, Signed, message, write_config
 from openim_bizplugin.app import create_app
 from openim_bizplugin.callbacks import CONTINUE, INBOX_WAIT_SECONDS
-from openim_bizplugin.boundedschema import VALIDATION_BUDGET, pattern_degree
+from openim_bizplugin.boundedschema import VALIDATION_BUDGET, BoundedValidator, pattern_degree
 from openim_bizplugin.catalog import Catalog
 from openim_bizplugin.config import load_config
 from openim_bizplugin.errors import ConfigError
@@ -265,6 +265,16 @@ def test_schema_patterns_anchor_at_the_very_end(signed, store):
     order["amount"]["currency"] = "EUR"
     assert signed.post(message(type="order.status_changed", data=order)).status_code == 202
     assert rows(store) == 1
+
+
+@pytest.mark.parametrize("pattern, text, matches", [
+    (r"^\d+$", "123", True), (r"^\d+$", "١٢٣", False),  # Arabic-Indic digits are no \d in JavaScript
+    (r"^\w+$", "a_1", True), (r"^\w+$", "é", False), (r"\bfoo\b", "éfoo", True),
+    (r"^\s$", "\u00a0", True), (r"^\s$", "\ufeff", True), (r"^\S$", "\u3000", False), (r"^[\s\d]+$", " 1\u2028", True),
+])
+def test_schema_patterns_mean_what_they_mean_in_javascript(pattern, text, matches):
+    validator = BoundedValidator({"type": "string", "pattern": pattern})
+    assert validator.is_valid(text) is matches
 
 
 # -- headers ---------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ CUSTOM_CONTENT_TYPE = 110  # OpenIM's Custom message: how client receipts arrive
 SINGLE_CHAT, GROUP_CHAT = 1, 3  # OpenIM sessionType values (OPENIM.md §3.1)
 BATCH_SIZE = 200
 GATHER_SECONDS = 0.02  # how long the processor lets callbacks gather before a round
+CHUNK_SIZE = 16  # callbacks applied per main-file transaction
 
 
 @dataclass(frozen=True)
@@ -283,27 +284,17 @@ class CallbackProcessor:
         """
         finished: list[tuple[int, str | None]] = []
         processed: list[tuple[str, bool]] = []
-        online = False
-        # one transaction for the round's changes: a commit (an fsync) per presence report
-        # cost more CPU than the reports themselves and competed with OpenIM's answers
-        with self.store.batch():
-            for record in self.store.pending_callbacks(BATCH_SIZE):
-                ctx = Context(self.store, self.config.openim.sender_id, int(self.clock() * 1000))
-                try:
-                    apply_callback(ctx, record)
-                    error = None
-                except StorageUnavailable as exc:
-                    log.warning("callback %d (%s) left for later: %s", record.id, record.command, exc,
-                                extra={"event": "callback.postponed", "callback": record.command})
-                    break
-                except Exception as exc:
-                    error = f"{type(exc).__name__}: {exc}"[:500]
-                    log.warning("callback %d (%s) could not be applied: %s", record.id, record.command, error,
-                                extra={"event": "callback.failed", "callback": record.command})
-                finished.append((record.id, error))
-                processed.append((record.command, error is None))
-                online = online or record.command == ONLINE_COMMAND
-                time.sleep(0)  # hand the GIL to OpenIM's waiting answers between callbacks
+        records = self.store.pending_callbacks(BATCH_SIZE)
+        for start in range(0, len(records), CHUNK_SIZE):
+            # one transaction per chunk: a commit (an fsync) per presence report cost more CPU
+            # than the reports themselves; a whole round in one would hold the main file's
+            # writer lock (message intake, delivery outcomes) across the yields below
+            with self.store.batch():
+                postponed = self._apply(records[start:start + CHUNK_SIZE], finished, processed)
+            if postponed:
+                break
+            time.sleep(0)  # hand the GIL to OpenIM's waiting answers between chunks
+        online = any(command == ONLINE_COMMAND for command, _ in processed)
         if finished:
             self.store.finish_callbacks(finished)
             for command, ok in processed:
@@ -312,6 +303,26 @@ class CallbackProcessor:
             if online:  # a user came online: recipients held for them may be due now
                 self.on_online()
         return len(finished)
+
+    def _apply(self, records: list[CallbackRecord], finished: list[tuple[int, str | None]],
+               processed: list[tuple[str, bool]]) -> bool:
+        """Apply *records* in order; True when storage failed and the rest must wait."""
+        for record in records:
+            ctx = Context(self.store, self.config.openim.sender_id, int(self.clock() * 1000))
+            try:
+                apply_callback(ctx, record)
+                error = None
+            except StorageUnavailable as exc:
+                log.warning("callback %d (%s) left for later: %s", record.id, record.command, exc,
+                            extra={"event": "callback.postponed", "callback": record.command})
+                return True
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("callback %d (%s) could not be applied: %s", record.id, record.command, error,
+                            extra={"event": "callback.failed", "callback": record.command})
+            finished.append((record.id, error))
+            processed.append((record.command, error is None))
+        return False
 
     def wake(self) -> None:
         """A callback was stored: let an idle thread process it now instead of at its next poll."""

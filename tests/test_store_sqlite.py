@@ -128,8 +128,8 @@ def test_record_callback_now_refuses_to_wait_for_a_lock_and_writes_nothing(tmp_p
             _in_other_thread(lambda: store.record_callback_now("cmd", "k1", "{}", 1))
     assert store.pending_callbacks(10) == []
     assert store.record_callback_now("cmd", "k1", "{}", 1)
-    with store._inbox.borrow() as db:  # the connection waits for locks again afterwards
-        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+    assert not store.record_callback_now("cmd", "k1", "{}", 2)  # a duplicate
+    assert [(c.command, c.received_ms) for c in store.pending_callbacks(10)] == [("cmd", 1)]
 
 
 def _in_other_thread(call):

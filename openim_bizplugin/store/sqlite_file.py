@@ -28,12 +28,13 @@ class SqliteFile:
         self._lock = threading.Lock()
         self._writer = threading.Lock()
         self._local = threading.local()  # .db: this thread's open transaction, if any
+        self._at_once: sqlite3.Connection | None = None  # execute_now's, busy_timeout 0
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
         try:
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+            db = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000,
                                  isolation_level=None, check_same_thread=False)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
             if not self.autocheckpoint:  # the owner calls checkpoint() at a time that suits it
@@ -77,32 +78,37 @@ class SqliteFile:
         with self._writer, self.borrow() as db, self._transaction(db):
             yield db
 
-    @contextlib.contextmanager
-    def write_now(self, wait_seconds: float = 0.0) -> Iterator[sqlite3.Connection]:
-        """Like :meth:`write`, but raises StorageBusy instead of waiting for a lock: for
-        longer than *wait_seconds* for this process's other writers, at all for another
-        process's (busy_timeout 0 for BEGIN)."""
+    def execute_now(self, sql: str, params: tuple, wait_seconds: float = 0.0) -> int:
+        """One statement in a transaction of its own, without queueing: StorageBusy when
+        this process's other writers hold the file longer than *wait_seconds*, or another
+        process holds its lock at all. Returns the rowcount.
+
+        One ``execute`` in autocommit on a connection with busy_timeout 0 (used only
+        under the writer lock): each call into SQLite lets other threads take the GIL,
+        and BEGIN, INSERT and COMMIT apart cost answers time (bench_callbacks).
+        """
         if not self._writer.acquire(timeout=wait_seconds):
             raise StorageBusy("another write to this file is in progress")
         try:
-            with self.borrow() as db:
-                db.execute("PRAGMA busy_timeout = 0")
+            if self._at_once is None:
                 try:
-                    db.execute("BEGIN IMMEDIATE")
-                except sqlite3.Error as exc:
-                    raise StorageBusy(f"the database is locked by another process: {exc}") from None
-                finally:
-                    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                with self._transaction(db, begun=True):
-                    yield db
+                    self._at_once = self._open(busy_timeout_ms=0)
+                except StorageUnavailable as exc:  # e.g. locked while setting WAL: the waiting path
+                    raise StorageBusy(str(exc)) from None
+            return self._at_once.execute(sql, params).rowcount
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise StorageBusy(f"the database is locked by another process: {exc}") from None
+            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
         finally:
             self._writer.release()
 
     @contextlib.contextmanager
-    def _transaction(self, db: sqlite3.Connection, begun: bool = False) -> Iterator[None]:
+    def _transaction(self, db: sqlite3.Connection) -> Iterator[None]:
         try:
-            if not begun:
-                db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             self._local.db = db
             try:
                 yield
@@ -170,6 +176,8 @@ class SqliteFile:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for db in idle:
+        with self._writer:
+            at_once, self._at_once = self._at_once, None
+        for db in idle + ([at_once] if at_once else []):
             with contextlib.suppress(sqlite3.Error):
                 db.close()

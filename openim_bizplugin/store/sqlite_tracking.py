@@ -54,8 +54,7 @@ class TrackingMixin:
 
     def record_callback_now(self, command: str, natural_key: str, body: str, received_ms: int,
                             wait_seconds: float = 0.0) -> bool:
-        with self._inbox.write_now(wait_seconds) as db:
-            return db.execute(_RECORD_CALLBACK, (command, natural_key, body, received_ms)).rowcount == 1
+        return self._inbox.execute_now(_RECORD_CALLBACK, (command, natural_key, body, received_ms), wait_seconds) == 1
 
     def pending_callbacks(self, limit: int) -> list[CallbackRecord]:
         rows = self._inbox.read("SELECT id, command, body, received_ms FROM callbacks WHERE done = 0"

@@ -145,8 +145,9 @@ def _count(command: str, result: str) -> None:
 # here a callback is normally stored *before* OpenIM hears "continue", so a crash
 # just after answering loses nothing, and a loss only happens while storage is
 # actually stalled; the price, during a stall, is a wait of INBOX_WAIT_SECONDS
-# per callback, within OpenIM's 3 s. At most MAX_PENDING_WRITES writes wait at once; past that a callback is
-# answered at once and lost, so a long stall cannot pile up threads or memory.
+# per callback, within OpenIM's 3 s. At most MAX_PENDING_WRITES writes wait at
+# once; past that a callback is answered at once and lost, so a long stall
+# cannot pile up threads or memory.
 
 INBOX_WAIT_SECONDS = 1.0
 LOCK_WAIT_SECONDS = 0.1  # for this process's other inbox writes, before taking the pool's path

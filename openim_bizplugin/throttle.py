@@ -46,10 +46,12 @@ class RecipientThrottle:
             # one query per round and type, not one per recipient (a Redis round trip each)
             sent_times = self.store.sent_times(kind, list({i.target: None for i in group}), type_,
                                                now_ms - window_ms)
-            with self._lock:
-                refused = [(item, sent_times.get(item.target, ())) for item in group
-                           if not self._approve((kind, item.target, type_), len(sent_times.get(item.target, ())),
-                                                limit.count, now_ms, window_ms)]
+            refused = []
+            with self._lock:  # once per group: the approvals are shared by this process's threads
+                for item in group:
+                    sent = sent_times.get(item.target, [])
+                    if not self._approve((kind, item.target, type_), len(sent), limit.count, now_ms, window_ms):
+                        refused.append((item, sent))
             for item, sent in refused:
                 held_back.add(id(item))
                 if item.delivery.get("rate_limit_policy") == "drop":

@@ -229,7 +229,9 @@ def timed_sidecar(config: str, out: str) -> int:
     WSGIRequestHandler.run_wsgi = timed("3 run_wsgi (app + writing the answer)", WSGIRequestHandler.run_wsgi)
     _RequestHandler.log_request = timed("7 access log line", _RequestHandler.log_request)
     callbacks_module.take_callback = timed("4 take_callback (parse, key, store, wake)", callbacks_module.take_callback)
-    SqliteStore.record_callback = timed("5 record_callback (inbox transaction)", SqliteStore.record_callback)
+    SqliteStore.record_callback = timed("5 record_callback (inbox transaction, pool)", SqliteStore.record_callback)
+    SqliteStore.record_callback_now = timed("5 record_callback_now (inbox insert, request thread)",
+                                            SqliteStore.record_callback_now)
 
     class TimedLock:
         def __init__(self, name: str) -> None:
@@ -242,14 +244,25 @@ def timed_sidecar(config: str, out: str) -> int:
             note(f"6 {self.name} writer lock wait [{kind()}]", self.taken - began)
 
         def __exit__(self, *exc: object) -> None:
+            self.release()
+
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:  # as execute_now takes it
+            began = clock()
+            if not self.lock.acquire(blocking, timeout):
+                return False
+            self.taken = clock()
+            note(f"6 {self.name} writer lock wait [{kind()}]", self.taken - began)
+            return True
+
+        def release(self) -> None:
             held = clock() - self.taken
             self.lock.release()
             note(f"6 {self.name} writer lock held [{kind()}]", held)
 
     init = sqlite_file.SqliteFile.__init__
 
-    def init_timed(self, path: str, synchronous: str = "FULL") -> None:  # type: ignore[no-untyped-def]
-        init(self, path, synchronous)
+    def init_timed(self, path: str, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        init(self, path, *args, **kwargs)
         self._writer = TimedLock("inbox" if path.endswith("-callbacks.db") else "main")
 
     class TimedConnection(sqlite.Connection):

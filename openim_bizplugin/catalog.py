@@ -40,6 +40,7 @@ from jsonschema.exceptions import SchemaError, ValidationError
 from .boundedschema import (BUDGET, DATA_KEYWORDS, SCHEMA_MAPS, VALIDATION_BUDGET, Budget, BoundedValidator,
                             TooCostly, json_pointer, pattern_degree, schema_patterns, shorten)
 from .errors import ConfigError, Violation
+from .strictjson import DuplicateKey, object_without_duplicates
 
 MODES = ("notification", "custom")
 PRIORITIES = ("high", "normal", "low")
@@ -396,24 +397,15 @@ def load_schema_file(path: Path, report: Report) -> dict | None:
     return None if problems else schema
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads keeps the last duplicate silently; in a schema that hides
-    # a whole "properties" block, so refuse it.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"not valid JSON (duplicate key {key!r})")
-        result[key] = value
-    return result
-
-
 def _read_json(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read as UTF-8 text ({exc})") from exc
-    try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates)
+    try:  # a silently kept last duplicate could hide a whole "properties" block
+        return json.loads(text, object_pairs_hook=object_without_duplicates)
+    except DuplicateKey as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"

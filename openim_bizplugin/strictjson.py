@@ -47,17 +47,22 @@ def _reject_constant(name: str) -> Any:
     raise BadRequest(f"{name} is not valid JSON (use null or a string)")
 
 
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice (``json`` would keep the last silently)."""
+
+
+def object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An ``object_pairs_hook`` that refuses duplicate keys (request bodies, schema files)."""
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise BadRequest(f"duplicate key {key[:64]!r} in a JSON object")
+            raise DuplicateKey(f"duplicate key {key[:64]!r} in a JSON object")
         result[key] = value
     return result
 
 
 _DECODER = json.JSONDecoder(
-    object_pairs_hook=_object_without_duplicates,
+    object_pairs_hook=object_without_duplicates,
     parse_int=_parse_int,
     parse_float=_parse_float,
     parse_constant=_reject_constant,
@@ -79,6 +84,8 @@ def loads(raw: bytes) -> Any:
         value, end = _DECODER.raw_decode(text, _skip_space(text, 0))
     except json.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
+    except DuplicateKey as exc:
+        raise BadRequest(str(exc)) from None
     except RecursionError:
         raise BadRequest(f"JSON nesting deeper than {MAX_DEPTH} levels") from None
     if _skip_space(text, end) != len(text):

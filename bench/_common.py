@@ -22,6 +22,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+LISTENING = "listening on http://"  # what `openim-bizplugin serve` and the bare servers announce
+
+
+# -- side B of the request benchmarks: a bare endpoint served like the sidecar ------------------
+def serve_like_the_sidecar(app, log_path=lambda path: path.split("?", 1)[0]) -> int:  # type: ignore[no-untyped-def]
+    """Serve the Flask *app* the way ``openim_bizplugin.server.serve`` serves the sidecar: werkzeug's
+    threaded server, one logging line per request (the path through *log_path*), SIGTERM stops it
+    after the requests in flight; announces ``listening on http://HOST:PORT`` on stdout."""
+    import logging
+    import signal
+    import threading
+
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    log = logging.getLogger("bare")
+
+    class Handler(WSGIRequestHandler):  # the sidecar's _RequestHandler: one logging line per request
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            log.info('%s "%s %s" %s', self.address_string(), self.command, log_path(self.path), code)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Handler)
+    server.daemon_threads = False
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"{LISTENING}{server.host}:{server.port}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 # -- processes ---------------------------------------------------------------------------------
 @dataclass
 class Child:
@@ -37,6 +69,12 @@ class Child:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """Where a server child listens, from its ``HOST:PORT`` announcement."""
+        host, port = self.line.rsplit(":", 1)
+        return host, int(port)
 
     @classmethod
     def start(cls, name: str, argv: list[str], prefix: str, log_path: Path, *, cwd: Path | None = None,

@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import hmac
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -84,15 +83,14 @@ from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, Child, console_script, cpu_seconds, dump_profiles, figure,  # noqa: E402
+from _common import (LISTENING, REPO, Child, console_script, cpu_seconds, dump_profiles, figure,  # noqa: E402
                      machine_lines, memory_kb, own_cpu_seconds, package_source, percentile_ms,
-                     print_profile_top, profile_threads, write_summary)
+                     print_profile_top, profile_threads, serve_like_the_sidecar, write_summary)
 
 TOKEN = "bench-callback-token-0123456789abcdef"
 PREFIX = f"/openim/callback/{TOKEN}/"
 ADMIN = "imAdmin"
 FAKE_SECRET = "openIM123"
-LISTENING = "listening on http://"
 TARGET_P99_MS = 5.0
 TARGET_RATIO = 0.5
 USERS = 5_000
@@ -113,15 +111,8 @@ def user_id(n: int) -> str:
 def bare_server() -> int:
     """Serve the bare callback endpoint exactly the way ``openim_bizplugin.server.serve`` serves the app."""
     from flask import Flask, Response, request
-    from werkzeug.serving import WSGIRequestHandler, make_server
 
     from openim_bizplugin.server import masked_path
-
-    log = logging.getLogger("bare")
-
-    class Handler(WSGIRequestHandler):  # the sidecar's _RequestHandler: one logging line per request
-        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            log.info('%s "%s %s" %s', self.address_string(), self.command, masked_path(self.path), code)
 
     app = Flask("bare")
 
@@ -132,16 +123,7 @@ def bare_server() -> int:
         json.loads(request.get_data())
         return Response(CONTINUE, status=200, mimetype="application/json")
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Handler)
-    server.daemon_threads = False
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    print(f"{LISTENING}{server.host}:{server.port}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    return 0
+    return serve_like_the_sidecar(app, masked_path)
 
 
 # -- optional: the sidecar under cProfile (request threads and background loops) ----------------
@@ -563,7 +545,7 @@ class Inbox:
 def run_round(side: str, child: Child, calls: list[Call], args: argparse.Namespace, concurrency: int,
               inbox: Inbox | None, worker: Child | None = None) -> Round:
     """One burst; for the sidecar, *inbox* is checked and drained, and a separate *worker*'s CPU is counted."""
-    host, port = child.line.rsplit(":", 1)
+    host, port = child.host_port
     pids = [child.pid] + ([worker.pid] if worker else [])
 
     def server_cpu_now() -> float:
@@ -571,7 +553,7 @@ def run_round(side: str, child: Child, calls: list[Call], args: argparse.Namespa
 
     before = inbox.counts() if inbox else (0, 0, 0)
     server_cpu, generator_cpu = server_cpu_now(), generator_cpu_seconds()
-    results = post_all(host, int(port), calls, concurrency, args.generator)
+    results = post_all(host, port, calls, concurrency, args.generator)
     ended = time.monotonic()
     server_cpu, generator_cpu = server_cpu_now() - server_cpu, generator_cpu_seconds() - generator_cpu
     errors: dict = {}

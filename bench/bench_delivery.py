@@ -80,7 +80,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
+from _common import LISTENING, REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
 from _common import dump_profiles, figure, profile_threads, write_summary  # noqa: E402
 
 TARGET_RATIO = 0.8
@@ -94,7 +94,6 @@ FAKE_SECRET = "openIM123"
 ADMIN = "imAdmin"
 TYPE = "order.status_changed"      # notification by default, persistent (reliabilityLevel 2), push texts
 PATH = "/v1/messages"
-LISTENING = "listening on http://"
 DELIVERING = "delivering with "
 USERS = 10_000
 NOTIFY = "/msg/send_business_notification"
@@ -336,7 +335,8 @@ def run_direct(scenario: Scenario, fake: Fake, args: argparse.Namespace) -> Phas
 
 
 # -- the sidecar: intake, then `openim-bizplugin worker` ----------------------------------------------
-def write_config(path: Path, db: Path, api_url: str, workers: int, batch_size: int) -> Path:
+def write_config(path: Path, storage_url: str, api_url: str, workers: int, batch_size: int) -> Path:
+    """The sidecar's config for this script and bench_replicas.py (SQLite or Redis storage)."""
     path.write_text(textwrap.dedent(f"""\
         [server]
         host = "127.0.0.1"
@@ -353,7 +353,7 @@ def write_config(path: Path, db: Path, api_url: str, workers: int, batch_size: i
         token = "bench-callback-token-0123456789"
 
         [storage]
-        url = "sqlite:///{db.as_posix()}"
+        url = "{storage_url}"
 
         [schemas]
         dir = "{(REPO / 'schemas').as_posix()}"
@@ -404,8 +404,9 @@ def run_sidecar(scenario: Scenario, fake: Fake, args: argparse.Namespace, work: 
     directory = work / (scenario.name if rounds == 1 else f"{scenario.name}-{rounds}")
     directory.mkdir()
     db = directory / "bizplugin.db"
-    load(scenario, write_config(directory / "serve.toml", db, fake.url, 0, args.batch_size), directory)
-    config = write_config(directory / "worker.toml", db, fake.url, args.workers, args.batch_size)
+    storage_url = f"sqlite:///{db.as_posix()}"
+    load(scenario, write_config(directory / "serve.toml", storage_url, fake.url, 0, args.batch_size), directory)
+    config = write_config(directory / "worker.toml", storage_url, fake.url, args.workers, args.batch_size)
     profile = Path(args.profile) / f"{directory.name}.prof" if args.profile else None
     poll = sqlite3.connect(db, timeout=30)
     active = f"SELECT 1 FROM recipients WHERE status IN ({', '.join('?' * len(ACTIVE_STATUSES))}) LIMIT 1"

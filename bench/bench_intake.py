@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import multiprocessing
 import os
 import platform
@@ -40,7 +39,6 @@ import shlex
 import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -50,27 +48,20 @@ from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import filesystem_of, fsync_ms  # noqa: E402
+from _common import (LISTENING, Child, console_script, cpu_seconds, dump_profiles, filesystem_of,  # noqa: E402
+                     fsync_ms, profile_threads, serve_like_the_sidecar)
 
 REPO = Path(__file__).resolve().parent.parent
 PATH = "/v1/messages"
 CLIENT_ID = "bench"
 SECRET = "bench-secret-0123456789abcdef"
 TARGET_RATIO = 0.5
-LISTENING = "listening on http://"
 
 
 # -- side B: the bare endpoint ---------------------------------------------------------------
 def bare_server(recipients: int) -> int:
     """Serve the bare endpoint exactly the way ``openim_bizplugin.server.serve`` serves the app."""
     from flask import Flask, jsonify, request
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
-    log = logging.getLogger("bare")
-
-    class Handler(WSGIRequestHandler):  # the sidecar's _RequestHandler: one logging line per request
-        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            log.info('%s "%s %s" %s', self.address_string(), self.command, self.path.split("?", 1)[0], code)
 
     app = Flask("bare")
 
@@ -79,16 +70,7 @@ def bare_server(recipients: int) -> int:
         json.loads(request.get_data())
         return jsonify({"id": "x", "status": "queued", "recipients": recipients}), 202
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Handler)
-    server.daemon_threads = False
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    print(f"{LISTENING}{server.host}:{server.port}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    return 0
+    return serve_like_the_sidecar(app)
 
 
 # -- optional: the sidecar under cProfile (all request threads) ------------------------------
@@ -101,77 +83,12 @@ def profiled_sidecar(config: str, out: str, clock: str) -> int:
     the profiles count the thread's CPU time, so time spent waiting (SQLite
     busy-handler sleeps, fsync, the GIL) drops out; "wall" keeps it.
     """
-    import cProfile
-    import pstats
-    import socketserver
-
     from openim_bizplugin.cli import run
 
-    profiles: list[cProfile.Profile] = []
-    lock = threading.Lock()
-    original = socketserver.ThreadingMixIn.process_request_thread
-
-    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
-        profile = cProfile.Profile(time.thread_time) if clock == "cpu" else cProfile.Profile()
-        with lock:
-            profiles.append(profile)
-        profile.enable()
-        try:
-            original(self, request, client_address)
-        finally:
-            profile.disable()
-
-    socketserver.ThreadingMixIn.process_request_thread = process_request_thread  # type: ignore[method-assign]
+    profiles = profile_threads(clock)
     code = run(["serve", "-c", config, "--port", "0"], sys.stdout, sys.stderr)
-    stats = [p for p in profiles if p.getstats()]
-    if stats:
-        merged = pstats.Stats(stats[0])
-        for p in stats[1:]:
-            merged.add(p)
-        merged.dump_stats(out)
+    dump_profiles(profiles, Path(out), lambda name: "process_request_thread" in name)
     return code
-
-
-# -- servers as subprocesses -------------------------------------------------------------------
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen
-    host: str
-    port: int
-    log_path: Path
-
-    @classmethod
-    def start(cls, name: str, argv: list[str], log_path: Path, cwd: Path) -> Server:
-        """Start *argv* (stderr to *log_path*) and wait for its ``listening on`` line."""
-        log = log_path.open("wb")
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, cwd=cwd, text=True)
-        log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith(LISTENING):
-                host, port = line.strip()[len(LISTENING):].rsplit(":", 1)
-                return cls(name, proc, host, int(port), log_path)
-        proc.kill()
-        tail = log_path.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"{name} did not start ({' '.join(argv)}):\n{tail}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-def console_script() -> str:
-    candidate = Path(sys.executable).with_name("openim-bizplugin")
-    return str(candidate) if candidate.exists() else "openim-bizplugin"
 
 
 def write_config(directory: Path, db_dir: Path) -> Path:
@@ -291,15 +208,6 @@ def process_usage(pid: int) -> tuple[int, float]:
     return fds, rss_kb / 1024
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process *pid* so far (Linux /proc), or nan."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def generator_cpu_seconds() -> float:
     """CPU seconds of this process and its reaped children (the process generator)."""
     t = os.times()
@@ -333,12 +241,12 @@ class Round:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def run_round(side: str, server: Server, args: argparse.Namespace, round_no: int) -> Round:
+def run_round(side: str, server: Child, args: argparse.Namespace, round_no: int) -> Round:
     go = time.monotonic() + 0.3  # let every worker connect first
     start = go + args.warmup
     end = start + args.seconds
     server_cpu, generator_cpu = cpu_seconds(server.proc.pid), generator_cpu_seconds()
-    jobs = [(server.host, server.port, f"{side}{round_no}w{i}p{os.getpid()}", args.recipients, start, end, go)
+    jobs = [(*server.host_port, f"{side}{round_no}w{i}p{os.getpid()}", args.recipients, start, end, go)
             for i in range(args.concurrency)]
     if args.generator == "process":
         ctx = multiprocessing.get_context("fork")
@@ -532,11 +440,12 @@ def main(argv: list[str]) -> int:
         sidecar_argv = [part.replace("{config}", str(config)) for part in shlex.split(args.sidecar_cmd)]
     else:
         sidecar_argv = [console_script(), "serve", "-c", str(config)]
-    servers: dict[str, Server] = {}
+    servers: dict[str, Child] = {}
     try:
-        servers["B"] = Server.start("bare server", [sys.executable, str(Path(__file__).resolve()), "--bare-server",
-                                                    "--recipients", str(args.recipients)], work / "bare.log", work)
-        servers["A"] = Server.start("sidecar", sidecar_argv, work / "sidecar.log", work)
+        servers["B"] = Child.start("bare server", [sys.executable, str(Path(__file__).resolve()), "--bare-server",
+                                                   "--recipients", str(args.recipients)], LISTENING,
+                                   work / "bare.log", cwd=work)
+        servers["A"] = Child.start("sidecar", sidecar_argv, LISTENING, work / "sidecar.log", cwd=work)
         usage_before = process_usage(servers["A"].proc.pid)
         rounds = []
         for i, side in enumerate(args.rounds):

@@ -66,7 +66,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections import Counter
@@ -78,10 +77,10 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, Child, RedisProcess, console_script, cpu_seconds, figure, machine_lines,  # noqa: E402
+from _common import (Child, RedisProcess, console_script, cpu_seconds, figure, machine_lines,  # noqa: E402
                      package_source, usable_cpus, write_summary)
 from bench_delivery import (ADMIN, BATCH, CLIENT_ID, DELIVERING, FAKE_SECRET, LISTENING, NOTIFY, PATH,  # noqa: E402
-                            SECRET, TYPE, USERS, user_id)
+                            SECRET, TYPE, USERS, user_id, write_config)
 
 SEND_MSG = "/msg/send_msg"
 HIGH_USER = "vip00000"       # receives the high-priority messages, nothing else
@@ -254,39 +253,6 @@ class Backend:
             self._poll.close()
         if self.target.store == "redis":
             self.client.close()
-
-
-def write_config(path: Path, storage_url: str, api_url: str, workers: int, batch_size: int) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        [server]
-        host = "127.0.0.1"
-        port = 0
-        max_recipients = {USERS}
-
-        [openim]
-        api_url = "{api_url}"
-        secret = "{FAKE_SECRET}"
-        admin_user_id = "{ADMIN}"
-        sender_id = "{ADMIN}"
-
-        [callbacks]
-        token = "bench-callback-token-0123456789"
-
-        [storage]
-        url = "{storage_url}"
-
-        [schemas]
-        dir = "{(REPO / 'schemas').as_posix()}"
-
-        [delivery]
-        workers = {workers}
-        batch_size = {batch_size}
-
-        [clients.{CLIENT_ID}]
-        secrets = ["{SECRET}"]
-        allowed_types = ["*"]
-        """))
-    return path
 
 
 def post(session: requests.Session, base_url: str, users: list[str], mode: str, n: int,

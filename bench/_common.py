@@ -107,6 +107,39 @@ class Child:
             return self.proc.wait()
 
 
+class FakeOpenIMProcess:
+    """The parent's handle on a fake OpenIM run as ``SCRIPT --fake-openim`` in its own process, so its
+    CPU does not compete for the benchmark's GIL; it answers each stdin command with one JSON line."""
+
+    def __init__(self, script: Path, work: Path) -> None:
+        import threading
+
+        self.child = Child.start("fake OpenIM", [sys.executable, str(script), "--fake-openim"],
+                                 LISTENING, work / "fake-openim.log", stdin=subprocess.PIPE)
+        self.url = f"http://{self.child.line}"
+        self._lock = threading.Lock()
+
+    def ask(self, command: str):  # type: ignore[no-untyped-def]
+        import json
+
+        with self._lock:
+            self.child.proc.stdin.write(command + "\n")
+            self.child.proc.stdin.flush()
+            return json.loads(self.child.proc.stdout.readline())
+
+    def stats(self) -> dict:
+        """What the fake answered since the last call (and start counting afresh)."""
+        return self.ask("stats")
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.child.pid)
+
+    def stop(self) -> None:
+        if self.child.proc.poll() is None:
+            self.child.proc.stdin.close()
+        self.child.stop(timeout=10)
+
+
 def console_script(name: str = "openim-bizplugin") -> str:
     """The package's console script next to this interpreter (the editable install), else from PATH."""
     candidate = Path(sys.executable).with_name(name)

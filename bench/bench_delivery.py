@@ -67,7 +67,6 @@ import secrets
 import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -81,7 +80,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LISTENING, REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
-from _common import dump_profiles, figure, profile_threads, write_summary  # noqa: E402
+from _common import FakeOpenIMProcess, dump_profiles, figure, package_source, profile_threads, write_summary  # noqa: E402
 
 TARGET_RATIO = 0.8
 # bench/run's bar for "memory stays flat": worker peak-RSS bytes per extra queued recipient, 10k -> 100k.
@@ -186,29 +185,6 @@ def fake_openim(users: int) -> int:
     return 0
 
 
-class Fake:
-    """The parent's handle on the fake OpenIM process."""
-
-    def __init__(self, work: Path) -> None:
-        self.child = Child.start("fake OpenIM", [sys.executable, str(Path(__file__).resolve()), "--fake-openim"],
-                                 LISTENING, work / "fake-openim.log", stdin=subprocess.PIPE)
-        self.url = f"http://{self.child.line}"
-
-    def stats(self) -> dict:
-        """What the fake answered since the last call (and start counting afresh)."""
-        self.child.proc.stdin.write("stats\n")
-        self.child.proc.stdin.flush()
-        return json.loads(self.child.proc.stdout.readline())
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.child.pid)
-
-    def stop(self) -> None:
-        if self.child.proc.poll() is None:
-            self.child.proc.stdin.close()
-        self.child.stop(timeout=10)
-
-
 # -- one phase's figures -------------------------------------------------------------------------------
 @dataclass
 class Phase:
@@ -286,7 +262,7 @@ def body_for(endpoint: str, env: str, users: list[str]) -> dict:
             "sessionType": 1, "isSendAll": False, "recvIDs": users}
 
 
-def run_direct(scenario: Scenario, fake: Fake, args: argparse.Namespace) -> Phase:
+def run_direct(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Namespace) -> Phase:
     answer = requests.post(fake.url + "/auth/get_admin_token", json={"secret": FAKE_SECRET, "userID": ADMIN},
                            headers={"operationID": f"bench-token-{secrets.token_hex(4)}"}, timeout=10).json()
     token = answer["data"]["token"]
@@ -397,7 +373,7 @@ def worker_argv(config: Path, profile: Path | None, clock: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--profiled-worker", str(config), str(profile), clock]
 
 
-def run_sidecar(scenario: Scenario, fake: Fake, args: argparse.Namespace, work: Path) -> Phase:
+def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Namespace, work: Path) -> Phase:
     from openim_bizplugin.store.base import ACTIVE_STATUSES
 
     rounds = len(list(work.glob(f"{scenario.name}*"))) + 1
@@ -479,7 +455,7 @@ def print_profile(path: Path, scenario: Scenario, top: int = 15) -> None:
 
 
 # -- reporting ---------------------------------------------------------------------------------------------
-def print_context(args: argparse.Namespace, work: Path, fake: Fake) -> None:
+def print_context(args: argparse.Namespace, work: Path, fake: FakeOpenIMProcess) -> None:
     print("machine")
     for line in machine_lines(work, ("requests", "urllib3")):
         print("  " + line)
@@ -495,18 +471,6 @@ def print_context(args: argparse.Namespace, work: Path, fake: Fake) -> None:
           f"     sidecar SQLite WAL synchronous=FULL, poll every {args.poll * 1000:g} ms; each scenario "
           f"runs {' '.join(args.sides * args.repeat)}")
     print()
-
-
-def package_source(package: Path) -> str:
-    """Where the code under test comes from: its folder and, in a git checkout, the commit (+ local edits)."""
-    try:
-        commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"from {package} (not a git checkout)"
-    return f"from {package} at {commit}" + (" with uncommitted edits" if dirty else "")
 
 
 def mean_rate(phases: list[Phase]) -> float:
@@ -661,7 +625,7 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-delivery-"))
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-    fake = Fake(work)
+    fake = FakeOpenIMProcess(Path(__file__).resolve(), work)
     phases: list[Phase] = []
     began = time.monotonic()
     try:

@@ -63,10 +63,8 @@ import shutil
 import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +75,7 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Child, RedisProcess, console_script, cpu_seconds, figure, machine_lines,  # noqa: E402
+from _common import (Child, FakeOpenIMProcess, RedisProcess, console_script, cpu_seconds, figure, machine_lines,  # noqa: E402
                      package_source, usable_cpus, write_summary)
 from bench_delivery import (ADMIN, BATCH, CLIENT_ID, DELIVERING, FAKE_SECRET, LISTENING, NOTIFY, PATH,  # noqa: E402
                             SECRET, TYPE, USERS, user_id, write_config)
@@ -157,30 +155,6 @@ def fake_openim(users: int) -> int:
         print(json.dumps(answer), flush=True)
     fake.stop()
     return 0
-
-
-class Fake:
-    """The parent's handle on the fake OpenIM process."""
-
-    def __init__(self, work: Path) -> None:
-        self.child = Child.start("fake OpenIM", [sys.executable, str(Path(__file__).resolve()), "--fake-openim"],
-                                 LISTENING, work / "fake-openim.log", stdin=subprocess.PIPE)
-        self.url = f"http://{self.child.line}"
-        self._lock = threading.Lock()
-
-    def ask(self, command: str) -> Any:
-        with self._lock:
-            self.child.proc.stdin.write(command + "\n")
-            self.child.proc.stdin.flush()
-            return json.loads(self.child.proc.stdout.readline())
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.child.pid)
-
-    def stop(self) -> None:
-        if self.child.proc.poll() is None:
-            self.child.proc.stdin.close()
-        self.child.stop(timeout=10)
 
 
 # -- stores ------------------------------------------------------------------------------------------------
@@ -323,7 +297,7 @@ class Run:
         return seconds / self.counted * 1000 if self.counted else float("nan")
 
 
-def run_throughput(target: Target, workload: Workload, fake: Fake, redis: RedisProcess | None,
+def run_throughput(target: Target, workload: Workload, fake: FakeOpenIMProcess, redis: RedisProcess | None,
                    args: argparse.Namespace, work: Path) -> Run:
     directory = work / f"{target.store}-{target.replicas}-{workload.name}"
     directory.mkdir()
@@ -362,7 +336,7 @@ def run_throughput(target: Target, workload: Workload, fake: Fake, redis: RedisP
     return run
 
 
-def load(backend: Backend, workload: Workload, fake: Fake, directory: Path, args: argparse.Namespace) -> list[str]:
+def load(backend: Backend, workload: Workload, fake: FakeOpenIMProcess, directory: Path, args: argparse.Namespace) -> list[str]:
     """Accept the workload through the real API with no delivery workers running; the message ids."""
     config = write_config(directory / "serve.toml", backend.url, fake.url, 0, args.batch_size)
     server = Child.start("sidecar (intake)", [console_script(), "serve", "-c", str(config)], LISTENING,
@@ -401,7 +375,7 @@ class Latency:
     problems: list[str] = field(default_factory=list)
 
 
-def run_latency(target: Target, fake: Fake, redis: RedisProcess | None, args: argparse.Namespace,
+def run_latency(target: Target, fake: FakeOpenIMProcess, redis: RedisProcess | None, args: argparse.Namespace,
                 work: Path) -> Latency:
     directory = work / f"{target.store}-{target.replicas}-latency"
     directory.mkdir()
@@ -449,7 +423,7 @@ def wait(check_done, timeout: float, what: str) -> None:  # type: ignore[no-unty
 
 
 # -- reporting ----------------------------------------------------------------------------------------------
-def print_context(args: argparse.Namespace, work: Path, fake: Fake, redis: RedisProcess | None) -> None:
+def print_context(args: argparse.Namespace, work: Path, fake: FakeOpenIMProcess, redis: RedisProcess | None) -> None:
     print("machine")
     for line in machine_lines(work, ("requests", "redis")):
         print("  " + line)
@@ -570,7 +544,7 @@ def main(argv: list[str]) -> int:
     targets = ([] if args.no_sqlite else [Target("sqlite", 1)]) + [Target("redis", n) for n in args.replica_counts]
     workloads = [w for w in (Workload("notification", "notification", args.notify, NOTIFY_USERS),
                              Workload("custom", "custom", args.custom, CUSTOM_USERS)) if w.recipients > 0]
-    fake = Fake(work)
+    fake = FakeOpenIMProcess(Path(__file__).resolve(), work)
     redis = RedisProcess(work, args.redis_fsync)
     runs: list[Run] = []
     latencies: list[Latency] = []

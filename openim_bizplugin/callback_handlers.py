@@ -282,31 +282,28 @@ class CallbackProcessor:
         failure is different: the callback stays pending and the round ends,
         to be tried again once the store answers.
         """
-        finished: list[tuple[int, str | None]] = []
-        processed: list[tuple[str, bool]] = []
+        finished: list[tuple[CallbackRecord, str | None]] = []  # each with its error, if any
         records = self.store.pending_callbacks(BATCH_SIZE)
         for start in range(0, len(records), CHUNK_SIZE):
             # one transaction per chunk: a commit (an fsync) per presence report cost more CPU
             # than the reports themselves; a whole round in one would hold the main file's
             # writer lock (message intake, delivery outcomes) across the yields below
             with self.store.batch():
-                postponed = self._apply(records[start:start + CHUNK_SIZE], finished, processed)
+                postponed = self._apply(records[start:start + CHUNK_SIZE], finished)
             if postponed:
                 break
             time.sleep(0)  # hand the GIL to OpenIM's waiting answers between chunks
-        online = any(command == ONLINE_COMMAND for command, _ in processed)
         if finished:
-            self.store.finish_callbacks(finished)
-            for command, ok in processed:
-                self.metrics.callback_processed(command, ok)
+            self.store.finish_callbacks([(record.id, error) for record, error in finished])
+            for record, error in finished:
+                self.metrics.callback_processed(record.command, error is None)
             self.on_change()
-            if online:  # a user came online: recipients held for them may be due now
-                self.on_online()
+            if any(record.command == ONLINE_COMMAND for record, _ in finished):
+                self.on_online()  # a user came online: recipients held for them may be due now
         return len(finished)
 
-    def _apply(self, records: list[CallbackRecord], finished: list[tuple[int, str | None]],
-               processed: list[tuple[str, bool]]) -> bool:
-        """Apply *records* in order; True when storage failed and the rest must wait."""
+    def _apply(self, records: list[CallbackRecord], finished: list[tuple[CallbackRecord, str | None]]) -> bool:
+        """Apply *records* in order, adding each to *finished*; True when storage failed and the rest must wait."""
         for record in records:
             ctx = Context(self.store, self.config.openim.sender_id, int(self.clock() * 1000))
             try:
@@ -320,8 +317,7 @@ class CallbackProcessor:
                 error = f"{type(exc).__name__}: {exc}"[:500]
                 log.warning("callback %d (%s) could not be applied: %s", record.id, record.command, error,
                             extra={"event": "callback.failed", "callback": record.command})
-            finished.append((record.id, error))
-            processed.append((record.command, error is None))
+            finished.append((record, error))
         return False
 
     def wake(self) -> None:

@@ -27,26 +27,25 @@ LISTENING = "listening on http://"  # what `openim-bizplugin serve` and the bare
 
 # -- side B of the request benchmarks: a bare endpoint served like the sidecar ------------------
 def serve_like_the_sidecar(app, log_path=lambda path: path.split("?", 1)[0]) -> int:  # type: ignore[no-untyped-def]
-    """Serve the Flask *app* the way ``openim_bizplugin.server.serve`` serves the sidecar: on its
-    threaded keep-alive server (``make_http_server``), one logging line per request (the path
-    through *log_path*), SIGTERM stops it after the requests in flight; announces ``listening on
-    http://HOST:PORT`` on stdout."""
+    """Serve the Flask *app* the way ``openim_bizplugin.server.serve`` serves the sidecar: werkzeug's
+    threaded server, one logging line per request (the path through *log_path*), SIGTERM stops it
+    after the requests in flight; announces ``listening on http://HOST:PORT`` on stdout."""
     import logging
     import signal
     import threading
 
-    from openim_bizplugin.server import RequestHandler, make_http_server, stop_http_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
 
     log = logging.getLogger("bare")
 
-    class Handler(RequestHandler):  # one plain logging line per request
+    class Handler(WSGIRequestHandler):  # the sidecar's _RequestHandler: one logging line per request
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             log.info('%s "%s %s" %s', self.address_string(), self.command, log_path(self.path), code)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = make_http_server(app, "127.0.0.1", 0, handler=Handler)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stop_http_server, args=(server,),
-                                                                daemon=True).start())
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Handler)
+    server.daemon_threads = False
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"{LISTENING}{server.host}:{server.port}", flush=True)
     try:
         server.serve_forever()

@@ -15,8 +15,8 @@ delivery thread run beside the HTTP server, ``api_url`` pointing at a
 script started again with ``--bare-server``: one Flask route
 ``POST /openim/callback/<token>/<command>`` that checks the token, reads and
 parses the body and answers the same "continue" JSON without storing, on the
-sidecar's own server (``openim_bizplugin.server.make_http_server``: werkzeug,
-threaded, HTTP/1.1 keep-alive) with the same one log line per request.
+same werkzeug ``make_server(..., threaded=True)`` with the same one log line
+per request.
 
 Each round is a burst of ``--callbacks`` distinct callbacks shaped exactly as
 OpenIM main posts them (built with FakeOpenIM's payload builders): mostly
@@ -33,8 +33,9 @@ writes it), ``User-Agent: Go-http-client/1.1`` and, for the three message
 hooks, OpenIM's ``?key=`` query. ``--concurrency`` senders (threads of this
 process, one request in flight each, default rows 2 and 8: OpenIM runs 2
 webhook workers per process and several processes post) share the burst.
-Each sender keeps its connection open between callbacks, as OpenIM's Go
-client does, on both sides.
+Werkzeug answers every request with ``Connection: close``, so each callback
+is a new TCP connection and a new server thread on both sides, as it is for
+OpenIM's Go client.
 
 Rounds run in the order of ``--rounds`` (default ``BABA``, interleaved because
 a shared machine drifts) for each concurrency. After every A round the
@@ -162,7 +163,7 @@ def timed_sidecar(config: str, out: str) -> int:
 
     from openim_bizplugin import callbacks as callbacks_module
     from openim_bizplugin.cli import run
-    from openim_bizplugin.server import RequestHandler
+    from openim_bizplugin.server import _RequestHandler
     from openim_bizplugin.store import sqlite_file
     from openim_bizplugin.store.sqlite import SqliteStore
 
@@ -208,7 +209,7 @@ def timed_sidecar(config: str, out: str) -> int:
     socketserver.ThreadingMixIn.process_request = process_request_timed  # type: ignore[method-assign]
     socketserver.ThreadingMixIn.process_request_thread = process_request_thread_timed  # type: ignore[method-assign]
     WSGIRequestHandler.run_wsgi = timed("3 run_wsgi (app + writing the answer)", WSGIRequestHandler.run_wsgi)
-    RequestHandler.log_request = timed("7 access log line", RequestHandler.log_request)
+    _RequestHandler.log_request = timed("7 access log line", _RequestHandler.log_request)
     callbacks_module.take_callback = timed("4 take_callback (parse, key, store, wake)", callbacks_module.take_callback)
     SqliteStore.record_callback = timed("5 record_callback (inbox transaction, pool)", SqliteStore.record_callback)
     SqliteStore.record_callback_now = timed("5 record_callback_now (inbox insert, request thread)",
@@ -423,7 +424,6 @@ class SenderResult:
     latencies: list = field(default_factory=list)
     first_began: float = float("inf")
     last_done: float = 0.0
-    connections: int = 0  # TCP connections opened: 1 while the server keeps them alive
 
 
 def send(host: str, port: int, calls: list[Call], go: float) -> SenderResult:
@@ -434,7 +434,6 @@ def send(host: str, port: int, calls: list[Call], go: float) -> SenderResult:
         time.sleep(0.0005)
     for call in calls:
         began = time.monotonic()
-        result.connections += conn.sock is None  # http.client reconnects after an answer that closed
         try:
             conn.request("POST", call.target, call.body, call.headers)
             response = conn.getresponse()
@@ -506,7 +505,6 @@ class Round:
     drain_cpu: float = float("nan")       # A: server CPU seconds during the drain
     failed: int = -1               # A: rows the processor marked with an error
     burst_began: float = 0.0
-    connections: int = 0           # TCP connections the senders opened
 
     @property
     def rate(self) -> float:
@@ -566,7 +564,7 @@ def run_round(side: str, child: Child, calls: list[Call], args: argparse.Namespa
     finished = max(r.last_done for r in results)
     result = Round(side, concurrency, len(calls), sum(r.ok for r in results), finished - began,
                    [x for r in results for x in r.latencies], errors, server_cpu, generator_cpu,
-                   burst_began=began, connections=sum(r.connections for r in results))
+                   burst_began=began)
     if inbox is not None:
         rows, done, _ = inbox.counts()
         result.stored, result.done_at_end = rows - before[0], done - before[1]
@@ -603,8 +601,9 @@ def print_context(args: argparse.Namespace, work: Path, db_dir: Path, fake_url: 
     mix = ", ".join(f"{share:.0%} {kind}" for share, kind in MIX)
     print(f"run: bursts of {args.callbacks:,} distinct callbacks ({mix}), rounds {args.rounds} for each "
           f"concurrency {', '.join(map(str, args.concurrency))}\n"
-          f"     ({args.generator}s of this process, one callback in flight each on a kept-alive connection, "
-          f"as OpenIM's Go client posts); {args.warmup} callbacks of warm-up per side, not counted;\n"
+          f"     ({args.generator}s of this process, one callback in flight each; werkzeug closes every "
+          f"connection: one TCP connection per callback on both sides); {args.warmup} callbacks of warm-up "
+          "per side, not counted;\n"
           f"     GIL switch interval in both servers {(args.switch_interval or sys.getswitchinterval()) * 1000:g} ms"
           + ("" if args.switch_interval else " (Python's default)"))
     print()
@@ -843,7 +842,7 @@ def main(argv: list[str]) -> int:
                 drained = (f", processor drained {r.drain_seconds:.2f} s later"
                            if side == "A" and args.delivery_workers else "")
                 print(f"  concurrency {conc} round {i + 1}/{len(args.rounds)} {side}: {r.rate:.0f} acks/s, "
-                      f"p99 {r.pct(0.99):.2f} ms, {r.connections} connections{drained}", file=sys.stderr)
+                      f"p99 {r.pct(0.99):.2f} ms{drained}", file=sys.stderr)
         memory_after = memory_kb(children["A"].pid)
         print()
         passed = report(rounds)

@@ -10,13 +10,12 @@ that only parses the same JSON.
 Side A is ``openim-bizplugin serve`` (a subprocess, temp config, temp SQLite,
 port 0). Side B is this script started again with ``--bare-server``: one Flask
 POST endpoint doing ``json.loads(request.get_data())`` and answering the same
-202 JSON, on the sidecar's own server (``make_http_server``: werkzeug,
-threaded, keep-alive) with the same per-request log line, so both sides pay
-the same HTTP server costs.
+202 JSON, on the same werkzeug ``make_server(..., threaded=True)`` with the
+same per-request log line, so both sides pay the same HTTP server costs.
 
 The load generator runs ``--concurrency`` workers, each with one request in
-flight on one kept-alive connection (a new one only after an answer that
-closed it). It
+flight (werkzeug answers every request with ``Connection: close``, so each
+request is a new TCP connection and a new server thread on both sides). It
 sends, to both sides, the same ``order.status_changed`` v1 body (a fresh
 ``order_id`` per request, so no request is a replay) with a fresh signature.
 Rounds run in the order given by ``--rounds`` (default ``BABAB``, interleaved

@@ -16,17 +16,18 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from werkzeug.serving import WSGIRequestHandler, make_server
+
 from .app import create_app
 from .client import BizClient
 from .config import ClientConfig, Config, DeliveryConfig, OpenIMConfig, ServerConfig, StorageConfig
-from .server import RequestHandler, make_http_server, stop_http_server
 from .store.base import ACTIVE_STATUSES
 from .testing import FakeOpenIM
 
 DEMO_USERS = ("alice", "bob")
 
 
-class _QuietHandler(RequestHandler):
+class _QuietHandler(WSGIRequestHandler):
     def log_request(self, *args: Any) -> None:  # the demo prints its own story
         pass
 
@@ -59,7 +60,7 @@ def run_demo(schemas_dir: Path, out: TextIO) -> int:
         config = demo_config(schemas_dir, Path(tmp), fake.url, secret)
         app = create_app(config)
         services = app.extensions["bizplugin"]
-        server = make_http_server(app, "127.0.0.1", 0, handler=_QuietHandler)
+        server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         services.engine.start(config.delivery.workers)
         print(f"fake OpenIM at {fake.url}; sidecar at http://127.0.0.1:{server.port}\n", file=out)
@@ -67,7 +68,7 @@ def run_demo(schemas_dir: Path, out: TextIO) -> int:
             client = BizClient(f"http://127.0.0.1:{server.port}", "demo", secret)
             delivered = [_show_one(client, fake, message_type, out) for message_type in services.catalog.types()]
         finally:
-            stop_http_server(server)
+            server.shutdown()
             services.close()
     print(f"{sum(delivered)} of {len(delivered)} messages delivered.", file=out)
     return 0 if all(delivered) else 1

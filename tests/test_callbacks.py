@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from werkzeug.serving import make_server
 
 from conftest import message
 from openim_bizplugin.callback_handlers import HANDLERS, CallbackProcessor, natural_key
-from openim_bizplugin.server import make_http_server, stop_http_server
 from openim_bizplugin.subscribers import EVENT_TYPES
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -300,11 +300,11 @@ def test_read_flow_saved_seq_then_read(side):
 @pytest.fixture
 def webhook_url(side):
     """The sidecar on a real loopback port; the URL an operator puts in webhooks.yml."""
-    server = make_http_server(side.app, "127.0.0.1", 0)  # as serve runs it
+    server = make_server("127.0.0.1", 0, side.app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.port}/openim/callback/{side.token}"
-    stop_http_server(server)
+    server.shutdown()
     server.server_close()
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from werkzeug.serving import make_server
 
 from conftest import REPO, SECRETS, Signed, message, write_config
 from openim_bizplugin.app import create_app
@@ -36,7 +37,6 @@ from openim_bizplugin.boundedschema import VALIDATION_BUDGET, BoundedValidator, 
 from openim_bizplugin.catalog import Catalog
 from openim_bizplugin.config import load_config
 from openim_bizplugin.errors import ConfigError
-from openim_bizplugin.server import make_http_server, stop_http_server
 from openim_bizplugin.signing import signature_headers
 from openim_bizplugin.wire import path_and_query
 
@@ -76,13 +76,13 @@ def problem_of(response: Any, status: int) -> dict:
 @contextlib.contextmanager
 def served(app: Any) -> Iterator[int]:
     """The app on a real threaded HTTP server on 127.0.0.1; yields its port."""
-    server = make_http_server(app, "127.0.0.1", 0)  # as serve runs it
+    server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server.port
     finally:
-        stop_http_server(server)
+        server.shutdown()
         server.server_close()
         thread.join(5)
 

@@ -31,7 +31,7 @@ from e2e_support import (CALLBACK_TOKEN, SECRETS, config_tables, running_server,
 from openim_bizplugin import logs
 from openim_bizplugin.app import create_app
 from openim_bizplugin.config import load_config
-from openim_bizplugin.server import make_http_server  # serve's server: access lines through logging
+from openim_bizplugin.server import _RequestHandler  # serve's handler: access lines through logging
 from openim_bizplugin.signing import signature_headers
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -209,7 +209,7 @@ def test_a_whole_flow_logs_no_secret_and_one_grep_follows_the_message(tmp_path, 
         app = create_app(config)
         services = app.extensions["bizplugin"]
         services.subscribers.step()  # a new subscriber starts after the newest event: before ours
-        server = make_http_server(app, "127.0.0.1", 0)
+        server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_RequestHandler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         base = f"http://127.0.0.1:{server.port}"
         try:

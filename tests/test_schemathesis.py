@@ -19,9 +19,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
                                  status_code_conformance)
+from werkzeug.serving import make_server
 
 from conftest import SECRETS, message
-from openim_bizplugin.server import make_http_server, stop_http_server
 from openim_bizplugin.signing import signature_headers
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -43,11 +43,11 @@ class SignedAuth(requests.auth.AuthBase):
 
 @pytest.fixture
 def base_url(app: Any) -> Iterator[str]:
-    server = make_http_server(app, "127.0.0.1", 0)  # as serve runs it
+    server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.port}"
-    stop_http_server(server)
+    server.shutdown()
     server.server_close()
     thread.join(5)
 

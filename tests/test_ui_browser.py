@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from werkzeug.serving import make_server
 
 from conftest import REPO
 from test_delivery import USERS
 from test_ui import EVIL, TOKEN, OperatorSidecar
-from openim_bizplugin.server import make_http_server, stop_http_server
 from openim_bizplugin.testing import FakeOpenIM
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -86,13 +86,13 @@ def side(tmp_path: Path, fake: FakeOpenIM, clock: Any) -> Iterator[OperatorSidec
 @pytest.fixture
 def served(side: OperatorSidecar) -> Iterator[str]:
     """The sidecar's app on a free loopback port; yields its base URL."""
-    server = make_http_server(side.app, "127.0.0.1", 0)  # as serve runs it
+    server = make_server("127.0.0.1", 0, side.app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="ui-test-server", daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.port}"
     finally:
-        stop_http_server(server)
+        server.shutdown()
         thread.join(10)
         server.server_close()
 

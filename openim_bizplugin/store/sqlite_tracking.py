@@ -130,14 +130,16 @@ class TrackingMixin:
         ``user.online`` / ``user.offline``. Returns whether anything changed.
         """
         with self._write() as db:
-            row = db.execute("SELECT online, seq FROM presence WHERE user_id = ? AND platform_id = ?",
-                             (user_id, platform_id)).fetchone()
-            if row and row[1] >= seq:
+            # one read of the user's platforms (a handful) and one write: 80% of a callback burst
+            platforms = {platform: (bool(up), known_seq) for platform, up, known_seq in db.execute(
+                "SELECT platform_id, online, seq FROM presence WHERE user_id = ?", (user_id,))}
+            if platform_id in platforms and platforms[platform_id][1] >= seq:
                 return False
-            was_online = self._user_online(db, user_id)
+            was_online = any(up for up, _ in platforms.values())
+            platforms[platform_id] = (online, seq)
+            is_online = any(up for up, _ in platforms.values())
             db.execute("INSERT OR REPLACE INTO presence (user_id, platform_id, online, seq, updated_ms)"
                        " VALUES (?, ?, ?, ?, ?)", (user_id, platform_id, int(online), seq, now_ms))
-            is_online = self._user_online(db, user_id)
             if is_online and not was_online:
                 db.execute("UPDATE recipients SET next_attempt_ms = ?, priority = 0"
                            " WHERE target = ? AND status = 'held' AND kind = 'user'", (now_ms, user_id))
@@ -145,11 +147,6 @@ class TrackingMixin:
                 self._emit(db, "user.online" if is_online else "user.offline",
                      {"user_id": user_id, "platform_id": platform_id}, now_ms)
             return True
-
-    @staticmethod
-    def _user_online(db: sqlite3.Connection, user_id: str) -> bool:
-        return db.execute("SELECT 1 FROM presence WHERE user_id = ? AND online = 1 LIMIT 1",
-                          (user_id,)).fetchone() is not None
 
     def presence(self, user_ids: list[str]) -> dict[str, PresenceState]:
         """What callbacks last said of each user (absent when nothing is known)."""

@@ -37,6 +37,8 @@ SINGLE_CHAT, GROUP_CHAT = 1, 3  # OpenIM sessionType values (OPENIM.md §3.1)
 BATCH_SIZE = 200
 GATHER_SECONDS = 0.02  # how long the processor lets callbacks gather before a round
 CHUNK_SIZE = 16  # callbacks applied per main-file transaction
+PRUNE_EVERY_SECONDS = 10.0  # how often processed callbacks past callbacks.retention_seconds are forgotten
+PRUNE_CHUNK = 500  # callbacks forgotten per transaction: a short hold of the inbox's lock
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,7 @@ class CallbackProcessor:
         # callbacks come one by one: gathering them for a moment makes a round (one
         # transaction, one fsync) apply many, and leaves the CPU to OpenIM's answers
         self.loop = BackgroundLoop("callbacks", self.step, gather_seconds=GATHER_SECONDS, full_round=BATCH_SIZE)
+        self._next_prune = 0.0  # at once after start-up, then every PRUNE_EVERY_SECONDS
 
     def step(self) -> int:
         """Process up to one batch of pending callbacks; returns how many were finished.
@@ -300,7 +303,29 @@ class CallbackProcessor:
             self.on_change()
             if any(record.command == ONLINE_COMMAND for record, _ in finished):
                 self.on_online()  # a user came online: recipients held for them may be due now
+        self._prune()
         return len(finished)
+
+    def _prune(self) -> None:
+        """Forget processed callbacks older than ``callbacks.retention_seconds``, so the inbox
+        holds that window's callbacks and no more (unprocessed ones are never forgotten)."""
+        now = self.clock()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY_SECONDS
+        before_ms = int((now - self.config.callback_retention_seconds) * 1000)
+        forgotten = 0
+        try:
+            while (pruned := self.store.prune_callbacks(before_ms, PRUNE_CHUNK)) > 0:
+                forgotten += pruned
+                if pruned < PRUNE_CHUNK:
+                    break
+                time.sleep(0)  # OpenIM's answers may need the inbox between chunks
+        except StorageUnavailable as exc:
+            log.warning("processed callbacks not pruned this time: %s", exc, extra={"event": "callback.prune_failed"})
+        if forgotten:
+            log.debug("forgot %d processed callbacks received before %d", forgotten, before_ms,
+                      extra={"event": "callback.pruned", "callbacks": forgotten})
 
     def _apply(self, records: list[CallbackRecord], finished: list[tuple[CallbackRecord, str | None]]) -> bool:
         """Apply *records* in order, adding each to *finished*; True when storage failed and the rest must wait."""

@@ -92,6 +92,7 @@ class Config:
     clients: dict[str, ClientConfig]
     subscribers: tuple[SubscriberConfig, ...] = ()
     ui_token: str | None = None
+    callback_retention_seconds: int = 3_600  # processed callbacks (and their dedupe keys) kept this long
 
 
 class _Section:
@@ -201,6 +202,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     callback_token = callbacks.secret("token")
     if len(callback_token) < 16:
         raise callbacks.fail("token", "must be at least 16 characters (it guards the callback URL)")
+    callback_retention_seconds = callbacks.int("retention_seconds", Config.callback_retention_seconds)
     callbacks.done()
     storage = _storage(_Section("storage", data.get("storage", {})), base)
     schemas = _Section("schemas", data.get("schemas", {}))
@@ -215,7 +217,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         raise ui.fail("token", "must be at least 16 characters (it guards the operator page)")
     ui.done()
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
-                  clients, subscribers, ui_token)
+                  clients, subscribers, ui_token, callback_retention_seconds)
 
 
 def _required_table(data: dict[str, Any], name: str) -> Any:

@@ -442,6 +442,22 @@ class StoreContract:
         assert store.pending_callbacks(0) == [] and store.pending_callbacks(1) == [pending[1]]
         assert not store.record_callback("cmdA", "k1", "{}", T0 + 4)  # finished ones stay seen
 
+    def test_pruning_forgets_old_processed_callbacks_only(self, store):
+        for n in range(4):
+            store.record_callback("cmdA", f"k{n}", f'{{"n":{n}}}', T0 + n * 10)
+        first, second, third, fourth = store.pending_callbacks(10)
+        store.finish_callbacks([(first.id, None), (second.id, "ValueError: odd"), (fourth.id, None)])
+        assert store.prune_callbacks(T0 + 15, limit=1) == 1  # the oldest first, at most the limit
+        assert store.prune_callbacks(T0 + 15, limit=10) == 1  # then the other one before T0 + 15
+        assert store.prune_callbacks(T0 + 15, limit=10) == 0
+        # never an unprocessed one, however old: the third is kept while the newer fourth goes
+        assert store.prune_callbacks(T0 + 1_000, limit=10) == 1
+        assert store.pending_callbacks(10) == [third]
+        assert not store.record_callback("cmdA", "k2", "{}", T0 + 50)  # still waiting: still a duplicate
+        # a forgotten callback's dedupe key went with it: the same event is stored again
+        assert store.record_callback("cmdA", "k0", '{"n":0}', T0 + 60)
+        assert [c.body for c in store.pending_callbacks(10)] == ['{"n":2}', '{"n":0}']
+
     def test_callbacks_update_sent_recipients(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
         a, b = self.lease(store)

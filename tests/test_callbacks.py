@@ -20,7 +20,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from conftest import message
-from openim_bizplugin.callback_handlers import HANDLERS, CallbackProcessor, natural_key
+from openim_bizplugin.callback_handlers import HANDLERS, PRUNE_EVERY_SECONDS, CallbackProcessor, natural_key
 from openim_bizplugin.subscribers import EVENT_TYPES
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -329,6 +329,21 @@ def test_a_round_that_applied_callbacks_says_so(side):
     assert processor.step() == 0 and woken == []
     side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u1", 1, seq=7))
     assert processor.step() == 1 and woken == [1]
+
+
+def test_processed_callbacks_are_forgotten_after_the_retention(side):
+    side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u1", 1, seq=7))
+    side.post("callbackAfterUserOfflineCommand", side.fake.user_offline("u1", 1, seq=8))
+    processor = CallbackProcessor(side.services.config, side.store, side.services.clock)
+    processor.step()
+    assert len(side.inbox()) == 2  # kept for callbacks.retention_seconds (default 3,600 s)
+    side.services.clock.advance(3_600 + PRUNE_EVERY_SECONDS)
+    side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u1", 1, seq=9))
+    processor.step()  # applies the new one, then forgets the two old ones (the store contract
+    assert [row[:3] for row in side.inbox()] == [  # shows unprocessed ones are never forgotten)
+        ("callbackAfterUserOnlineCommand", natural_key("callbackAfterUserOnlineCommand",
+                                                       side.fake.user_online("u1", 1, seq=9)), 1)]
+    assert side.store.presence(["u1"])["u1"].online  # what they said stays applied
 
 
 def test_presence_over_http_with_the_processor_running(side, webhook_url):

@@ -16,6 +16,7 @@ def test_shipped_example_config_loads_with_documented_defaults():
     assert config.schemas_dir == REPO / "schemas"
     assert config.delivery.batch_size <= 1000
     assert set(config.clients) == {"crm", "ops"}
+    assert config.callback_retention_seconds == 3600
 
 
 def _error(tmp_path, overrides) -> str:
@@ -35,6 +36,7 @@ def _error(tmp_path, overrides) -> str:
     ({"delivery": {"batch_size": 5000}}, "delivery.batch_size"),
     ({"delivery": {"lease_seconds": 0}}, "delivery.lease_seconds"),
     ({"callbacks": {"token": "short"}}, "callbacks.token"),
+    ({"callbacks": {"retention_seconds": 0}}, "callbacks.retention_seconds: must be at least 1"),
     ({"storage": {"url": "postgres://x"}}, "storage.url"),
     ({"clients": {"crm": {"secrets": ["too-short"], "allowed_types": ["*"]}}}, "clients.crm.secrets"),
     ({"clients": {"crm": {"secrets": ["x" * 20]}}}, "clients.crm.allowed_types: missing"),

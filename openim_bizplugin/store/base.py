@@ -347,6 +347,11 @@ class Store(Protocol):
     def finish_callbacks(self, results: list[tuple[int, str | None]]) -> None:
         """Mark callbacks processed, each with its error if processing failed (one write)."""
 
+    def prune_callbacks(self, before_ms: int, limit: int) -> int:
+        """Forget up to *limit* processed callbacks received before *before_ms*, oldest first:
+        the stored body and its dedupe key (the same event arriving again later is stored again).
+        Unprocessed callbacks are never touched. Returns how many were forgotten."""
+
     def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:
         """OpenIM's after-send callback confirmed this message."""
 

@@ -28,7 +28,7 @@ integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
     users:known users:online   sets of users with a presence report, and of those online
     events             stream  subscriber events, entry id "<seq>-0", seq from events:seq
     cursor:<name>      hash    a subscriber's position; cursors: set of names
-    cb:<id> cb:pending cb:seq cb:seen:<n>:<command>:<key>   the callback inbox
+    cb:<id> cb:pending cb:done cb:seq cb:seen:<n>:<command>:<key>   the callback inbox
     token:<name>       hash    shared credentials; lock:<name>: SET NX PX locks
 
 One sorted set holds all work, as SQLite's one ``recipients_due`` index does:

@@ -22,9 +22,25 @@ RECORD_CALLBACK = r"""
 local command = ARGV[4]
 if not redis.call('SET', P .. 'cb:seen:' .. #command .. ':' .. command .. ':' .. ARGV[5], 1, 'NX') then return 0 end
 local id = redis.call('INCR', P .. 'cb:seq')
-redis.call('HSET', P .. 'cb:' .. id, 'command', command, 'body', ARGV[6], 'received_ms', ARGV[7], 'done', 0)
+redis.call('HSET', P .. 'cb:' .. id, 'command', command, 'key', ARGV[5], 'body', ARGV[6], 'received_ms', ARGV[7],
+           'done', 0)
 redis.call('ZADD', P .. 'cb:pending', id, id)
 return id
+"""
+
+# ARGV[4..]: before_ms, limit. Forgets processed callbacks (body and dedupe key) received before
+# before_ms, oldest first (cb:done is ordered by id, that is by arrival); returns how many.
+PRUNE_CALLBACKS = r"""
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', P .. 'cb:done', 0, tonumber(ARGV[5]) - 1)) do
+  local f = redis.call('HMGET', P .. 'cb:' .. id, 'received_ms', 'command', 'key')
+  if f[1] and tonumber(f[1]) >= tonumber(ARGV[4]) then break end
+  if f[2] and f[3] then redis.call('DEL', P .. 'cb:seen:' .. #f[2] .. ':' .. f[2] .. ':' .. f[3]) end
+  redis.call('DEL', P .. 'cb:' .. id)
+  redis.call('ZREM', P .. 'cb:done', id)
+  n = n + 1
+end
+return n
 """
 
 # ARGV[4..]: index key suffix ('smid:<id>' or 'cmid:<id>'), field, now. Sets the field once per recipient.
@@ -143,9 +159,9 @@ if below > 1 then redis.call('XTRIM', P .. 'events', 'MINID', below .. '-0') end
 return 1
 """
 
-SCRIPTS = {"record_callback": RECORD_CALLBACK, "stamp_once": STAMP_ONCE, "saved_seq": SAVED_SEQ,
-           "mark_read": MARK_READ, "acknowledge": ACKNOWLEDGE, "presence": PRESENCE, "open_cursor": OPEN_CURSOR,
-           "save_cursor": SAVE_CURSOR}
+SCRIPTS = {"record_callback": RECORD_CALLBACK, "prune_callbacks": PRUNE_CALLBACKS, "stamp_once": STAMP_ONCE,
+           "saved_seq": SAVED_SEQ, "mark_read": MARK_READ, "acknowledge": ACKNOWLEDGE, "presence": PRESENCE,
+           "open_cursor": OPEN_CURSOR, "save_cursor": SAVE_CURSOR}
 
 
 class RedisTrackingMixin:
@@ -187,7 +203,12 @@ class RedisTrackingMixin:
             pipe.hset(key, "done", 1)
             pipe.hset(key, "error", error) if error is not None else pipe.hdel(key, "error")
             pipe.zrem(self._k("cb:pending"), callback_id)
+            pipe.zadd(self._k("cb:done"), {callback_id: callback_id})
         pipe.execute()
+
+    @translated
+    def prune_callbacks(self, before_ms: int, limit: int) -> int:
+        return int(self._run("prune_callbacks", before_ms, limit)) if limit > 0 else 0
 
     # -- what callbacks tell about sent messages ---------------------------------------
     @translated

@@ -9,6 +9,7 @@ one transaction, so no event is emitted for a change that did not happen.
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import sqlite3
@@ -74,6 +75,18 @@ class TrackingMixin:
         if self._unchecked >= INBOX_CHECKPOINT_EVERY:
             self._unchecked = 0
             self._inbox.checkpoint()
+
+    def prune_callbacks(self, before_ms: int, limit: int) -> int:
+        # ids follow arrival: the oldest processed ones come first on callbacks_pending (done, id),
+        # so the work is bounded by *limit* however many recent ones there are
+        rows = self._inbox.read("SELECT id, received_ms FROM callbacks WHERE done = 1 ORDER BY id LIMIT ?",
+                                (limit,))
+        old = list(itertools.takewhile(lambda row: row[1] < before_ms, rows))
+        if not old:
+            return 0
+        with self._inbox.write() as db:
+            return db.execute("DELETE FROM callbacks WHERE done = 1 AND id <= ? AND received_ms < ?",
+                              (old[-1][0], before_ms)).rowcount
 
     # -- what callbacks tell about sent messages ---------------------------------------
     def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:

@@ -396,6 +396,22 @@ class StoreContract:
         assert changes == [("user.online", {"user_id": "u1", "platform_id": 1}),
                            ("user.offline", {"user_id": "u1", "platform_id": 1})]
 
+    def test_events_every_subscriber_passed_are_deleted_and_no_others(self, new_store):
+        store = new_store(EVENTS)
+        store.events_kept = 0
+        store.subscriber_cursor("a"), store.subscriber_cursor("b")
+        for seq in range(1, 6):
+            store.update_presence(f"u{seq}", 1, True, 1, T0)
+        store.save_subscriber_cursor(SubscriberCursor("a", 4))
+        store.save_subscriber_cursor(SubscriberCursor("b", 2))
+        assert [e.seq for e in store.events_after(0, 10)] == [3, 4, 5]  # 1 and 2 reached both
+        store.save_subscriber_cursor(SubscriberCursor("b", 5))
+        assert [e.seq for e in store.events_after(0, 10)] == [5]
+        store.events_kept = 2  # the newest delivered ones stay for a look back
+        store.update_presence("u9", 1, True, 1, T0)
+        store.save_subscriber_cursor(SubscriberCursor("a", 6)), store.save_subscriber_cursor(SubscriberCursor("b", 6))
+        assert [e.seq for e in store.events_after(0, 10)] == [5, 6]
+
     def test_events_are_kept_only_for_subscribed_types(self, new_store):
         store = new_store(frozenset({"message.sent"}))
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)

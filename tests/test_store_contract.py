@@ -20,12 +20,11 @@ pytest.register_assert_rewrite("store_contract")  # before the import: failures 
 
 from conftest import write_config  # noqa: E402
 from redis_server import RedisServer, free_port  # noqa: E402
-from store_contract import EVENTS, T0, StoreContract, new  # noqa: E402
+from store_contract import T0, StoreContract, new  # noqa: E402
 from openim_bizplugin.config import OpenIMConfig, StorageConfig, load_config
 from openim_bizplugin.errors import ConfigError
 from openim_bizplugin.openim import TOKEN_NAME, OpenIMClient
 from openim_bizplugin.store import open_store
-from openim_bizplugin.store.base import SubscriberCursor
 from openim_bizplugin.store.redis import RedisStore, durability_plan
 from openim_bizplugin.store.sqlite import SqliteStore
 
@@ -78,23 +77,6 @@ class TestRedisStore(StoreContract):
 
 
 # -- Redis only ------------------------------------------------------------------------------
-def test_events_every_subscriber_passed_are_trimmed_and_no_others(redis_url):
-    store = RedisStore(redis_url, EVENTS, events_kept=0)
-    store.subscriber_cursor("a"), store.subscriber_cursor("b")
-    for seq in range(1, 6):
-        store.update_presence(f"u{seq}", 1, True, 1, T0)
-    store.save_subscriber_cursor(SubscriberCursor("a", 4))
-    store.save_subscriber_cursor(SubscriberCursor("b", 2))
-    assert [e.seq for e in store.events_after(0, 10)] == [3, 4, 5]  # 1 and 2 reached both
-    store.save_subscriber_cursor(SubscriberCursor("b", 5))
-    assert [e.seq for e in store.events_after(0, 10)] == [5]
-    store.events_kept = 2  # the newest delivered ones stay for a look back
-    store.update_presence("u9", 1, True, 1, T0)
-    store.save_subscriber_cursor(SubscriberCursor("a", 6)), store.save_subscriber_cursor(SubscriberCursor("b", 6))
-    assert [e.seq for e in store.events_after(0, 10)] == [5, 6]
-    store.close()
-
-
 def test_keys_use_the_prefix_so_two_deployments_can_share_a_redis(redis_url):
     one, two = RedisStore(redis_url, prefix="one:"), RedisStore(redis_url, prefix="two:")
     one.accept(new("m1"), None, retention_ms=0)

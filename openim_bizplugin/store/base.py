@@ -20,6 +20,9 @@ PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 ACTIVE_STATUSES = ("queued", "held", "sending")
 DELIVERED_STATUSES = ("sent", "read", "acknowledged")
 FINAL_STATUSES = DELIVERED_STATUSES + ("failed", "expired", "skipped", "throttled")
+# Subscriber events every subscriber has received are deleted, but the newest this many of them
+# stay for a look back; an event some subscriber still waits for is never deleted.
+EVENTS_KEPT = 10_000
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ import redis.exceptions as rexc
 
 from ..errors import StorageUnavailable
 from . import redis_scripts, redis_tracking
-from .base import (PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch, MessageRecord,
+from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch, MessageRecord,
                    NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey, WorkItem)
 from .redis_errors import translated
 from .redis_tracking import RedisTrackingMixin
@@ -67,7 +67,6 @@ BAND = 10**13  # due score = priority rank * BAND + due time in ms
 BANDS = max(PRIORITY_RANK.values()) + 1
 BATCH = 500  # outcomes per script call: keeps each script short, Redis serves others between
 WAITAOF_TIMEOUT_MS = 5_000
-EVENTS_KEPT = 10_000  # delivered events kept in the stream for a look back; older ones are trimmed
 _MESSAGE_FIELDS = ("client", "type", "version", "mode", "priority", "offline", "envelope", "delivery",
                    "expires_ms", "created_ms", "recipient_count")
 _RECIPIENT_FIELDS = ("kind", "target", "status", "attempts", "last_error", "reason", "server_msg_id",

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from .base import (PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch, MessageRecord,
+from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch, MessageRecord,
                    NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey, WorkItem)
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
@@ -214,9 +214,10 @@ def _outcome_row(item: WorkItem, outcome: Outcome) -> tuple:
 class SqliteStore(TrackingMixin):
     """SQLite implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
-    def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset()) -> None:
+    def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset(),
+                 events_kept: int = EVENTS_KEPT) -> None:
         self.path = str(path)
-        self.event_types = event_types
+        self.event_types, self.events_kept = event_types, events_kept
         self._db = SqliteFile(self.path, synchronous="FULL")
         # no automatic checkpoints on the inbox: they ran inside whichever commit crossed the
         # threshold, often a callback's while OpenIM waited (up to 157 ms measured)

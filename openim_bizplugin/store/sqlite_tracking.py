@@ -42,6 +42,7 @@ class TrackingMixin:
     _inbox: SqliteFile  # the callback inbox file, provided by SqliteStore
     _unchecked = 0  # callbacks finished since the inbox's last checkpoint
     event_types: frozenset[str] = frozenset()  # what subscribers listen to; others are not kept
+    events_kept: int  # events every subscriber received that stay anyway (a look back)
 
     def _emit(self, db: sqlite3.Connection, type_: str, data: dict[str, Any], now_ms: int) -> None:
         if type_ in self.event_types:
@@ -190,7 +191,11 @@ class TrackingMixin:
         return SubscriberCursor(subscriber, *row)
 
     def save_subscriber_cursor(self, cursor: SubscriberCursor) -> None:
+        """Store the position; events every subscriber has passed are deleted, but the newest
+        ``events_kept`` of them, and never an event some subscriber still waits for."""
         with self._write() as db:
             db.execute("UPDATE subscriber_cursors SET last_seq = ?, attempts = ?, next_attempt_ms = ?, last_error = ?"
                        " WHERE subscriber = ?",
                        (cursor.last_seq, cursor.attempts, cursor.next_attempt_ms, cursor.last_error, cursor.subscriber))
+            db.execute("DELETE FROM events WHERE seq <= (SELECT MIN(last_seq) FROM subscriber_cursors) - ?",
+                       (self.events_kept,))

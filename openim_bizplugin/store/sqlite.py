@@ -16,8 +16,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch, MessageRecord,
-                   NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey, WorkItem)
+from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch,
+                   MessageRecord, NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey,
+                   WorkItem)
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
 

@@ -87,7 +87,7 @@ class OpenIMError(Exception):
                    err_msg="recipient listed in failedUserIDs (OpenIM gives no reason)")
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: one per recipient (see store.base.WorkItem)
 class SendResult:
     """What OpenIM answered for one delivered message."""
 

@@ -46,33 +46,36 @@ class RecipientThrottle:
             # one query per round and type, not one per recipient (a Redis round trip each)
             sent_times = self.store.sent_times(kind, list({i.target: None for i in group}), type_,
                                                now_ms - window_ms)
-            refused = []
-            with self._lock:  # once per group: the approvals are shared by this process's threads
-                for item in group:
-                    sent = sent_times.get(item.target, [])
-                    if not self._approve((kind, item.target, type_), len(sent), limit.count, now_ms, window_ms):
-                        refused.append((item, sent))
-            for item, sent in refused:
+            for item, sent in self._refused(kind, type_, group, sent_times, limit.count, now_ms, window_ms):
                 held_back.add(id(item))
                 if item.delivery.get("rate_limit_policy") == "drop":
                     record(item, Outcome.throttled(f"dropped: {item.type} rate limit {limit.text} reached"))
                 else:
                     opens_ms = (sent[0] if sent else now_ms) + window_ms
                     record(item, Outcome.deferred(f"delayed: {item.type} rate limit {limit.text}", opens_ms))
-        return [item for item in items if id(item) not in held_back]
+        return [item for item in items if id(item) not in held_back] if held_back else items
 
-    def _approve(self, key: tuple[str, str, str], sent: int, count: int, now_ms: int, window_ms: int) -> bool:
-        """Take a slot in the window unless the sends recorded, or this process's approvals, fill it
-        (the caller holds the lock)."""
+    def _refused(self, kind: str, type_: str, group: list[WorkItem], sent_times: dict[str, list[int]],
+                 count: int, now_ms: int, window_ms: int) -> list[tuple[WorkItem, list[int]]]:
+        """Take a slot in the window for each item of *group* unless the sends recorded, or this
+        process's approvals, fill it; returns the items refused, with their recorded send times.
+        Runs per recipient in a round: kept to plain loops (bench_delivery, custom mode)."""
         cutoff = now_ms - window_ms
-        recent = [t for t in self._approved.get(key, ()) if t > cutoff]
-        if max(sent, len(recent)) >= count:
-            self._approved[key] = recent
-            return False
-        recent.append(now_ms)
-        self._approved[key] = recent
-        if len(self._approved) > self._forget_above:  # forget windows that have passed
-            self._approved = {k: v for k, v in self._approved.items() if v and v[-1] > cutoff}
-            # rebuilt only once it has doubled again: not on every approval when all are recent
-            self._forget_above = max(FORGET_ABOVE, 2 * len(self._approved))
-        return True
+        refused = []
+        with self._lock:  # once per group: the approvals are shared by this process's threads
+            approved = self._approved
+            for item in group:
+                key = (kind, item.target, type_)
+                recent = approved.get(key)
+                recent = [t for t in recent if t > cutoff] if recent else []
+                sent = sent_times.get(item.target, ())
+                if len(sent) >= count or len(recent) >= count:
+                    refused.append((item, list(sent)))
+                else:
+                    recent.append(now_ms)
+                approved[key] = recent
+            if len(approved) > self._forget_above:  # forget windows that have passed
+                self._approved = {k: v for k, v in approved.items() if v and v[-1] > cutoff}
+                # rebuilt only once it has doubled again: not on every round when all are recent
+                self._forget_above = max(FORGET_ABOVE, 2 * len(self._approved))
+        return refused

@@ -19,6 +19,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
+#: Keywords whose values are instance data, not subschemas.
 DATA_KEYWORDS = frozenset({"examples", "enum", "const", "default"})
 #: Keywords whose values map arbitrary names to subschemas.
 SCHEMA_MAPS = frozenset(
@@ -205,25 +206,32 @@ BoundedValidator = validators.extend(Draft202012Validator, {
 })
 
 
-def schema_patterns(node: Any, where: str) -> Iterator[tuple[str, str]]:
-    """(pointer, regex) for each ``pattern`` and ``patternProperties`` name of a schema."""
+def schema_keywords(node: Any, where: str = "") -> Iterator[tuple[str, str, Any]]:
+    """(pointer, keyword, value) for every keyword of every subschema of *node*, never
+    looking inside instance data (``enum``, ``examples``...)."""
     if isinstance(node, list):
         for index, item in enumerate(node):
-            yield from schema_patterns(item, f"{where}/{index}")
+            yield from schema_keywords(item, f"{where}/{index}")
         return
     if not isinstance(node, dict):
         return
     for key, value in node.items():
         here = where + json_pointer([key])
+        yield here, key, value
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                yield from schema_keywords(sub, here + json_pointer([name]))
+        elif key not in DATA_KEYWORDS:
+            yield from schema_keywords(value, here)
+
+
+def schema_patterns(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """(pointer, regex) for each ``pattern`` and ``patternProperties`` name of a schema."""
+    for here, key, value in schema_keywords(node, where):
         if key == "pattern" and isinstance(value, str):
             yield here, value
-        elif key in SCHEMA_MAPS and isinstance(value, dict):
-            if key == "patternProperties":
-                yield from ((here + json_pointer([name]), name) for name in value)
-            for name, sub in value.items():
-                yield from schema_patterns(sub, here + json_pointer([name]))
-        elif key not in DATA_KEYWORDS:
-            yield from schema_patterns(value, here)
+        elif key == "patternProperties" and isinstance(value, dict):
+            yield from ((here + json_pointer([name]), name) for name in value)
 
 
 # -- How a regular expression backtracks -------------------------------------------

@@ -37,8 +37,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
 
-from .boundedschema import (BUDGET, DATA_KEYWORDS, SCHEMA_MAPS, VALIDATION_BUDGET, Budget, BoundedValidator,
-                            TooCostly, json_pointer, pattern_degree, schema_patterns, shorten)
+from .boundedschema import (BUDGET, VALIDATION_BUDGET, Budget, BoundedValidator, TooCostly, json_pointer,
+                            pattern_degree, schema_keywords, schema_patterns, shorten)
 from .errors import ConfigError, Violation
 from .strictjson import DuplicateKey, object_without_duplicates
 
@@ -426,39 +426,17 @@ def _check_schema(schema: Any) -> None:
         raise ValueError(f"invalid JSON Schema: {exc.message} at {where}") from None
     if schema.get("type") != "object":
         raise ValueError('root must describe an object ("type": "object")')
-    for where, pattern in schema_patterns(schema, ""):
+    for where, pattern in schema_patterns(schema):
         try:
             pattern_degree(pattern)
         except ValueError as exc:
             raise ValueError(f"pattern {pattern!r} at {where or '/'} {exc}; rewrite it so each "
                              "character can be matched only one way") from None
-    for where, ref in _outside_refs(schema, ""):
+    for where, key, ref in schema_keywords(schema):
         # Remote or cross-file refs would only fail (or fetch!) at request
         # time; the catalogue must be self-contained.
-        raise ValueError(
-            f"$ref {ref!r} at {where} is not local (only '#...' refs are allowed)"
-        )
-
-
-#: Keywords whose values are instance data, not subschemas.
-def _outside_refs(node: Any, where: str) -> Iterator[tuple[str, str]]:
-    """(pointer, ref) for each ``$ref``/``$dynamicRef`` not starting with ``#``."""
-    if isinstance(node, list):
-        for index, item in enumerate(node):
-            yield from _outside_refs(item, f"{where}/{index}")
-        return
-    if not isinstance(node, dict):
-        return
-    for key, value in node.items():
-        here = where + json_pointer([key])
-        if key in ("$ref", "$dynamicRef") and isinstance(value, str):
-            if not value.startswith("#"):
-                yield here, value
-        elif key in SCHEMA_MAPS and isinstance(value, dict):
-            for name, sub in value.items():
-                yield from _outside_refs(sub, here + json_pointer([name]))
-        elif key not in DATA_KEYWORDS:
-            yield from _outside_refs(value, here)
+        if key in ("$ref", "$dynamicRef") and isinstance(ref, str) and not ref.startswith("#"):
+            raise ValueError(f"$ref {ref!r} at {where} is not local (only '#...' refs are allowed)")
 
 
 def example_problems(schema: dict) -> Iterator[str]:

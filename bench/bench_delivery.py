@@ -79,7 +79,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LISTENING, REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
+from _common import ANY_WORK_LEFT_SQL, LISTENING, REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
 from _common import FakeOpenIMProcess, dump_profiles, figure, package_source, profile_threads, write_summary  # noqa: E402
 
 TARGET_RATIO = 0.8
@@ -374,8 +374,6 @@ def worker_argv(config: Path, profile: Path | None, clock: str) -> list[str]:
 
 
 def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Namespace, work: Path) -> Phase:
-    from openim_bizplugin.store.base import ACTIVE_STATUSES
-
     rounds = len(list(work.glob(f"{scenario.name}*"))) + 1
     directory = work / (scenario.name if rounds == 1 else f"{scenario.name}-{rounds}")
     directory.mkdir()
@@ -385,8 +383,7 @@ def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Name
     config = write_config(directory / "worker.toml", storage_url, fake.url, args.workers, args.batch_size)
     profile = Path(args.profile) / f"{directory.name}.prof" if args.profile else None
     poll = sqlite3.connect(db, timeout=30)
-    active = f"SELECT 1 FROM recipients WHERE status IN ({', '.join('?' * len(ACTIVE_STATUSES))}) LIMIT 1"
-    queued = poll.execute("SELECT count(*) FROM recipients WHERE status = 'queued'").fetchone()[0]
+    queued = poll.execute("SELECT count(*) FROM recipient_states WHERE status = 'queued'").fetchone()[0]
     problems = [] if queued == scenario.recipients else [f"{queued} recipients queued, not {scenario.recipients}"]
 
     fake.stats()
@@ -396,7 +393,7 @@ def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Name
     try:
         cpu, rss_start = cpu_seconds(worker.pid), memory_kb(worker.pid).get("VmRSS", 0)
         deadline = worker.announced + args.timeout
-        while poll.execute(active, ACTIVE_STATUSES).fetchone() is not None:
+        while poll.execute(ANY_WORK_LEFT_SQL).fetchone()[0]:
             if worker.proc.poll() is not None:
                 raise SystemExit(f"the worker exited ({worker.proc.returncode}); see {worker.log_path}")
             if time.monotonic() > deadline:
@@ -411,7 +408,7 @@ def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Name
     phase = Phase(scenario, "sidecar", finished - worker.announced, cpu, fake_cpu, fake.stats(), problems,
                   startup=worker.announced - worker.spawned, rss_start_kb=rss_start, rss_peak_kb=peak,
                   db_mb=sum(p.stat().st_size for p in directory.glob("bizplugin.db*")) / 2**20)
-    statuses = dict(poll.execute("SELECT status, count(*) FROM recipients GROUP BY status").fetchall())
+    statuses = dict(poll.execute("SELECT status, count(*) FROM recipient_states GROUP BY status").fetchall())
     poll.close()
     if statuses != {"sent": scenario.recipients}:
         phase.problems.append(f"recipient statuses {statuses}")

@@ -75,8 +75,8 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Child, FakeOpenIMProcess, RedisProcess, console_script, cpu_seconds, figure, machine_lines,  # noqa: E402
-                     package_source, usable_cpus, write_summary)
+from _common import (ANY_WORK_LEFT_SQL, WORK_LEFT_SQL, Child, FakeOpenIMProcess, RedisProcess,  # noqa: E402
+                     console_script, cpu_seconds, figure, machine_lines, package_source, usable_cpus, write_summary)
 from bench_delivery import (ADMIN, BATCH, CLIENT_ID, DELIVERING, FAKE_SECRET, LISTENING, NOTIFY, PATH,  # noqa: E402
                             SECRET, TYPE, USERS, user_id, write_config)
 
@@ -188,23 +188,15 @@ class Backend:
         """Recipients with work left (queued, held, leased)."""
         if self.target.store == "redis":
             return int(self.client.zcard("bizplugin:due"))
-        from openim_bizplugin.store.base import ACTIVE_STATUSES
-
         with sqlite3.connect(self.directory / "bizplugin.db", timeout=30) as db:
-            marks = ", ".join("?" * len(ACTIVE_STATUSES))
-            query = f"SELECT count(*) FROM recipients WHERE status IN ({marks})"
-            return db.execute(query, ACTIVE_STATUSES).fetchone()[0]
+            return db.execute(WORK_LEFT_SQL).fetchone()[0]
 
     def any_left(self) -> bool:
         if self.target.store == "redis":
             return self.left() > 0
-        from openim_bizplugin.store.base import ACTIVE_STATUSES
-
         if not hasattr(self, "_poll"):
             self._poll = sqlite3.connect(self.directory / "bizplugin.db", timeout=30)
-        marks = ", ".join("?" * len(ACTIVE_STATUSES))
-        query = f"SELECT 1 FROM recipients WHERE status IN ({marks}) LIMIT 1"
-        return self._poll.execute(query, ACTIVE_STATUSES).fetchone() is not None
+        return bool(self._poll.execute(ANY_WORK_LEFT_SQL).fetchone()[0])
 
     def statuses(self, message_ids: list[str]) -> Counter[str]:
         """Every recipient's status, read through the package's own store class."""

@@ -37,7 +37,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, console_script  # noqa: E402
+from _common import WORK_LEFT_SQL, REPO, console_script  # noqa: E402
 
 from openim_bizplugin.signing import signature_headers  # noqa: E402
 from openim_bizplugin.testing import FakeOpenIM  # noqa: E402
@@ -191,8 +191,7 @@ def drain(db: Path, seconds: float = 900) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with sqlite3.connect(db, timeout=30) as conn:
-            active = conn.execute("SELECT COUNT(*) FROM recipients WHERE status IN ('queued','sending','held')"
-                                  ).fetchone()[0]
+            active = conn.execute(WORK_LEFT_SQL).fetchone()[0]
         if active == 0:
             return True
         time.sleep(0.2)
@@ -202,7 +201,7 @@ def drain(db: Path, seconds: float = 900) -> bool:
 def report(args, folder: Path, load: Load, fake, drained: bool, seconds: float) -> None:
     with sqlite3.connect(folder / "soak.db", timeout=30) as conn:
         stored = {row[0] for row in conn.execute("SELECT id FROM messages")}
-        rows = conn.execute("SELECT r.message_id, r.target, r.status, m.mode FROM recipients r"
+        rows = conn.execute("SELECT r.message_id, r.target, r.status, m.mode FROM recipient_states r"
                             " JOIN messages m ON m.id = r.message_id").fetchall()
     accepted = set(load.accepted)
     lost = accepted - stored

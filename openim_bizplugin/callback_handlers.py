@@ -113,19 +113,41 @@ def parse_receipt(content: Any) -> dict[str, Any] | None:
     ``{"data": "<json string>", "description": ..., "extension": ...}``,
     and a receipt's data is ``{"receipt": {"id": "<message id>", ...}}``.
     """
-    try:
-        data = json.loads(json.loads(content)["data"])
-        receipt = data["receipt"]
-    except (TypeError, ValueError, KeyError, RecursionError):
-        return None
+    data = _custom_data(content)
+    receipt = data.get("receipt") if isinstance(data, dict) else None
     if not isinstance(receipt, dict) or not isinstance(receipt.get("id"), str) or not receipt["id"]:
         return None
     return receipt
 
 
+def _custom_data(content: Any) -> Any:
+    """The JSON in ``data`` of a Custom message's content, or None."""
+    try:
+        return json.loads(json.loads(content)["data"])
+    except (TypeError, ValueError, KeyError, RecursionError):
+        return None
+
+
+def envelope_id(content: Any) -> str | None:
+    """The message id in the envelope of one of the sidecar's Custom messages."""
+    data = _custom_data(content)
+    message_id = data.get("id") if isinstance(data, dict) else None
+    return message_id if isinstance(message_id, str) else None
+
+
+def _settle_batched(ctx: Context, p: dict[str, Any], users: Any) -> None:
+    """Users of a custom fan-out whose batch was sent get recipient rows of their own first (SQLite
+    keeps a batch's answer on the batch), so updates by serverMsgID/clientMsgID reach them."""
+    message_id = envelope_id(p.get("content"))
+    users = [u for u in users if isinstance(u, str) and u != ctx.sender_id] if isinstance(users, list) else []
+    if message_id and users:
+        ctx.store.settle_batched(message_id, users)
+
+
 def after_send_single(ctx: Context, p: dict[str, Any]) -> None:
     """The sidecar's own send is confirmed; a user's Custom message to the sender may be a receipt."""
     if p.get("sendID") == ctx.sender_id:
+        _settle_batched(ctx, p, [p.get("recvID")])
         _log_confirmed(p, ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms))
         return
     if p.get("recvID") != ctx.sender_id or p.get("contentType") != CUSTOM_CONTENT_TYPE:
@@ -186,6 +208,7 @@ def after_msg_save_db(ctx: Context, p: dict[str, Any]) -> None:
     """
     if p.get("sendID") != ctx.sender_id:
         return
+    _settle_batched(ctx, p, [p.get("recvID")])
     server_msg_id = _field(p, "serverMsgID")
     _log_confirmed(p, ctx.store.confirm_sent(server_msg_id, ctx.now_ms))
     conversation, seq = conversation_id(p), p.get("seq")
@@ -219,6 +242,7 @@ def _presence(online: bool) -> Handler:
 def before_online_push(ctx: Context, p: dict[str, Any]) -> None:
     """OpenIM is pushing the sidecar's message to online devices (only when the operator enables it)."""
     if p.get("sendID") == ctx.sender_id:
+        _settle_batched(ctx, p, p.get("userIDList"))
         ctx.store.mark_pushed(_field(p, "clientMsgID"), ctx.now_ms)
 
 

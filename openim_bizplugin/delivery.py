@@ -81,7 +81,7 @@ class DeliveryEngine:
             if unit:
                 self._record(self.sender.send_unit(unit, self._decide))
                 lease.done(unit)
-        return len(items)
+        return sum(item.size for item in items)
 
     def _should_yield(self, unit: list[WorkItem]) -> bool:
         """Stop this round early: on shutdown, or when better-priority work is waiting.

@@ -87,7 +87,9 @@ class Metrics:
 
     def outcomes(self, results: Iterable[tuple[WorkItem, Outcome]]) -> None:
         """Count the outcomes of a delivery round (one increment per kind and type, not per item)."""
-        tally: Tally[tuple[str, str]] = Tally(_outcome_kind(item, outcome) for item, outcome in results)
+        tally: Tally[tuple[str, str]] = Tally()
+        for item, outcome in results:  # a batch's outcome counts each of its users
+            tally[_outcome_kind(item, outcome)] += outcome.recipients(item)
         for (kind, type_), count in tally.items():
             if kind.startswith("throttled:"):
                 self._throttled.labels(type_, kind.partition(":")[2]).inc(count)

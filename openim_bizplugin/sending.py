@@ -59,11 +59,12 @@ class Sender:
 
     @staticmethod
     def units(items: list[WorkItem]) -> list[list[WorkItem]]:
-        """What one OpenIM call sends: custom-mode users of one message together, else one each."""
+        """What one OpenIM call sends: custom-mode users of one message together (a batch
+        item already is such a call), else one each."""
         by_message: dict[str, list[WorkItem]] = defaultdict(list)
         units = []
         for item in items:
-            if item.mode == "custom" and item.kind == "user":
+            if item.mode == "custom" and item.kind == "user" and item.members is None:
                 by_message[item.message_id].append(item)
             else:
                 units.append([item])
@@ -72,7 +73,7 @@ class Sender:
     def send_unit(self, unit: list[WorkItem], decide: Decide) -> Results:
         """Make the OpenIM call for one unit; one outcome per item."""
         results: Results = []
-        if len(unit) == 1:
+        if len(unit) == 1 and unit[0].members is None:
             self._send_one(unit[0], decide, results)
         else:
             self._send_batch(unit, decide, results)
@@ -80,8 +81,12 @@ class Sender:
 
     # -- before sending ------------------------------------------------------------
     def _confirmed_earlier(self, item: WorkItem, decide: Decide, results: Results) -> bool:
-        """Ask OpenIM whether an earlier send_msg whose answer we lost arrived after all."""
-        if not item.check_operation_id or item.mode != "custom":
+        """Ask OpenIM whether an earlier send_msg whose answer we lost arrived after all.
+
+        Not for a batch: OpenIM records send_msg's operationIDs, not batch_send_msg's
+        (OPENIM.md §3.7), so a batch whose answer was lost goes again, and apps tell the
+        repeat by the envelope id."""
+        if not item.check_operation_id or item.mode != "custom" or item.members is not None:
             return False
         try:
             arrived = self.openim.check_msg_is_send_success(item.check_operation_id)
@@ -160,24 +165,34 @@ class Sender:
                                     operation_id=item.operation_id, **target, **self._push(item))
 
     def _send_batch(self, items: list[WorkItem], decide: Decide, results: Results) -> None:
-        """One ``batch_send_msg`` for several users of one message, mapped back per user."""
+        """One ``batch_send_msg`` for several users of one message, mapped back per user:
+        *items* are the users' own items, or one batch item (``members``) whose outcome is
+        one for all of them, with the users OpenIM refused split off."""
         first = items[0]
+        users = [i.target for i in items] if first.members is None else [user for _, user in first.members]
         try:
             batch = self.openim.batch_send_msg(
                 send_id=self.config.openim.sender_id, content=self._content(first),
-                recv_ids=[i.target for i in items], operation_id=first.operation_id, **self._push(first))
+                recv_ids=users, operation_id=first.operation_id, **self._push(first))
         except OpenIMError as error:
             for item in items:
                 self._record(results, item, decide(item, error))
             return
-        refused = [i for i in items if i.target not in batch.sent]
+        sent = batch.sent
+        if first.members is None:
+            refused = [i for i in items if i.target not in sent]
+            results.extend((i, self._sent(sent[i.target])) for i in items if i.target in sent)
+        else:
+            refused = [first.member(seq, user) for seq, user in first.members if user not in sent]
+            now_ms = self._now_ms()
+            results.append((first, Outcome.sent_batch(
+                {user: (r.server_msg_id, r.client_msg_id, r.send_time_ms) for user, r in sent.items()}, now_ms)))
         # one log line per batch call (a line per user cost ~15 us each); refusals are logged one by one
-        results.extend((i, self._sent(batch.sent[i.target])) for i in items if i.target in batch.sent)
         log.info("message %s: batch_send_msg to %d users: %d sent, %d refused (operationID %s, attempt %d)",
-                 first.message_id, len(items), len(items) - len(refused), len(refused), first.operation_id,
+                 first.message_id, len(users), len(users) - len(refused), len(refused), first.operation_id,
                  first.attempts, extra={"event": "delivery.batch", "message_id": first.message_id,
                                         "client": first.client, "type": first.type,
-                                        "operation_id": first.operation_id, "recipients": len(items),
+                                        "operation_id": first.operation_id, "recipients": len(users),
                                         "refused": len(refused), "attempt": first.attempts})
         self._settle_refused(refused, decide, results)
 
@@ -201,7 +216,8 @@ class Sender:
         return Outcome.sent(result.server_msg_id, result.client_msg_id, result.send_time_ms or self._now_ms())
 
     def _record(self, results: Results, item: WorkItem, outcome: Outcome) -> None:
-        log.info("message %s %s %s: %s (operationID %s, attempt %d)%s", item.message_id, item.kind, item.target,
+        recipient = item.target if item.members is None else f"{item.target} (batch of {item.size})"
+        log.info("message %s %s %s: %s (operationID %s, attempt %d)%s", item.message_id, item.kind, recipient,
                  outcome.status, item.operation_id, item.attempts,
                  f": {outcome.error}" if outcome.error else "",
                  extra={"event": "delivery.outcome", "message_id": item.message_id, "recipient": item.target,

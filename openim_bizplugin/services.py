@@ -51,7 +51,8 @@ class Services:
             skew=config.server.signature_skew_seconds,
             clock=clock,
         )
-        store = open_store(config.storage, frozenset(e for s in config.subscribers for e in s.events))
+        store = open_store(config.storage, frozenset(e for s in config.subscribers for e in s.events),
+                           config.delivery.batch_size)
         owner = process_owner()
         openim = OpenIMClient(config.openim, store, clock=clock, owner=owner)
         subscribers = SubscriberDispatcher(config, store, owner=owner)

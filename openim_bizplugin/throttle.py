@@ -33,44 +33,72 @@ class RecipientThrottle:
         self._forget_above = FORGET_ABOVE
 
     def apply(self, items: list[WorkItem], record: Record) -> list[WorkItem]:
-        """Record delayed/throttled outcomes; return the items that may go now (in order)."""
+        """Record delayed/throttled outcomes; return the items that may go now (in order).
+
+        A batch's users are counted one by one: those over the limit are split off
+        it with their own outcome, and the batch goes on with the rest.
+        """
         now_ms = int(self.clock() * 1000)
-        limited: dict[tuple[str, str, str], list[WorkItem]] = {}  # (kind, type, rate) -> items
-        for item in items:
+        limited: dict[tuple[str, str, str], list[tuple[WorkItem, int | None]]] = {}  # (kind, type, rate) ->
+        for item in items:                                        # items, or (batch, index of a member)
             if text := item.delivery.get("rate_limit"):
-                limited.setdefault((item.kind, item.type, text), []).append(item)
+                group = limited.setdefault((item.kind, item.type, text), [])
+                if item.members is None:
+                    group.append((item, None))
+                else:
+                    group.extend((item, n) for n in range(len(item.members)))
         held_back: set[int] = set()
+        split: dict[int, set[int]] = {}  # id(batch) -> indexes of the members held back
         for (kind, type_, text), group in limited.items():
             limit = RateLimit.parse(text)
             window_ms = limit.period_seconds * 1000
+            targets = [item.target if n is None else item.members[n][1] for item, n in group]
             # one query per round and type, not one per recipient (a Redis round trip each)
-            sent_times = self.store.sent_times(kind, list({i.target: None for i in group}), type_,
-                                               now_ms - window_ms)
-            for item, sent in self._refused(kind, type_, group, sent_times, limit.count, now_ms, window_ms):
-                held_back.add(id(item))
-                if item.delivery.get("rate_limit_policy") == "drop":
-                    record(item, Outcome.throttled(f"dropped: {item.type} rate limit {limit.text} reached"))
+            sent = self.store.sent_counts(kind, list(dict.fromkeys(targets)), type_, now_ms - window_ms)
+            for at, first_ms in self._refused(kind, type_, targets, sent, limit.count, now_ms, window_ms):
+                item, n = group[at]
+                if n is None:
+                    held_back.add(id(item))
+                    who = item
                 else:
-                    opens_ms = (sent[0] if sent else now_ms) + window_ms
-                    record(item, Outcome.deferred(f"delayed: {item.type} rate limit {limit.text}", opens_ms))
-        return [item for item in items if id(item) not in held_back] if held_back else items
+                    split.setdefault(id(item), set()).add(n)
+                    who = item.member(*item.members[n])
+                if item.delivery.get("rate_limit_policy") == "drop":
+                    record(who, Outcome.throttled(f"dropped: {item.type} rate limit {limit.text} reached"))
+                else:
+                    opens_ms = (first_ms or now_ms) + window_ms
+                    record(who, Outcome.deferred(f"delayed: {item.type} rate limit {limit.text}", opens_ms))
+        if not held_back and not split:
+            return items
+        send_now = []
+        for item in items:
+            if id(item) in split:
+                gone = split[id(item)]
+                item.members = [member for n, member in enumerate(item.members) if n not in gone]
+                if not item.members:  # nothing left to send: the batch is done
+                    record(item, Outcome.skipped("every user of it was held back by the rate limit"))
+                    continue
+                item.seq, item.target = item.members[0]
+            if id(item) not in held_back:
+                send_now.append(item)
+        return send_now
 
-    def _refused(self, kind: str, type_: str, group: list[WorkItem], sent_times: dict[str, list[int]],
-                 count: int, now_ms: int, window_ms: int) -> list[tuple[WorkItem, list[int]]]:
-        """Take a slot in the window for each item of *group* unless the sends recorded, or this
-        process's approvals, fill it; returns the items refused, with their recorded send times.
+    def _refused(self, kind: str, type_: str, targets: list[str], sent: dict[str, tuple[int, int]],
+                 count: int, now_ms: int, window_ms: int) -> list[tuple[int, int | None]]:
+        """Take a slot in the window for each of *targets* unless the sends recorded, or this
+        process's approvals, fill it; returns the indexes refused, with their first recorded send.
         Runs per recipient in a round: kept to plain loops (bench_delivery, custom mode)."""
         cutoff = now_ms - window_ms
         refused = []
         with self._lock:  # once per group: the approvals are shared by this process's threads
             approved = self._approved
-            for item in group:
-                key = (kind, item.target, type_)
+            for at, target in enumerate(targets):
+                key = (kind, target, type_)
                 recent = approved.get(key)
                 recent = [t for t in recent if t > cutoff] if recent else []
-                sent = sent_times.get(item.target, ())
-                if len(sent) >= count or len(recent) >= count:
-                    refused.append((item, list(sent)))
+                sent_count, first_ms = sent.get(target, (0, None))
+                if sent_count >= count or len(recent) >= count:
+                    refused.append((at, first_ms))
                 else:
                     recent.append(now_ms)
                 approved[key] = recent

@@ -30,11 +30,12 @@ EVENTS = frozenset({"message.sent", "message.failed", "message.expired", "messag
 
 def new(mid: str = "m1", *targets: str, priority: str = "normal", created: int = T0, ttl: int = 60,
         key: str | None = None, digest: str = "h", client: str = "crm", kind: str = "user",
-        offline: str = "store", collapse: str | None = None) -> NewMessage:
+        offline: str = "store", collapse: str | None = None, mode: str = "notification",
+        delivery: dict[str, Any] | None = None) -> NewMessage:
     return NewMessage(
-        id=mid, client=client, type="profile.updated", version=1, mode="notification", priority=priority,
+        id=mid, client=client, type="profile.updated", version=1, mode=mode, priority=priority,
         offline=offline, ttl_seconds=ttl, collapse_key=collapse, idempotency_key=key, request_hash=digest,
-        envelope='{"id":"%s"}' % mid, delivery={"persistent": True}, target_kind=kind,
+        envelope='{"id":"%s"}' % mid, delivery=delivery or {"persistent": True}, target_kind=kind,
         targets=targets or ("u1", "u2"), created_ms=created)
 
 
@@ -50,6 +51,27 @@ class OpIds:
 
 def statuses(store: Any, mid: str) -> list[str]:
     return [r.status for r in store.get_message(mid).recipients]
+
+
+def users_of(items: list) -> list[str]:
+    """The users leased items stand for: a batch item's members, or the item's own target."""
+    return sorted(user for item in items for _seq, user in (item.members or [(item.seq, item.target)]))
+
+
+def answered(items: list, now: int, refused: frozenset[str] = frozenset()) -> list:
+    """Outcomes for leased custom-mode items as batch_send_msg answers them: every user sent
+    (serverMsgID ``s-<user>``), except *refused* users, retried a second later."""
+    def sent(user: str) -> Outcome:
+        return Outcome.retry("refused", now + 1_000) if user in refused else Outcome.sent(f"s-{user}", f"c-{user}", now)
+    results = []
+    for item in items:
+        if item.members is None:
+            results.append((item, sent(item.target)))
+        else:
+            results += [(item.member(seq, user), sent(user)) for seq, user in item.members if user in refused]
+            results.append((item, Outcome.sent_batch(
+                {user: (f"s-{user}", f"c-{user}", now) for _seq, user in item.members if user not in refused}, now)))
+    return results
 
 
 class StoreContract:
@@ -216,7 +238,7 @@ class StoreContract:
         [again] = self.lease(store, T0 + 5_000)
         assert (again.target, again.attempts) == ("u1", 1)
 
-    def test_sent_times_per_type_and_recipient(self, store):
+    def test_sent_counts_per_type_and_recipient(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
         store.accept(new("g1", "u1", kind="group", created=T0 + 1), None, retention_ms=0)
         a, b, g = self.lease(store, T0 + 1)
@@ -224,12 +246,12 @@ class StoreContract:
                         (g, Outcome.sent("s2", "c2", T0 + 20))], T0 + 30)
         [c] = self.lease(store, T0 + 99)
         store.complete([(c, Outcome.sent("s3", "c3", T0 + 100))], T0 + 100)
-        assert store.sent_times("user", ["u1", "u2", "u3"], "profile.updated", T0) == {
-            "u1": [T0 + 10], "u2": [T0 + 100]}
-        assert store.sent_times("user", ["u1"], "profile.updated", T0 + 10) == {}
-        assert store.sent_times("group", ["u1"], "profile.updated", T0) == {"u1": [T0 + 20]}
-        assert store.sent_times("user", ["u1", "u2"], "order.status_changed", 0) == {}
-        assert store.sent_times("user", [], "profile.updated", 0) == {}
+        assert store.sent_counts("user", ["u1", "u2", "u3"], "profile.updated", T0) == {
+            "u1": (1, T0 + 10), "u2": (1, T0 + 100)}
+        assert store.sent_counts("user", ["u1", "u2"], "profile.updated", T0 + 10) == {"u2": (1, T0 + 100)}
+        assert store.sent_counts("group", ["u1"], "profile.updated", T0) == {"u1": (1, T0 + 20)}
+        assert store.sent_counts("user", ["u1", "u2"], "order.status_changed", 0) == {}
+        assert store.sent_counts("user", [], "profile.updated", 0) == {}
 
     def test_release_gives_untried_work_back_due_at_once(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
@@ -503,6 +525,102 @@ class StoreContract:
         [event] = [e for e in store.events_after(0, 100) if e.type == "receipt.received"]
         assert event.data == {"message_id": "m1", "type": "profile.updated", "client": "crm", "user_id": "u2",
                               "receipt": receipt}
+
+    # -- custom-mode fan-outs (SQLite keeps their state per batch_send_msg call) -----------------
+    def test_a_custom_fan_out_is_sent_and_refused_users_go_on_alone(self, store):
+        limited = {"persistent": True, "rate_limit": "10/hour"}
+        store.accept(new("m1", "u1", "u2", "u3", mode="custom", delivery=limited), None, retention_ms=0)
+        items = self.lease(store)
+        assert users_of(items) == ["u1", "u2", "u3"] and statuses(store, "m1") == ["sending"] * 3
+        assert {(i.attempts, i.check_operation_id) for i in items} == {(1, None)}
+        assert store.queue_depth()["normal"] == 3
+        assert store.complete(answered(items, T0 + 1, refused=frozenset({"u2"})), T0 + 1) >= 2
+        record = store.get_message("m1")
+        assert [(r.target, r.status, r.server_msg_id, r.client_msg_id, r.sent_ms, r.attempts, r.last_error)
+                for r in record.recipients] == [("u1", "sent", "s-u1", "c-u1", T0 + 1, 1, None),
+                                                ("u2", "queued", None, None, None, 1, "refused"),
+                                                ("u3", "sent", "s-u3", "c-u3", T0 + 1, 1, None)]
+        [recent] = store.recent_messages(10)
+        assert recent.status_counts == {"sent": 2, "queued": 1}
+        assert [r.status for r in recent.message.recipients] == ["sent", "queued", "sent"]
+        assert store.queue_depth()["normal"] == 1 and store.next_due_ms() == T0 + 1_001
+        assert self.lease(store, T0 + 1_000) == []
+        [again] = self.lease(store, T0 + 1_001)
+        assert (again.target, again.attempts, again.members) == ("u2", 2, None)
+        assert store.complete(answered([again], T0 + 1_002), T0 + 1_002) == 1
+        assert statuses(store, "m1") == ["sent"] * 3
+        assert store.sent_counts("user", ["u1", "u2", "u9"], "profile.updated", T0) == {
+            "u1": (1, T0 + 1), "u2": (1, T0 + 1_002)}  # what a rate limit counts
+        store.settle_batched("m1", ["u1"])  # counted once, with a row of its own now
+        assert store.sent_counts("user", ["u1"], "profile.updated", T0) == {"u1": (1, T0 + 1)}
+        sent = [(e.data["user_id"], e.data["server_msg_id"]) for e in store.events_after(0, 100)
+                if e.type == "message.sent"]
+        assert sorted(sent) == [("u1", "s-u1"), ("u2", "s-u2"), ("u3", "s-u3")]
+
+    def test_a_custom_fan_out_retried_then_failed_is_a_dead_letter(self, store):
+        store.accept(new("m1", "u1", "u2", mode="custom"), None, retention_ms=0)
+        items = self.lease(store)
+        store.complete([(i, Outcome.retry("OpenIM down", T0 + 500, "op-lost")) for i in items], T0 + 1)
+        record = store.get_message("m1")
+        assert [(r.status, r.attempts, r.last_error) for r in record.recipients] == [("queued", 1, "OpenIM down")] * 2
+        items = self.lease(store, T0 + 500)
+        assert users_of(items) == ["u1", "u2"]
+        assert {(i.attempts, i.check_operation_id) for i in items} == {(2, "op-lost")}
+        store.complete([(i, Outcome.failed("no permission", "refused")) for i in items], T0 + 501)
+        record = store.get_message("m1")
+        assert [(r.status, r.attempts, r.last_error, r.reason) for r in record.recipients] == [
+            ("failed", 2, "no permission", "refused")] * 2
+        [letter] = store.dead_letters()
+        assert (letter.message_id, letter.failed) == ("m1", 2)
+        assert sorted(e.data["user_id"] for e in store.events_after(0, 100) if e.type == "message.failed") == [
+            "u1", "u2"]
+        assert store.replay_dead_letters("m1", T0 + 600) == 2
+        items = self.lease(store, T0 + 600)
+        store.complete(answered(items, T0 + 601), T0 + 601)
+        assert statuses(store, "m1") == ["sent", "sent"]
+
+    def test_a_custom_fan_out_past_its_ttl_expires_user_by_user(self, store):
+        store.accept(new("m1", "u1", "u2", mode="custom", ttl=1), None, retention_ms=0)
+        assert self.lease(store, T0 + 1_000) == []
+        record = store.get_message("m1")
+        assert [(r.status, r.reason) for r in record.recipients] == [("expired", "ttl passed before delivery")] * 2
+        assert sorted(e.data["user_id"] for e in store.events_after(0, 100) if e.type == "message.expired") == [
+            "u1", "u2"]
+        assert store.next_due_ms() is None and store.queue_depth()["normal"] == 0
+
+    def test_a_custom_fan_out_whose_worker_died_is_taken_over(self, store):
+        store.accept(new("m1", "u1", "u2", mode="custom"), None, retention_ms=0)
+        lost = self.lease(store, lease_ms=1_000, owner="dead")
+        taken = self.lease(store, T0 + 1_000, owner="alive")
+        assert users_of(taken) == ["u1", "u2"]
+        assert {(i.attempts, i.lease_owner) for i in taken} == {(2, "alive")}
+        assert {i.check_operation_id for i in taken} <= {i.operation_id for i in lost}
+        assert store.complete(answered(lost, T0 + 1_001), T0 + 1_001) == 0
+        assert store.renew(lost, T0 + 1_001, 1_000) == [] and store.release(lost, T0 + 1_001) == 0
+        assert store.renew(taken, T0 + 1_001, 1_000) == taken
+        assert store.complete(answered(taken, T0 + 1_002), T0 + 1_002) >= 1
+        assert [r.server_msg_id for r in store.get_message("m1").recipients] == ["s-u1", "s-u2"]
+
+    def test_a_released_custom_fan_out_is_due_at_once_with_no_attempt_used(self, store):
+        store.accept(new("m1", "u1", "u2", mode="custom"), None, retention_ms=0)
+        assert store.release(self.lease(store), T0 + 5) == 2
+        assert statuses(store, "m1") == ["queued", "queued"] and store.next_due_ms() == T0 + 5
+        assert {i.attempts for i in self.lease(store, T0 + 5)} == {1}
+
+    def test_callbacks_and_receipts_reach_the_users_of_a_custom_fan_out(self, store):
+        store.accept(new("m1", "u1", "u2", "u3", mode="custom"), None, retention_ms=0)
+        store.complete(answered(self.lease(store), T0 + 1), T0 + 1)
+        for user in ("u1", "u3"):
+            store.settle_batched("m1", [user])
+        assert store.confirm_sent("s-u1", T0 + 2) == 1
+        assert store.mark_pushed("c-u1", T0 + 2) == 1
+        assert store.record_saved_seq("s-u3", "si_admin_u3", 9) == 1
+        assert store.mark_read("si_admin_u3", [9], "u3", T0 + 3) == 1
+        receipt = {"id": "m1", "ok": True}
+        assert store.acknowledge("m1", "u2", receipt, T0 + 4)
+        record = store.get_message("m1")
+        assert [(r.target, r.status, r.server_msg_id, r.receipt) for r in record.recipients] == [
+            ("u1", "sent", "s-u1", None), ("u2", "acknowledged", "s-u2", receipt), ("u3", "read", "s-u3", None)]
 
     # -- shared credentials -----------------------------------------------------------------
     def test_tokens_and_locks_are_shared(self, new_store):

@@ -296,6 +296,31 @@ def test_read_flow_saved_seq_then_read(side):
     assert [e["message_id"] for e in side.events("message.read")] == [mid]
 
 
+def test_callbacks_and_receipts_reach_each_user_of_a_custom_fan_out(side):
+    mid = side.send_custom({"users": ["u1001", "u1", "u2"]})
+    [call] = side.fake.calls_to("/msg/batch_send_msg")
+    assert call.body["recvIDs"] == ["u1001", "u1", "u2"]  # one call for all three
+    [first] = side.fake.deliveries_to(user="u1001")
+    [second] = side.fake.deliveries_to(user="u1")
+    side.post("callbackAfterSendSingleMsgCommand", side.fake.after_send_single_msg(first))
+    side.post("callbackAfterMsgSaveDBCommand", side.fake.after_msg_save_db(first, 17))
+    push = fixture("callbackBeforeOnlinePushCommand")
+    side.post(push["callbackCommand"], {**push, "clientMsgID": second.client_msg_id, "userIDList": ["u1"],
+                                        "content": json.dumps(second.content)})
+    receipt = side.fake.receipt_message("u2", "imAdmin", {"id": mid, "status": "done"})
+    side.post("callbackAfterSendSingleMsgCommand", side.fake.after_send_single_msg(receipt))
+    assert side.process() == 4
+    assert side.recipient_column(first.server_msg_id, "confirmed_ms") is not None
+    assert side.recipient_column(second.server_msg_id, "pushed_ms") is not None
+    side.post("callbackAfterSingleMsgReadCommand", side.fake.single_msg_read("u1001", "si_imAdmin_u1001", [17]))
+    side.process()
+    recipients = {r["user_id"]: r for r in side.recipients(mid)}
+    assert {user: r["status"] for user, r in recipients.items()} == {"u1001": "read", "u1": "sent",
+                                                                       "u2": "acknowledged"}
+    assert [recipients[u]["server_msg_id"] for u in ("u1001", "u1")] == [first.server_msg_id, second.server_msg_id]
+    assert recipients["u2"]["server_msg_id"] == side.fake.deliveries_to(user="u2")[0].server_msg_id
+
+
 # -- over real HTTP -----------------------------------------------------------------------------------
 @pytest.fixture
 def webhook_url(side):

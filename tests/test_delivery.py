@@ -254,3 +254,30 @@ def test_long_waiting_low_work_ages_ahead_of_fresh_normal_work(sidecar):
     sidecar.send(to={"users": ["u3"]}, priority="high", idempotency_key="new-high")
     [second] = sidecar.store.lease(int(sidecar.clock() * 1000), 1, 1000, "w", lambda hint: hint)
     assert second.target == "u2"
+
+
+def test_a_custom_fan_out_sends_the_known_users_and_fails_only_the_unknown(sidecar, fake):
+    mid = sidecar.send(mode="custom", to={"users": ["u1", "ghost", "u2"]})
+    sidecar.drain()
+    [call] = fake.calls_to("/msg/batch_send_msg")
+    assert call.body["recvIDs"] == ["u1", "ghost", "u2"]
+    recipients = {r["user_id"]: r for r in sidecar.recipients(mid)}
+    assert {user: r["status"] for user, r in recipients.items()} == {"u1": "sent", "ghost": "failed", "u2": "sent"}
+    assert [d.server_msg_id for d in fake.deliveries_to(user="u2")] == [recipients["u2"]["server_msg_id"]]
+    assert "unknown user" in recipients["ghost"]["reason"] and recipients["ghost"]["attempts"] == 1
+    assert [d.message_id for d in sidecar.store.dead_letters()] == [mid]
+    assert len(fake.deliveries_to(user="u1")) == 1
+
+
+def test_a_custom_fan_out_larger_than_batch_size_goes_in_several_calls(tmp_path, fake, clock):
+    side = Sidecar(tmp_path, fake, clock, batch_size=2)
+    try:
+        fake.fail_next("/msg/batch_send_msg", times=1, err_code=500, err_dlt="grpc service msg down")
+        mid = side.send(mode="custom", to={"users": ["u1", "u2", "u3"]})
+        side.drain()
+        calls = [c.body["recvIDs"] for c in fake.calls_to("/msg/batch_send_msg")]
+        assert calls[0] == ["u1", "u2"] and sorted(calls[1:]) == [["u1", "u2"], ["u3"]]  # the first one retried
+        assert [(r["status"], r["attempts"]) for r in side.recipients(mid)] == [("sent", 2), ("sent", 2), ("sent", 1)]
+        assert sorted(_envelope_id(d) for d in fake.delivered) == [mid] * 3
+    finally:
+        side.services.close()

@@ -86,13 +86,13 @@ def run_cli(*argv: str) -> str:
 
 
 def recipients(db_path: Path) -> list[dict[str, Any]]:
-    """Every recipient row, read by a connection of our own."""
+    """Every recipient as the API shows it, read by a connection of our own."""
     db = sqlite3.connect(db_path, timeout=10)
     db.row_factory = sqlite3.Row
     try:
         return [dict(row) for row in db.execute(
             "SELECT message_id, kind, target, status, attempts, operation_id, check_operation_id, last_error"
-            " FROM recipients ORDER BY message_id, seq")]
+            " FROM recipient_states ORDER BY message_id, seq")]
     finally:
         db.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 from conftest import message
 from openim_bizplugin.errors import StorageBusy, StorageUnavailable
 from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, ReplayKey
-from openim_bizplugin.store.sqlite import SqliteStore
+from openim_bizplugin.store.sqlite import _SCHEMA, SqliteStore
 
 
 def _new(i: int = 0, *, key: str | None = None, digest: str = "h", targets=("u1", "u2")) -> NewMessage:
@@ -147,3 +148,41 @@ def _capture(call):
         return call()
     except BaseException as exc:  # handed back to the test thread
         return exc
+
+
+def _fan_out(i: int, users: int, **fields) -> NewMessage:
+    return dataclasses.replace(_new(i, targets=tuple(f"u{n}" for n in range(users))), mode="custom", **fields)
+
+
+def test_a_custom_fan_out_is_leased_in_whole_batches_of_batch_size(tmp_path):
+    store = SqliteStore(tmp_path / "x.db", batch_size=2)
+    store.accept(_fan_out(1, 5), None, retention_ms=0)
+    ops = iter(range(100))
+    lease = lambda limit: store.lease(1_000_010, limit, 10_000, "w", lambda mid: f"op{next(ops)}")  # noqa: E731
+    first = lease(3)  # a batch is never split: two of them would be 4 > 3
+    assert [(i.members, i.operation_id) for i in first] == [([(0, "u0"), (1, "u1")], "op0-0")]
+    assert [i.members for i in lease(1)] == [[(2, "u2"), (3, "u3")]]  # the first one goes even when larger
+    assert [i.members for i in lease(10)] == [[(4, "u4")]]
+    with store._db.borrow() as db:  # nothing per user was written to lease them
+        assert db.execute("SELECT DISTINCT status FROM recipients").fetchall() == [("batched",)]
+
+
+def test_only_custom_fan_outs_to_users_with_nothing_decided_while_waiting_are_batched(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    plain = [_fan_out(1, 2), _fan_out(2, 1), _fan_out(3, 2, offline="hold"), _fan_out(4, 2, collapse_key="c"),
+             _fan_out(5, 2, delivery={"rate_limit": "3/hour"}), _fan_out(6, 2, target_kind="group"), _new(7)]
+    for m in plain:
+        store.accept(m, None, retention_ms=0)
+    with store._db.borrow() as db:
+        assert db.execute("SELECT DISTINCT message_id FROM batches").fetchall() == [("m1",), ("m5",)]
+
+
+def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # version 1 had no batches
+        db.executescript(_SCHEMA.split("CREATE TABLE IF NOT EXISTS batches")[0] + "PRAGMA user_version = 1;")
+    store = SqliteStore(path)
+    store.accept(_fan_out(1, 3), None, retention_ms=0)
+    assert [i.size for i in store.lease(1_000_010, 10, 1_000, "w", lambda mid: "op")] == [3]
+    with store._db.borrow() as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2

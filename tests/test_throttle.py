@@ -79,3 +79,33 @@ def test_parallel_delivery_threads_share_the_window(tmp_path, fake, clock):
     assert len(allowed) == 2 and [o.status for o in outcomes] == ["throttled"] * 4
     assert len(ids) == 6
     side.services.close()
+
+
+@pytest.mark.parametrize("policy, held", [("delay", ("queued", 0)), ("drop", ("throttled", 1))])
+def test_users_of_a_custom_fan_out_over_the_limit_are_split_off_its_batch(tmp_path, fake, clock, policy, held):
+    side = _sidecar(tmp_path, fake, clock, policy)
+    earlier = [side.send(mode="custom", to={"users": ["u2", "u3"]}, idempotency_key=f"k{i}") for i in range(2)]
+    side.engine.step()  # both batches sent: u2 and u3 have had their 2 per hour
+    assert [{r["status"] for r in side.recipients(mid)} for mid in earlier] == [{"sent"}, {"sent"}]
+    mid = side.send(mode="custom", to={"users": ["u1", "u2", "u3"]}, idempotency_key="fan-out")
+    side.engine.step()
+    assert fake.calls_to("/msg/batch_send_msg")[-1].body["recvIDs"] == ["u1"]
+    statuses = {r["user_id"]: (r["status"], r["attempts"]) for r in side.recipients(mid)}
+    assert statuses == {"u1": ("sent", 1), "u2": held, "u3": held}  # a delay is no attempt
+    assert "rate limit 2/hour" in side.recipients(mid)[1]["reason"]
+    side.drain()
+    final = {r["user_id"]: r["status"] for r in side.recipients(mid)}
+    assert final == ({"u1": "sent", "u2": "sent", "u3": "sent"} if policy == "delay"
+                     else {"u1": "sent", "u2": "throttled", "u3": "throttled"})
+    assert len(fake.deliveries_to(user="u2")) == (3 if policy == "delay" else 2)
+    side.services.close()
+
+
+def test_a_custom_fan_out_all_over_the_limit_sends_nothing(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "drop")
+    for i in range(3):
+        side.send(mode="custom", to={"users": ["u1", "u2"]}, idempotency_key=f"k{i}")
+    side.drain()
+    assert [c.body["recvIDs"] for c in fake.calls_to("/msg/batch_send_msg")] == [["u1", "u2"]] * 2
+    assert side.store.next_due_ms() is None and side.store.queue_depth()["normal"] == 0
+    side.services.close()

@@ -10,10 +10,11 @@ from .base import Store
 from .sqlite import SqliteStore
 
 
-def open_store(config: StorageConfig, event_types: frozenset[str] = frozenset()) -> Store:
+def open_store(config: StorageConfig, event_types: frozenset[str] = frozenset(), batch_size: int = 500) -> Store:
     """Open the backend named by ``storage.url``; a failure is a config error.
 
-    Only events of *event_types* (what subscribers listen to) are kept in the outbox.
+    Only events of *event_types* (what subscribers listen to) are kept in the outbox;
+    *batch_size* is ``delivery.batch_size``, the users of one ``batch_send_msg``.
     """
     if config.url.startswith(("redis://", "rediss://")):
         from .redis import RedisStore  # the Redis client is loaded only when it is used
@@ -23,7 +24,7 @@ def open_store(config: StorageConfig, event_types: frozenset[str] = frozenset())
         except StorageUnavailable as exc:
             raise ConfigError(f"storage.url: {exc.detail} ({shown_url(config.url)})") from None
     try:
-        return SqliteStore(config.sqlite_path, event_types)
+        return SqliteStore(config.sqlite_path, event_types, batch_size=batch_size)
     except StorageUnavailable as exc:
         raise ConfigError(f"storage.url: {exc.detail} ({config.sqlite_path})") from None
 

@@ -8,6 +8,7 @@ committed together, so nothing answered ``202`` can be lost.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -131,6 +132,29 @@ class WorkItem:
     envelope: str
     delivery: dict[str, Any]
     expires_ms: int
+    # A batch (SQLite, see delivered_in_batches): one item for the (seq, user) of every user one
+    # batch_send_msg call sends to; seq and target are the first's. Users split off a batch
+    # (OpenIM refused them) are items of their own with batch_id set and members None.
+    members: list[tuple[int, str]] | None = None
+    batch_id: int | None = None
+
+    @property
+    def size(self) -> int:
+        """How many recipients this item stands for."""
+        return 1 if self.members is None else len(self.members)
+
+    def member(self, seq: int, target: str) -> WorkItem:
+        """The item of one user of this batch, to record an outcome of its own."""
+        return dataclasses.replace(self, seq=seq, target=target, members=None)
+
+
+def delivered_in_batches(message: NewMessage) -> bool:
+    """Whether a backend may keep this message's queue state per ``batch_send_msg`` call
+    instead of per recipient: custom mode to several users, without an offline policy or a
+    collapse key (which decide user by user while the users wait; a rate limit splits users
+    off the batch when it is sent)."""
+    return (message.mode == "custom" and message.target_kind == "user" and len(message.targets) > 1
+            and message.offline == "store" and not message.collapse_key)
 
 
 @dataclass  # not frozen: see WorkItem
@@ -146,12 +170,23 @@ class Outcome:
     client_msg_id: str | None = None
     sent_ms: int | None = None
     uncounted: bool = False  # nothing was sent: this lease does not count as an attempt
+    # a batch's answer: per user OpenIM's (serverMsgID, clientMsgID, sendTime); users it
+    # leaves out were recorded apart (refused). None: sent, but OpenIM's answer is not known
+    sends: dict[str, tuple[str | None, str | None, int | None]] | None = None
 
     @classmethod
     def sent(cls, server_msg_id: str | None, client_msg_id: str | None, sent_ms: int,
              reason: str | None = None) -> Outcome:
         return cls("sent", server_msg_id=server_msg_id, client_msg_id=client_msg_id, sent_ms=sent_ms,
                    reason=reason)
+
+    @classmethod
+    def sent_batch(cls, sends: dict[str, tuple[str | None, str | None, int | None]], sent_ms: int) -> Outcome:
+        return cls("sent", sends=sends, sent_ms=sent_ms)
+
+    def recipients(self, item: WorkItem) -> int:
+        """How many recipients this outcome of *item* is about."""
+        return len(self.sends) if self.sends is not None else item.size
 
     @classmethod
     def retry(cls, error: str, next_attempt_ms: int, unknown_operation_id: str | None = None) -> Outcome:
@@ -296,17 +331,26 @@ class Store(Protocol):
 
         Each item's operationID is ``new_operation_id(message_id) + "-" + seq``:
         one call per message and round, unique per attempt.
+
+        A backend may hand out the users of a message that is
+        :func:`delivered_in_batches` as batch items (``members``, one
+        ``batch_send_msg`` each, operationID that of the first user); a batch
+        counts as its size toward *limit*, and at least one item is handed out.
         """
 
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
-        """Record outcomes for items still leased by their owner; returns how many."""
+        """Record outcomes for items still leased by their owner; returns how many.
+
+        A batch's outcome is every member's, except members split off it
+        (:meth:`WorkItem.member`) whose own outcome is in the same *results*.
+        """
 
     def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
         """Extend the lease of the items this worker still holds; returns those."""
 
-    def sent_times(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, list[int]]:
-        """When messages of *type_* were sent to each of *targets* since *since_ms*, oldest
-        first (one query for a whole round; targets with none are left out)."""
+    def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:
+        """How many messages of *type_* were sent to each of *targets* since *since_ms*, and
+        when the first of them was (one query for a whole round; targets with none are left out)."""
 
     def release(self, items: list[WorkItem], now_ms: int) -> int:
         """Give back leased items not attempted (shutdown, higher-priority work): due at once."""
@@ -358,6 +402,11 @@ class Store(Protocol):
         """Forget up to *limit* processed callbacks received before *before_ms*, oldest first:
         the stored body and its dedupe key (the same event arriving again later is stored again).
         Unprocessed callbacks are never touched. Returns how many were forgotten."""
+
+    def settle_batched(self, message_id: str, user_ids: list[str]) -> int:
+        """Give these users of a sent batch recipient rows of their own, with what OpenIM
+        answered about each, so the callbacks below find them by serverMsgID/clientMsgID.
+        Backends that never batch do nothing. Returns how many were settled."""
 
     def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:
         """OpenIM's after-send callback confirmed this message."""

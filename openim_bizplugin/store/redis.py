@@ -225,12 +225,15 @@ class RedisStore(RedisTrackingMixin):
         return [item for item, ok in zip(items, kept) if ok]
 
     @translated
-    def sent_times(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, list[int]]:
+    def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:
         pipe = self._redis.pipeline(transaction=False)  # one round trip for the whole round
         for target in targets:
-            pipe.zrangebyscore(self._k(_sent_key(kind, target, type_)), f"({since_ms}", "+inf", withscores=True)
-        return {target: [int(sent_ms) for _, sent_ms in found]
-                for target, found in zip(targets, pipe.execute()) if found}
+            key = self._k(_sent_key(kind, target, type_))
+            pipe.zcount(key, f"({since_ms}", "+inf")
+            pipe.zrangebyscore(key, f"({since_ms}", "+inf", start=0, num=1, withscores=True)
+        answers = pipe.execute()
+        return {target: (count, int(first[0][1]))
+                for target, count, first in zip(targets, answers[::2], answers[1::2]) if count}
 
     @translated
     def release(self, items: list[WorkItem], now_ms: int) -> int:

@@ -211,6 +211,9 @@ class RedisTrackingMixin:
         return int(self._run("prune_callbacks", before_ms, limit)) if limit > 0 else 0
 
     # -- what callbacks tell about sent messages ---------------------------------------
+    def settle_batched(self, message_id: str, user_ids: list[str]) -> int:
+        return 0  # Redis keeps every recipient's state on its own hash: nothing is batched
+
     @translated
     def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:
         return int(self._run("stamp_once", f"smid:{server_msg_id}", "confirmed_ms", now_ms))

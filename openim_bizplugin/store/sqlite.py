@@ -8,6 +8,7 @@ processes can share one database file (see :mod:`.sqlite_file`).
 
 from __future__ import annotations
 
+import bisect
 import json
 import sqlite3
 import time
@@ -18,11 +19,12 @@ from typing import Any
 
 from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch,
                    MessageRecord, NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey,
-                   WorkItem)
+                   WorkItem, delivered_in_batches)
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: batches
+MAX_BATCH = 500  # delivery.batch_size's default
 EXPIRY_SWEEP_MS = 1_000  # how often a lease also sweeps the whole queue for recipients past their TTL
 
 
@@ -99,6 +101,57 @@ CREATE INDEX IF NOT EXISTS recipients_server_msg ON recipients (server_msg_id) W
 CREATE INDEX IF NOT EXISTS recipients_client_msg ON recipients (client_msg_id) WHERE client_msg_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS recipients_conversation ON recipients (conversation_id, msg_seq)
     WHERE conversation_id IS NOT NULL;
+
+-- A custom-mode message to several users (base.delivered_in_batches) goes out in
+-- batch_send_msg calls of up to delivery.batch_size users: one row per call keeps the
+-- queue state of all its users, whose recipient rows stay 'batched' meanwhile (out of
+-- recipients_due), so a worker writes one row per call instead of two per user
+-- (bench_delivery, custom mode). Users whose fate differs from their batch's (refused
+-- by OpenIM, expired, acknowledged, confirmed by a callback) get their row back.
+CREATE TABLE IF NOT EXISTS batches (
+    id              INTEGER PRIMARY KEY,
+    message_id      TEXT NOT NULL REFERENCES messages (id),
+    first_seq       INTEGER NOT NULL,
+    last_seq        INTEGER NOT NULL,
+    status          TEXT NOT NULL,  -- queued | sending | done (sent, or its users ended one by one)
+    priority        INTEGER NOT NULL,
+    next_attempt_ms INTEGER NOT NULL,
+    expires_ms      INTEGER NOT NULL,
+    lease_owner     TEXT,
+    operation_id    TEXT,
+    check_operation_id TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    reason          TEXT,
+    -- OpenIM's answer once sent: {"<user>": [serverMsgID, clientMsgID, sendTime], ...}
+    results         TEXT,
+    sent_ms         INTEGER
+);
+CREATE INDEX IF NOT EXISTS batches_due ON batches (priority, next_attempt_ms, expires_ms)
+    WHERE status IN ('queued', 'sending');
+CREATE INDEX IF NOT EXISTS batches_message ON batches (message_id, first_seq);
+-- callbacks and receipts name a message and a user
+CREATE INDEX IF NOT EXISTS recipients_target ON recipients (message_id, target);
+-- every recipient as GET /v1/messages shows it, for tools that read the file: a user still
+-- with its batch has the batch's status ('done' is 'sent'), attempts and last error
+CREATE VIEW IF NOT EXISTS recipient_states AS
+SELECT r.message_id, r.seq, r.kind, r.target,
+       CASE WHEN r.status != 'batched' THEN r.status WHEN b.status = 'done' THEN 'sent' ELSE b.status END AS status,
+       CASE WHEN r.status = 'batched' THEN b.attempts ELSE r.attempts END AS attempts,
+       CASE WHEN r.status = 'batched' THEN b.operation_id ELSE r.operation_id END AS operation_id,
+       CASE WHEN r.status = 'batched' THEN b.check_operation_id ELSE r.check_operation_id END AS check_operation_id,
+       CASE WHEN r.status = 'batched' THEN b.last_error ELSE r.last_error END AS last_error
+FROM recipients r LEFT JOIN batches b ON r.status = 'batched' AND b.message_id = r.message_id
+     AND r.seq BETWEEN b.first_seq AND b.last_seq;
+-- when users of batches of a rate-limited type were sent (recipients_sent holds the others')
+CREATE TABLE IF NOT EXISTS batch_sends (
+    target          TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    sent_ms         INTEGER NOT NULL,
+    message_id      TEXT NOT NULL,
+    seq             INTEGER NOT NULL,
+    PRIMARY KEY (target, type, sent_ms, message_id, seq)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS dead_letters (
     message_id      TEXT PRIMARY KEY REFERENCES messages (id),
@@ -188,6 +241,30 @@ def _work_items(rows: list[tuple], held: set[int], message_id: str, message: tup
         for rowid, seq, kind, target, attempts, operation_id, check_operation_id in rows}
 
 
+_BATCH_DUE = "('queued', 'sending')"
+_LEASE_BATCH_SQL = (
+    "UPDATE batches SET status = 'sending', lease_owner = ?, next_attempt_ms = ?, attempts = attempts + 1,"
+    " check_operation_id = CASE status WHEN 'sending' THEN operation_id ELSE check_operation_id END,"
+    " operation_id = ? WHERE id = ? RETURNING attempts, operation_id, check_operation_id")
+
+
+def _first_due(rows: list[tuple], batches: list[tuple], limit: int) -> tuple[list[tuple], list[tuple]]:
+    """Of due recipient rows and due batches (both ordered by priority, then due time), the first
+    ones up to *limit* recipients in that order: a batch counts as its size and is taken whole
+    (the first one even when it is larger than *limit*)."""
+    merged = sorted([(row[4], row[5], False, row) for row in rows]
+                    + [(b[4], b[5], True, b) for b in batches], key=lambda entry: entry[:2])
+    taken_rows, taken_batches, count = [], [], 0
+    for _priority, _due, is_batch, entry in merged:
+        size = entry[7] - entry[6] + 1 if is_batch else 1
+        if count and count + size > limit:
+            break
+        (taken_batches if is_batch else taken_rows).append(entry)
+        count += size
+    return taken_rows, taken_batches
+
+
+_BATCH_STATUS = {"queued": "queued", "sending": "sending", "done": "sent"}  # a waiting user's, by its batch's
 _RECIPIENT_COLUMNS = ("kind, target, status, attempts, last_error, reason, server_msg_id, client_msg_id,"
                       " sent_ms, receipt")
 
@@ -216,9 +293,10 @@ class SqliteStore(TrackingMixin):
     """SQLite implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset(),
-                 events_kept: int = EVENTS_KEPT) -> None:
+                 events_kept: int = EVENTS_KEPT, batch_size: int = MAX_BATCH) -> None:
         self.path = str(path)
         self.event_types, self.events_kept = event_types, events_kept
+        self.batch_size = batch_size  # users per batch_send_msg of a batched message (delivery.batch_size)
         self._db = SqliteFile(self.path, synchronous="FULL")
         # no automatic checkpoints on the inbox: they ran inside whichever commit crossed the
         # threshold, often a callback's while OpenIM waited (up to 157 ms measured)
@@ -270,12 +348,20 @@ class SqliteStore(TrackingMixin):
         if m.collapse_key:
             self._collapse(db, m)
         rank = PRIORITY_RANK[m.priority]
+        batched = delivered_in_batches(m)
         db.executemany(
             "INSERT INTO recipients (message_id, seq, kind, target, status, priority, next_attempt_ms,"
-            " expires_ms) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
-            ((m.id, seq, m.target_kind, target, rank, m.created_ms, m.expires_ms)
-             for seq, target in enumerate(m.targets)),
+            " expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ((m.id, seq, m.target_kind, target, "batched" if batched else "queued", rank, m.created_ms,
+              m.expires_ms) for seq, target in enumerate(m.targets)),
         )
+        if batched:
+            count, size = len(m.targets), self.batch_size
+            db.executemany(
+                "INSERT INTO batches (message_id, first_seq, last_seq, status, priority, next_attempt_ms,"
+                " expires_ms) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+                [(m.id, first, min(first + size, count) - 1, rank, m.created_ms, m.expires_ms)
+                 for first in range(0, count, size)])
 
     @staticmethod
     def _collapse(db: sqlite3.Connection, m: NewMessage) -> None:
@@ -302,11 +388,28 @@ class SqliteStore(TrackingMixin):
             " FROM messages WHERE id = ?", (message_id,))
         if not rows:
             return None
-        recipients = self._read(
-            "SELECT kind, target, status, attempts, last_error, reason, server_msg_id, client_msg_id,"
-            " sent_ms, receipt FROM recipients WHERE message_id = ? ORDER BY seq", (message_id,))
-        return MessageRecord(*rows[0], recipients=tuple(
-            RecipientRecord(*r[:9], receipt=json.loads(r[9]) if r[9] else None) for r in recipients))
+        recipients = self._read(f"SELECT seq, {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?"
+                                " ORDER BY seq", (message_id,))
+        return MessageRecord(*rows[0], recipients=self._records(message_id, recipients))
+
+    def _records(self, message_id: str, rows: list[tuple]) -> tuple[RecipientRecord, ...]:
+        """RecipientRecords of (seq, *_RECIPIENT_COLUMNS) rows; a user still with its batch shows the batch's state."""
+        if not any(row[3] == "batched" for row in rows):
+            return tuple(_recipient_record(row[1:]) for row in rows)
+        batches = self._read("SELECT first_seq, status, attempts, last_error, reason, results, sent_ms FROM batches"
+                             " WHERE message_id = ? ORDER BY first_seq", (message_id,))
+        firsts = [batch[0] for batch in batches]
+        sends = [json.loads(batch[5]) if batch[5] else {} for batch in batches]
+        records = []
+        for seq, *row in rows:
+            if row[2] == "batched":
+                at = bisect.bisect_right(firsts, seq) - 1
+                _first, status, attempts, error, reason, _results, sent_ms = batches[at]
+                server_msg_id, client_msg_id, send_time = sends[at].get(row[1], (None, None, None))
+                row[2:9] = (_BATCH_STATUS[status], attempts, error, reason, server_msg_id, client_msg_id,
+                            send_time or sent_ms)
+            records.append(_recipient_record(row))
+        return tuple(records)
 
     # -- delivery queue -------------------------------------------------------
     def lease(self, now_ms: int, limit: int, lease_ms: int, owner: str,
@@ -315,28 +418,71 @@ class SqliteStore(TrackingMixin):
             if now_ms - self._swept_ms >= EXPIRY_SWEEP_MS:
                 self._expire_due(db, now_ms)
                 self._swept_ms = now_ms
-            # no starvation: due for aging_ms, low counts as normal; for twice that, anything as high
-            db.execute(f"UPDATE recipients SET priority = 1 WHERE status IN {_DUE} AND priority = 2"
-                       " AND next_attempt_ms <= ?", (now_ms - aging_ms,))
-            db.execute(f"UPDATE recipients SET priority = 0 WHERE status IN {_DUE} AND priority = 1"
-                       " AND next_attempt_ms <= ?", (now_ms - 2 * aging_ms,))
-            due = db.execute(f"SELECT rowid, message_id, status, expires_ms FROM recipients WHERE status IN {_DUE}"
-                             " AND next_attempt_ms <= ? ORDER BY priority, next_attempt_ms LIMIT ?",
-                             (now_ms, limit)).fetchall()
-            if any(expires_ms <= now_ms for *_, expires_ms in due):  # past the TTL since the last sweep
-                self._expire_due(db, now_ms, [rowid for rowid, *_, expires_ms in due if expires_ms <= now_ms])
+            for table, active in (("recipients", _DUE), ("batches", _BATCH_DUE)):
+                # no starvation: due for aging_ms, low counts as normal; for twice that, anything as high
+                db.execute(f"UPDATE {table} SET priority = 1 WHERE status IN {active} AND priority = 2"
+                           " AND next_attempt_ms <= ?", (now_ms - aging_ms,))
+                db.execute(f"UPDATE {table} SET priority = 0 WHERE status IN {active} AND priority = 1"
+                           " AND next_attempt_ms <= ?", (now_ms - 2 * aging_ms,))
+            due = db.execute(f"SELECT rowid, message_id, status, expires_ms, priority, next_attempt_ms"
+                             f" FROM recipients WHERE status IN {_DUE} AND next_attempt_ms <= ?"
+                             " ORDER BY priority, next_attempt_ms LIMIT ?", (now_ms, limit)).fetchall()
+            batches = db.execute(f"SELECT id, message_id, status, expires_ms, priority, next_attempt_ms,"
+                                 f" first_seq, last_seq FROM batches WHERE status IN {_BATCH_DUE}"
+                                 " AND next_attempt_ms <= ? ORDER BY priority, next_attempt_ms LIMIT ?",
+                                 (now_ms, limit)).fetchall()
+            if batches:
+                due, batches = _first_due(due, batches, limit)
+            if any(row[3] <= now_ms for row in due):  # past the TTL since the last sweep
+                self._expire_due(db, now_ms, [row[0] for row in due if row[3] <= now_ms])
                 due = [row for row in due if row[3] > now_ms]
+            if any(row[3] <= now_ms for row in batches):
+                self._expire_batches(db, now_ms, [row[0] for row in batches if row[3] <= now_ms])
+                batches = [row for row in batches if row[3] > now_ms]
             by_message: dict[str, list[int]] = {}
             for rowid, message_id, *_ in due:
                 by_message.setdefault(message_id, []).append(rowid)
-            held = {rowid for rowid, _mid, status, _expires in due if status == "held"}
+            held = {rowid for rowid, _mid, status, *_ in due if status == "held"}
+            messages: dict[str, tuple] = {}
             leased: dict[int, WorkItem] = {}
             for message_id, rowids in by_message.items():
-                message = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+                message = messages[message_id] = self._message_columns(db, message_id)
                 rows = db.execute(_LEASE_SQL, (owner, now_ms + lease_ms, new_operation_id(message_id),
                                                json.dumps(rowids))).fetchall()
                 leased.update(_work_items(rows, held, message_id, message, owner, json.loads(message[7])))
-        return [leased[rowid] for rowid, *_ in due]
+            items = [leased[row[0]] for row in due]
+            for batch_id, message_id, *_, first_seq, last_seq in batches:
+                if message_id not in messages:
+                    messages[message_id] = self._message_columns(db, message_id)
+                message = messages[message_id]
+                item = self._lease_batch(db, batch_id, message_id, first_seq, last_seq, message, owner,
+                                         now_ms + lease_ms, f"{new_operation_id(message_id)}-{first_seq}")
+                if item is not None:
+                    items.append(item)
+        return items
+
+    @staticmethod
+    def _message_columns(db: sqlite3.Connection, message_id: str) -> tuple:
+        return db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+
+    @staticmethod
+    def _lease_batch(db: sqlite3.Connection, batch_id: int, message_id: str, first_seq: int, last_seq: int,
+                     message: tuple, owner: str, until_ms: int, operation_id: str) -> WorkItem | None:
+        """Lease one batch: its row, and the users of it still waiting with it."""
+        members = db.execute("SELECT seq, target FROM recipients WHERE message_id = ? AND seq BETWEEN ? AND ?"
+                             " AND status = 'batched' ORDER BY seq", (message_id, first_seq, last_seq)).fetchall()
+        if not members:  # every user of it ended on their own (acknowledged early, say)
+            db.execute("UPDATE batches SET status = 'done', lease_owner = NULL WHERE id = ?", (batch_id,))
+            return None
+        attempts, operation_id, check_operation_id = db.execute(_LEASE_BATCH_SQL, (
+            owner, until_ms, operation_id, batch_id)).fetchone()
+        client, type_, version, mode, priority, offline, envelope, delivery, expires_ms = message
+        return WorkItem(
+            message_id=message_id, seq=members[0][0], kind="user", target=members[0][1], attempts=attempts,
+            counted=True, operation_id=operation_id, check_operation_id=check_operation_id, lease_owner=owner,
+            client=client, type=type_, version=version, mode=mode, priority=priority, offline=offline,
+            envelope=envelope, delivery=json.loads(delivery), expires_ms=expires_ms, members=members,
+            batch_id=batch_id)
 
     def _expire_due(self, db: sqlite3.Connection, now_ms: int, rowids: list[int] | None = None) -> None:
         """Due recipients past their TTL (all, or those of *rowids*) end ``expired``, never sent late."""
@@ -354,19 +500,118 @@ class SqliteStore(TrackingMixin):
                        (reason, rowid))
             self._emit(db, "message.expired", recipient_data(message_id, type_, client, kind, target, reason=reason),
                  now_ms)
+        if rowids is None:
+            self._expire_batches(db, now_ms)
+
+    def _expire_batches(self, db: sqlite3.Connection, now_ms: int, ids: list[int] | None = None) -> None:
+        """Due batches past their TTL (all, or those of *ids*): their waiting users end ``expired``."""
+        among = "" if ids is None else " AND b.id IN (SELECT value FROM json_each(?))"
+        rows = db.execute(
+            "SELECT b.id, b.message_id, b.first_seq, b.last_seq, b.status, b.attempts, m.type, m.client"
+            " FROM batches b JOIN messages m ON m.id = b.message_id"
+            f" WHERE b.status IN {_BATCH_DUE} AND b.next_attempt_ms <= ? AND b.expires_ms <= ?{among}",
+            (now_ms, now_ms) + (() if ids is None else (json.dumps(ids),))).fetchall()
+        for batch_id, message_id, first_seq, last_seq, status, attempts, type_, client in rows:
+            reason = ("ttl passed; the last attempt's outcome is unknown" if status == "sending"
+                      else "ttl passed before delivery")
+            db.execute("UPDATE batches SET status = 'done', lease_owner = NULL, reason = ? WHERE id = ?",
+                       (reason, batch_id))
+            self._end_members(db, message_id, first_seq, last_seq, "expired", None, reason, attempts,
+                              (type_, client), now_ms)
+
+    def _end_members(self, db: sqlite3.Connection, message_id: str, first_seq: int, last_seq: int, status: str,
+                     error: str | None, reason: str | None, attempts: int, type_client: tuple[str, str],
+                     now_ms: int) -> list[str]:
+        """The users still waiting with a batch end *status* one by one (rows of their own, events)."""
+        targets = [target for (target,) in db.execute(
+            "UPDATE recipients SET status = ?, last_error = ?, reason = ?, attempts = ?, lease_owner = NULL"
+            " WHERE message_id = ? AND seq BETWEEN ? AND ? AND status = 'batched' RETURNING target",
+            (status, error, reason, attempts, message_id, first_seq, last_seq))]
+        if f"message.{status}" in self.event_types:
+            extra = {"error": error, "reason": reason} if status == "failed" else {"reason": reason}
+            for target in targets:
+                self._emit(db, f"message.{status}",
+                           recipient_data(message_id, *type_client, "user", target, **extra), now_ms)
+        return targets
 
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
         done = 0
         with self._write() as db:
+            singles = [(i, o) for i, o in results if i.batch_id is None]
             # outcomes with no dead letter or event to add go in one executemany (batches of 500)
-            plain = [_outcome_row(i, o) for i, o in results if not self._has_effects(o)]
+            plain = [_outcome_row(i, o) for i, o in singles if not self._has_effects(o)]
             if plain:
                 done += db.executemany(_COMPLETE_SQL, plain).rowcount
-            for item, outcome in results:
+            for item, outcome in singles:
                 if self._has_effects(outcome) and db.execute(_COMPLETE_SQL, _outcome_row(item, outcome)).rowcount:
                     done += 1
                     self._after_outcome(db, item, outcome, now_ms)
+            # users split off a batch first: the batch's own outcome is then for those still with it
+            for item, outcome in results:
+                if item.batch_id is not None and item.members is None:
+                    done += self._complete_member(db, item, outcome, now_ms)
+            for item, outcome in results:
+                if item.members is not None:
+                    done += self._complete_batch(db, item, outcome, now_ms)
         return done
+
+    @staticmethod
+    def _holds_batch(db: sqlite3.Connection, item: WorkItem) -> bool:
+        return db.execute("SELECT 1 FROM batches WHERE id = ? AND status = 'sending' AND operation_id = ?"
+                          " AND lease_owner = ?", (item.batch_id, item.operation_id, item.lease_owner)).fetchone() is not None
+
+    def _complete_member(self, db: sqlite3.Connection, item: WorkItem, outcome: Outcome, now_ms: int) -> int:
+        """One user of a batch ends apart from it: a row of its own, queued on its own for a retry."""
+        if not self._holds_batch(db, item):
+            return 0
+        recorded = db.execute(
+            "UPDATE recipients SET status = ?, last_error = ?, reason = ?, next_attempt_ms = COALESCE(?, ?),"
+            " operation_id = ?, check_operation_id = ?, server_msg_id = ?, client_msg_id = ?, sent_ms = ?,"
+            " attempts = ? WHERE message_id = ? AND seq = ? AND status = 'batched'",
+            (outcome.status, outcome.error, outcome.reason, outcome.next_attempt_ms, now_ms, item.operation_id,
+             outcome.unknown_operation_id, outcome.server_msg_id, outcome.client_msg_id, outcome.sent_ms,
+             item.attempts - int(outcome.uncounted), item.message_id, item.seq)).rowcount
+        if recorded and self._has_effects(outcome):
+            self._after_outcome(db, item, outcome, now_ms)
+        return recorded
+
+    def _complete_batch(self, db: sqlite3.Connection, item: WorkItem, outcome: Outcome, now_ms: int) -> int:
+        """A batch's outcome: sent (OpenIM's answer kept on the batch), retried as a whole, or
+        anything else (failed…) for each of its users still with it."""
+        lease = (item.batch_id, item.operation_id, item.lease_owner)
+        held = "WHERE id = ? AND status = 'sending' AND operation_id = ? AND lease_owner = ?"
+        if outcome.status == "queued":
+            return db.execute(
+                "UPDATE batches SET status = 'queued', last_error = ?, reason = ?, next_attempt_ms = ?,"
+                f" check_operation_id = ?, lease_owner = NULL, attempts = attempts - ? {held}",
+                (outcome.error, outcome.reason, outcome.next_attempt_ms, outcome.unknown_operation_id,
+                 int(outcome.uncounted), *lease)).rowcount
+        sends = outcome.sends
+        done = db.execute(f"UPDATE batches SET status = 'done', last_error = ?, reason = ?, results = ?, sent_ms = ?,"
+                          f" check_operation_id = NULL, lease_owner = NULL {held} RETURNING first_seq, last_seq",
+                          (outcome.error, outcome.reason, None if sends is None else json.dumps(sends),
+                           outcome.sent_ms, *lease)).fetchone()
+        if done is None:
+            return 0
+        if outcome.status != "sent":
+            self._end_members(db, item.message_id, *done, outcome.status, outcome.error, outcome.reason,
+                              item.attempts, (item.type, item.client), now_ms)
+            if outcome.status == "failed":
+                db.execute("INSERT OR IGNORE INTO dead_letters (message_id, created_ms) VALUES (?, ?)",
+                           (item.message_id, now_ms))
+            return 1
+        sent = [(seq, target) for seq, target in item.members if sends is None or target in sends]
+        if item.delivery.get("rate_limit"):  # rate limits count these sends
+            db.executemany("INSERT OR IGNORE INTO batch_sends (target, type, sent_ms, message_id, seq)"
+                           " VALUES (?, ?, ?, ?, ?)",
+                           [(target, item.type, outcome.sent_ms, item.message_id, seq) for seq, target in sent])
+        if "message.sent" in self.event_types:
+            for _seq, target in sent:
+                server_msg_id, client_msg_id, _time = (sends or {}).get(target, (None, None, None))
+                self._emit(db, "message.sent", recipient_data(
+                    item.message_id, item.type, item.client, "user", target, server_msg_id=server_msg_id,
+                    client_msg_id=client_msg_id), now_ms)
+        return 1
 
     def _has_effects(self, outcome: Outcome) -> bool:
         return outcome.status == "failed" or f"message.{outcome.status}" in self.event_types
@@ -385,41 +630,57 @@ class SqliteStore(TrackingMixin):
         held = []
         with self._write() as db:
             for item in items:
-                if db.execute("UPDATE recipients SET next_attempt_ms = ? WHERE message_id = ? AND seq = ?"
-                              " AND status = 'sending' AND operation_id = ? AND lease_owner = ?",
-                              (now_ms + lease_ms, item.message_id, item.seq, item.operation_id,
-                               item.lease_owner)).rowcount:
+                if item.batch_id is not None:
+                    renewed = db.execute("UPDATE batches SET next_attempt_ms = ? WHERE id = ? AND status = 'sending'"
+                                         " AND operation_id = ? AND lease_owner = ?",
+                                         (now_ms + lease_ms, item.batch_id, item.operation_id, item.lease_owner))
+                else:
+                    renewed = db.execute("UPDATE recipients SET next_attempt_ms = ? WHERE message_id = ? AND seq = ?"
+                                         " AND status = 'sending' AND operation_id = ? AND lease_owner = ?",
+                                         (now_ms + lease_ms, item.message_id, item.seq, item.operation_id,
+                                          item.lease_owner))
+                if renewed.rowcount:
                     held.append(item)
         return held
 
-    def sent_times(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, list[int]]:
-        rows = self._read("SELECT r.target, r.sent_ms FROM recipients r JOIN messages m ON m.id = r.message_id"
-                          " WHERE r.target IN (SELECT value FROM json_each(?)) AND r.sent_ms IS NOT NULL"
-                          " AND r.sent_ms > ? AND r.kind = ? AND m.type = ? ORDER BY r.sent_ms",
-                          (json.dumps(targets), since_ms, kind, type_))
-        found: dict[str, list[int]] = {}
-        for target, sent_ms in rows:
-            found.setdefault(target, []).append(sent_ms)
-        return found
+    def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:
+        wanted = json.dumps(targets)
+        rows = self._read(
+            "SELECT target, COUNT(*), MIN(sent_ms) FROM ("
+            " SELECT r.target, r.sent_ms FROM recipients r JOIN messages m ON m.id = r.message_id"
+            " WHERE r.target IN (SELECT value FROM json_each(?)) AND r.sent_ms IS NOT NULL"
+            " AND r.sent_ms > ? AND r.kind = ? AND m.type = ?"
+            " UNION ALL SELECT target, sent_ms FROM batch_sends WHERE ? = 'user'"
+            " AND target IN (SELECT value FROM json_each(?)) AND type = ? AND sent_ms > ?"
+            ") GROUP BY target", (wanted, since_ms, kind, type_, kind, wanted, type_, since_ms))
+        return {target: (count, first) for target, count, first in rows}
 
     def release(self, items: list[WorkItem], now_ms: int) -> int:
         with self._write() as db:
-            return db.executemany(
+            released = db.executemany(
                 "UPDATE recipients SET status = 'queued', next_attempt_ms = ?, attempts = ?, lease_owner = NULL"
                 " WHERE message_id = ? AND seq = ? AND status = 'sending' AND operation_id = ? AND lease_owner = ?",
                 [(now_ms, item.attempts - item.counted, item.message_id, item.seq, item.operation_id,
-                  item.lease_owner) for item in items]).rowcount
+                  item.lease_owner) for item in items if item.batch_id is None]).rowcount
+            for item in items:
+                if item.members is not None and db.execute(
+                        "UPDATE batches SET status = 'queued', next_attempt_ms = ?, attempts = ?, lease_owner = NULL"
+                        " WHERE id = ? AND status = 'sending' AND operation_id = ? AND lease_owner = ?",
+                        (now_ms, item.attempts - 1, item.batch_id, item.operation_id, item.lease_owner)).rowcount:
+                    released += item.size
+            return released
 
     def higher_due(self, rank: int, now_ms: int) -> bool:
-        return any(self._read(f"SELECT 1 FROM recipients WHERE status IN {_DUE} AND priority = ?"
+        return any(self._read(f"SELECT 1 FROM {table} WHERE status IN {active} AND priority = ?"
                               " AND next_attempt_ms <= ? LIMIT 1", (better, now_ms))
-                   for better in range(rank))
+                   for better in range(rank) for table, active in (("recipients", _DUE), ("batches", _BATCH_DUE)))
 
     def next_due_ms(self) -> int | None:
-        # one index probe per priority rank (recipients_due is ordered by priority first)
+        # one index probe per priority rank and table (recipients_due and batches_due start with priority)
         rows = self._read("SELECT MIN(due) FROM (" + " UNION ALL ".join(
-            f"SELECT MIN(next_attempt_ms) AS due FROM recipients WHERE status IN {_DUE} AND priority = {rank}"
-            for rank in sorted(set(PRIORITY_RANK.values()))) + ")")
+            f"SELECT MIN(next_attempt_ms) AS due FROM {table} WHERE status IN {active} AND priority = {rank}"
+            for rank in sorted(set(PRIORITY_RANK.values()))
+            for table, active in (("recipients", _DUE), ("batches", _BATCH_DUE))) + ")")
         return rows[0][0]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
@@ -447,6 +708,10 @@ class SqliteStore(TrackingMixin):
     def queue_depth(self) -> dict[str, int]:
         counts = dict(self._read(f"SELECT priority, COUNT(*) FROM recipients WHERE status IN {_DUE}"
                                  " GROUP BY priority"))  # counted on the partial index recipients_due
+        # a batch's size: users that left it early (acknowledged before it went) still count
+        for rank, users in self._read(f"SELECT priority, SUM(last_seq - first_seq + 1) FROM batches"
+                                      f" WHERE status IN {_BATCH_DUE} GROUP BY priority"):
+            counts[rank] = counts.get(rank, 0) + users
         return {name: counts.get(rank, 0) for name, rank in PRIORITY_RANK.items()}
 
     def recent_messages(self, limit: int, recipients: int = 50) -> list[RecentMessage]:
@@ -456,12 +721,18 @@ class SqliteStore(TrackingMixin):
             " FROM messages ORDER BY rowid DESC LIMIT ?", (max(limit, 0),))
         recent = []
         for *fields, count in rows:
-            shown = self._read(f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?"
+            shown = self._read(f"SELECT seq, {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?"
                                " ORDER BY seq LIMIT ?", (fields[0], max(recipients, 0)))
-            counts = self._read("SELECT status, COUNT(*) FROM recipients WHERE message_id = ? GROUP BY status",
-                                (fields[0],))
-            record = MessageRecord(*fields, recipients=tuple(_recipient_record(r) for r in shown))
-            recent.append(RecentMessage(record, count, dict(counts)))
+            counts = dict(self._read("SELECT status, COUNT(*) FROM recipients WHERE message_id = ? GROUP BY status",
+                                     (fields[0],)))
+            if counts.pop("batched", 0):
+                for status, users in self._read(
+                        "SELECT b.status, COUNT(*) FROM batches b JOIN recipients r ON r.message_id = b.message_id"
+                        " AND r.seq BETWEEN b.first_seq AND b.last_seq AND r.status = 'batched'"
+                        " WHERE b.message_id = ? GROUP BY b.status", (fields[0],)):
+                    counts[_BATCH_STATUS[status]] = counts.get(_BATCH_STATUS[status], 0) + users
+            record = MessageRecord(*fields, recipients=self._records(fields[0], shown))
+            recent.append(RecentMessage(record, count, counts))
         return recent
 
     def failed_recipients(self, limit: int) -> list[FailedRecipient]:

@@ -156,10 +156,11 @@ class SqliteFile:
             raise StorageUnavailable(f"the database cannot be read: {exc}") from exc
 
     def migrate(self, schema: str, version: int) -> None:
-        """Create the tables of *schema* in a new file; refuse a newer file."""
+        """Create the tables of *schema* in a new file, add the new ones to an older file
+        (every statement says IF NOT EXISTS); refuse a newer file."""
         with self.write() as db:
             (found,) = db.execute("PRAGMA user_version").fetchone()
-            if found == 0:
+            if found < version:
                 for statement in schema.split(";"):
                     if statement.strip():
                         db.execute(statement)

@@ -90,6 +90,27 @@ class TrackingMixin:
                               (old[-1][0], before_ms)).rowcount
 
     # -- what callbacks tell about sent messages ---------------------------------------
+    def settle_batched(self, message_id: str, user_ids: list[str]) -> int:
+        rows = self._read(
+            "SELECT r.rowid, r.seq, r.target, m.type, b.attempts, b.reason, b.sent_ms, s.value FROM recipients r"
+            " JOIN messages m ON m.id = r.message_id"
+            " JOIN batches b ON b.message_id = r.message_id AND r.seq BETWEEN b.first_seq AND b.last_seq"
+            " LEFT JOIN json_each(b.results) s ON s.key = r.target"
+            " WHERE r.message_id = ? AND r.target IN (SELECT value FROM json_each(?)) AND r.status = 'batched'"
+            " AND b.status = 'done'", (message_id, json.dumps(user_ids)))
+        if not rows:
+            return 0
+        with self._write() as db:
+            for rowid, seq, target, type_, attempts, reason, sent_ms, answer in rows:
+                server_msg_id, client_msg_id, send_time = json.loads(answer) if answer else (None, None, None)
+                if db.execute("UPDATE recipients SET status = 'sent', attempts = ?, reason = ?, server_msg_id = ?,"
+                              " client_msg_id = ?, sent_ms = ? WHERE rowid = ? AND status = 'batched'",
+                              (attempts, reason, server_msg_id, client_msg_id, send_time or sent_ms, rowid)).rowcount:
+                    # the row's sent_ms now counts for rate limits (recipients_sent): not twice
+                    db.execute("DELETE FROM batch_sends WHERE target = ? AND type = ? AND sent_ms = ?"
+                               " AND message_id = ? AND seq = ?", (target, type_, sent_ms, message_id, seq))
+        return len(rows)
+
     def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:
         with self._write() as db:
             return db.execute("UPDATE recipients SET confirmed_ms = COALESCE(confirmed_ms, ?)"
@@ -122,6 +143,7 @@ class TrackingMixin:
 
     def acknowledge(self, message_id: str, user_id: str, receipt: dict[str, Any], now_ms: int) -> bool:
         """Record a client receipt on the user's recipient of *message_id* (first receipt wins)."""
+        self.settle_batched(message_id, [user_id])  # keeps OpenIM's answer when its batch was sent
         with self._write() as db:
             row = db.execute(
                 "SELECT r.seq, m.type, m.client FROM recipients r JOIN messages m ON m.id = r.message_id"

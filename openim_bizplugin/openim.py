@@ -97,11 +97,15 @@ class SendResult:
     operation_id: str = ""  # of the attempt that succeeded (differs after a token refresh)
 
 
+Answer = tuple[str, str, int]  # one user's (serverMsgID, clientMsgID, sendTime) in a batch's results
+
+
 @dataclass(frozen=True)
 class BatchResult:
-    """``/msg/batch_send_msg``: results by recvID, and the IDs OpenIM reported as failed."""
+    """``/msg/batch_send_msg``: results by recvID (plain tuples: up to 1,000 per call), and the
+    IDs OpenIM reported as failed."""
 
-    sent: dict[str, SendResult]
+    sent: dict[str, Answer]
     failed: tuple[str, ...]
 
 
@@ -414,7 +418,9 @@ class OpenIMClient:
         body.update(sessionType=SINGLE_CHAT, isSendAll=False, recvIDs=ids)
         data, used = self._call("/msg/batch_send_msg", body, operation_id, admin=True, same_id_on_retry=False)
         data = data if isinstance(data, dict) else {}
-        sent = {r["recvID"]: _send_result(r, used) for r in data.get("results") or () if isinstance(r, dict)}
+        sent = {r["recvID"]: (str(r.get("serverMsgID") or ""), str(r.get("clientMsgID") or ""),
+                              int(r.get("sendTime") or 0))
+                for r in data.get("results") or () if isinstance(r, dict)}
         return BatchResult(sent, tuple(data.get("failedUserIDs") or ()))
 
     def check_msg_is_send_success(self, operation_id: str) -> bool:

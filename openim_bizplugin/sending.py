@@ -178,15 +178,14 @@ class Sender:
             for item in items:
                 self._record(results, item, decide(item, error))
             return
-        sent = batch.sent
+        sent, now_ms = batch.sent, self._now_ms()
         if first.members is None:
             refused = [i for i in items if i.target not in sent]
-            results.extend((i, self._sent(sent[i.target])) for i in items if i.target in sent)
+            results.extend((i, Outcome.sent(*sent[i.target][:2], sent[i.target][2] or now_ms))
+                           for i in items if i.target in sent)
         else:
             refused = [first.member(seq, user) for seq, user in first.members if user not in sent]
-            now_ms = self._now_ms()
-            results.append((first, Outcome.sent_batch(
-                {user: (r.server_msg_id, r.client_msg_id, r.send_time_ms) for user, r in sent.items()}, now_ms)))
+            results.append((first, Outcome.sent_batch(sent, now_ms)))
         # one log line per batch call (a line per user cost ~15 us each); refusals are logged one by one
         log.info("message %s: batch_send_msg to %d users: %d sent, %d refused (operationID %s, attempt %d)",
                  first.message_id, len(users), len(users) - len(refused), len(refused), first.operation_id,

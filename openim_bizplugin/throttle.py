@@ -12,6 +12,7 @@ sends, so each may let a few too many through at the edge of a window.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from .catalog import RateLimit
 from .store.base import Outcome, Store, WorkItem
 
 Record = Callable[[WorkItem, Outcome], None]
-FORGET_ABOVE = 100_000  # approvals kept before the ones whose window has passed are dropped
+FORGET_ABOVE = 100_000  # recipients with approvals kept (per type) before those whose window passed are dropped
 
 
 class RecipientThrottle:
@@ -28,7 +29,8 @@ class RecipientThrottle:
 
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store, self.clock = store, clock
-        self._approved: dict[tuple[str, str, str], list[int]] = {}  # this process's recent approvals
+        # this process's recent approvals: (kind, type) -> target -> when
+        self._approved: dict[tuple[str, str], dict[str, list[int]]] = {}
         self._lock = threading.Lock()
         self._forget_above = FORGET_ABOVE
 
@@ -39,30 +41,34 @@ class RecipientThrottle:
         it with their own outcome, and the batch goes on with the rest.
         """
         now_ms = int(self.clock() * 1000)
-        limited: dict[tuple[str, str, str], list[tuple[WorkItem, int | None]]] = {}  # (kind, type, rate) ->
-        for item in items:                                        # items, or (batch, index of a member)
+        limited: dict[tuple[str, str, str], list[WorkItem]] = {}  # (kind, type, rate) -> items
+        for item in items:
             if text := item.delivery.get("rate_limit"):
-                group = limited.setdefault((item.kind, item.type, text), [])
-                if item.members is None:
-                    group.append((item, None))
-                else:
-                    group.extend((item, n) for n in range(len(item.members)))
+                limited.setdefault((item.kind, item.type, text), []).append(item)
         held_back: set[int] = set()
-        split: dict[int, set[int]] = {}  # id(batch) -> indexes of the members held back
+        split: dict[int, set[int]] = {}  # id(batch) -> indexes of its members held back
         for (kind, type_, text), group in limited.items():
             limit = RateLimit.parse(text)
             window_ms = limit.period_seconds * 1000
-            targets = [item.target if n is None else item.members[n][1] for item, n in group]
+            targets: list[str] = []
+            starts = []  # where each item's targets begin in *targets*: a batch has one per member
+            for item in group:
+                starts.append(len(targets))
+                if item.members is None:
+                    targets.append(item.target)
+                else:
+                    targets.extend([user for _seq, user in item.members])
             # one query per round and type, not one per recipient (a Redis round trip each)
             sent = self.store.sent_counts(kind, list(dict.fromkeys(targets)), type_, now_ms - window_ms)
             for at, first_ms in self._refused(kind, type_, targets, sent, limit.count, now_ms, window_ms):
-                item, n = group[at]
-                if n is None:
+                k = bisect.bisect_right(starts, at) - 1
+                item = group[k]
+                if item.members is None:
                     held_back.add(id(item))
                     who = item
                 else:
-                    split.setdefault(id(item), set()).add(n)
-                    who = item.member(*item.members[n])
+                    split.setdefault(id(item), set()).add(at - starts[k])
+                    who = item.member(*item.members[at - starts[k]])
                 if item.delivery.get("rate_limit_policy") == "drop":
                     record(who, Outcome.throttled(f"dropped: {item.type} rate limit {limit.text} reached"))
                 else:
@@ -90,20 +96,21 @@ class RecipientThrottle:
         Runs per recipient in a round: kept to plain loops (bench_delivery, custom mode)."""
         cutoff = now_ms - window_ms
         refused = []
+        no_sends = (0, None)
         with self._lock:  # once per group: the approvals are shared by this process's threads
-            approved = self._approved
+            approved = self._approved.setdefault((kind, type_), {})
             for at, target in enumerate(targets):
-                key = (kind, target, type_)
-                recent = approved.get(key)
+                recent = approved.get(target)
                 recent = [t for t in recent if t > cutoff] if recent else []
-                sent_count, first_ms = sent.get(target, (0, None))
+                sent_count, first_ms = sent.get(target, no_sends)
                 if sent_count >= count or len(recent) >= count:
                     refused.append((at, first_ms))
                 else:
                     recent.append(now_ms)
-                approved[key] = recent
+                approved[target] = recent
             if len(approved) > self._forget_above:  # forget windows that have passed
-                self._approved = {k: v for k, v in approved.items() if v and v[-1] > cutoff}
+                approved = {k: v for k, v in approved.items() if v and v[-1] > cutoff}
+                self._approved[(kind, type_)] = approved
                 # rebuilt only once it has doubled again: not on every round when all are recent
-                self._forget_above = max(FORGET_ABOVE, 2 * len(self._approved))
+                self._forget_above = max(FORGET_ABOVE, 2 * len(approved))
         return refused

@@ -195,7 +195,7 @@ def test_batch_send_maps_results_and_failures(rsps, client):
         "failedUserIDs": ["ghost"]}))
     result = client.batch_send_msg(send_id="bizbot", content={"data": "x"}, recv_ids=["u1", "ghost", "u1"],
                                    operation_id="op-b")
-    assert result == BatchResult({"u1": SendResult("s1", "c", 7, "op-b")}, ("ghost",))
+    assert result == BatchResult({"u1": ("s1", "c", 7)}, ("ghost",))
     body = body_of(rsps.calls[-1])
     assert body["recvIDs"] == ["u1", "ghost"] and body["isSendAll"] is False
     assert body["sessionType"] == 1 and body["contentType"] == 110 and "recvID" not in body

@@ -172,7 +172,7 @@ class Outcome:
     uncounted: bool = False  # nothing was sent: this lease does not count as an attempt
     # a batch's answer: per user OpenIM's (serverMsgID, clientMsgID, sendTime); users it
     # leaves out were recorded apart (refused). None: sent, but OpenIM's answer is not known
-    sends: dict[str, tuple[str | None, str | None, int | None]] | None = None
+    sends: dict[str, tuple[str, str, int]] | None = None
 
     @classmethod
     def sent(cls, server_msg_id: str | None, client_msg_id: str | None, sent_ms: int,
@@ -181,7 +181,7 @@ class Outcome:
                    reason=reason)
 
     @classmethod
-    def sent_batch(cls, sends: dict[str, tuple[str | None, str | None, int | None]], sent_ms: int) -> Outcome:
+    def sent_batch(cls, sends: dict[str, tuple[str, str, int]], sent_ms: int) -> Outcome:
         return cls("sent", sends=sends, sent_ms=sent_ms)
 
     def recipients(self, item: WorkItem) -> int:

@@ -557,8 +557,9 @@ class SqliteStore(TrackingMixin):
 
     @staticmethod
     def _holds_batch(db: sqlite3.Connection, item: WorkItem) -> bool:
-        return db.execute("SELECT 1 FROM batches WHERE id = ? AND status = 'sending' AND operation_id = ?"
-                          " AND lease_owner = ?", (item.batch_id, item.operation_id, item.lease_owner)).fetchone() is not None
+        row = db.execute("SELECT 1 FROM batches WHERE id = ? AND status = 'sending' AND operation_id = ?"
+                         " AND lease_owner = ?", (item.batch_id, item.operation_id, item.lease_owner)).fetchone()
+        return row is not None
 
     def _complete_member(self, db: sqlite3.Connection, item: WorkItem, outcome: Outcome, now_ms: int) -> int:
         """One user of a batch ends apart from it: a row of its own, queued on its own for a retry."""

@@ -418,8 +418,7 @@ class OpenIMClient:
         body.update(sessionType=SINGLE_CHAT, isSendAll=False, recvIDs=ids)
         data, used = self._call("/msg/batch_send_msg", body, operation_id, admin=True, same_id_on_retry=False)
         data = data if isinstance(data, dict) else {}
-        sent = {r["recvID"]: (str(r.get("serverMsgID") or ""), str(r.get("clientMsgID") or ""),
-                              int(r.get("sendTime") or 0))
+        sent = {r["recvID"]: (r.get("serverMsgID") or "", r.get("clientMsgID") or "", r.get("sendTime") or 0)
                 for r in data.get("results") or () if isinstance(r, dict)}
         return BatchResult(sent, tuple(data.get("failedUserIDs") or ()))
 

@@ -100,14 +100,16 @@ class RecipientThrottle:
         with self._lock:  # once per group: the approvals are shared by this process's threads
             approved = self._approved.setdefault((kind, type_), {})
             for at, target in enumerate(targets):
-                recent = approved.get(target)
-                recent = [t for t in recent if t > cutoff] if recent else []
+                recent = approved.get(target)  # oldest first (threads may swap neighbours by a few ms)
+                if recent is None:
+                    recent = approved[target] = []
+                elif recent and recent[0] <= cutoff:  # copied only when some have left the window
+                    recent = approved[target] = [t for t in recent if t > cutoff]
                 sent_count, first_ms = sent.get(target, no_sends)
                 if sent_count >= count or len(recent) >= count:
                     refused.append((at, first_ms))
                 else:
                     recent.append(now_ms)
-                approved[target] = recent
             if len(approved) > self._forget_above:  # forget windows that have passed
                 approved = {k: v for k, v in approved.items() if v and v[-1] > cutoff}
                 self._approved[(kind, type_)] = approved

@@ -143,14 +143,14 @@ SELECT r.message_id, r.seq, r.kind, r.target,
        CASE WHEN r.status = 'batched' THEN b.last_error ELSE r.last_error END AS last_error
 FROM recipients r LEFT JOIN batches b ON r.status = 'batched' AND b.message_id = r.message_id
      AND r.seq BETWEEN b.first_seq AND b.last_seq;
--- when users of batches of a rate-limited type were sent (recipients_sent holds the others')
+-- when users of batches of a rate-limited type were sent (recipients_sent holds the others'),
+-- with a narrow key: a batch adds an entry per user all over the index
 CREATE TABLE IF NOT EXISTS batch_sends (
     target          TEXT NOT NULL,
     type            TEXT NOT NULL,
     sent_ms         INTEGER NOT NULL,
-    message_id      TEXT NOT NULL,
-    seq             INTEGER NOT NULL,
-    PRIMARY KEY (target, type, sent_ms, message_id, seq)
+    batch_id        INTEGER NOT NULL,
+    PRIMARY KEY (target, type, sent_ms, batch_id)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -608,9 +608,8 @@ class SqliteStore(TrackingMixin):
             return 1
         sent = [(seq, target) for seq, target in item.members if sends is None or target in sends]
         if item.delivery.get("rate_limit"):  # rate limits count these sends
-            db.executemany("INSERT OR IGNORE INTO batch_sends (target, type, sent_ms, message_id, seq)"
-                           " VALUES (?, ?, ?, ?, ?)",
-                           [(target, item.type, outcome.sent_ms, item.message_id, seq) for seq, target in sent])
+            db.executemany("INSERT OR IGNORE INTO batch_sends (target, type, sent_ms, batch_id) VALUES (?, ?, ?, ?)",
+                           [(target, item.type, outcome.sent_ms, item.batch_id) for _seq, target in sent])
         if "message.sent" in self.event_types:
             for _seq, target in sent:
                 server_msg_id, client_msg_id, _time = (sends or {}).get(target, (None, None, None))

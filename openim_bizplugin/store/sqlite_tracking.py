@@ -92,7 +92,7 @@ class TrackingMixin:
     # -- what callbacks tell about sent messages ---------------------------------------
     def settle_batched(self, message_id: str, user_ids: list[str]) -> int:
         rows = self._read(
-            "SELECT r.rowid, r.seq, r.target, m.type, b.attempts, b.reason, b.sent_ms, s.value FROM recipients r"
+            "SELECT r.rowid, r.target, m.type, b.id, b.attempts, b.reason, b.sent_ms, s.value FROM recipients r"
             " JOIN messages m ON m.id = r.message_id"
             " JOIN batches b ON b.message_id = r.message_id AND r.seq BETWEEN b.first_seq AND b.last_seq"
             " LEFT JOIN json_each(b.results) s ON s.key = r.target"
@@ -101,14 +101,14 @@ class TrackingMixin:
         if not rows:
             return 0
         with self._write() as db:
-            for rowid, seq, target, type_, attempts, reason, sent_ms, answer in rows:
+            for rowid, target, type_, batch_id, attempts, reason, sent_ms, answer in rows:
                 server_msg_id, client_msg_id, send_time = json.loads(answer) if answer else (None, None, None)
                 if db.execute("UPDATE recipients SET status = 'sent', attempts = ?, reason = ?, server_msg_id = ?,"
                               " client_msg_id = ?, sent_ms = ? WHERE rowid = ? AND status = 'batched'",
                               (attempts, reason, server_msg_id, client_msg_id, send_time or sent_ms, rowid)).rowcount:
                     # the row's sent_ms now counts for rate limits (recipients_sent): not twice
-                    db.execute("DELETE FROM batch_sends WHERE target = ? AND type = ? AND sent_ms = ?"
-                               " AND message_id = ? AND seq = ?", (target, type_, sent_ms, message_id, seq))
+                    db.execute("DELETE FROM batch_sends WHERE target = ? AND type = ? AND sent_ms = ? AND batch_id = ?",
+                               (target, type_, sent_ms, batch_id))
         return len(rows)
 
     def confirm_sent(self, server_msg_id: str, now_ms: int) -> int:

@@ -186,3 +186,14 @@ def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
     assert [i.size for i in store.lease(1_000_010, 10, 1_000, "w", lambda mid: "op")] == [3]
     with store._db.borrow() as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_a_semicolon_in_a_schema_comment_does_not_end_the_statement(tmp_path):
+    from openim_bizplugin.store.sqlite_file import SqliteFile
+
+    schema = "-- one table; then an index\nCREATE TABLE t (a TEXT); CREATE INDEX t_a ON t (a);\n"
+    file = SqliteFile(str(tmp_path / "t.db"), synchronous="FULL")
+    file.migrate(schema, 1)
+    with file.borrow() as db:
+        assert db.execute("SELECT name FROM sqlite_master ORDER BY name").fetchall() == [("t",), ("t_a",)]
+    file.close()

@@ -17,6 +17,18 @@ BUSY_TIMEOUT_MS = 30_000
 IDLE_CONNECTIONS = 8
 
 
+def _statements(script: str) -> list[str]:
+    """The statements of *script*, split at the semicolons that end one (not those in comments)."""
+    statements, pending = [], ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n\t;"):
+                statements.append(pending)
+            pending = ""
+    return statements
+
+
 class SqliteFile:
     """Connections to one database file with the given ``synchronous`` level."""
 
@@ -161,9 +173,8 @@ class SqliteFile:
         with self.write() as db:
             (found,) = db.execute("PRAGMA user_version").fetchone()
             if found < version:
-                for statement in schema.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _statements(schema):
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {version}")
             elif found > version:
                 raise StorageUnavailable(

@@ -254,6 +254,22 @@ _LEASE_BATCH_SQL = (
 _RESULTS_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 
 
+def _past_ttl(db: sqlite3.Connection, table: str, key: str, active: str, columns: str, now_ms: int,
+              keys: list[int] | None) -> list[tuple]:
+    """*columns* of the due rows of *table* (recipients or batches) past their TTL, all or those
+    whose *key* is in *keys*, each followed by its message's type and client."""
+    among = "" if keys is None else f" AND t.{key} IN (SELECT value FROM json_each(?))"
+    return db.execute(f"SELECT {columns}, m.type, m.client FROM {table} t JOIN messages m ON m.id = t.message_id"
+                      f" WHERE t.status IN {active} AND t.next_attempt_ms <= ? AND t.expires_ms <= ?{among}",
+                      (now_ms, now_ms) + (() if keys is None else (json.dumps(keys),))).fetchall()
+
+
+def _expiry_reason(status: str) -> str:
+    return ("ttl passed; the last attempt's outcome is unknown" if status == "sending"
+            else "ttl passed while the user was offline" if status == "held"
+            else "ttl passed before delivery")
+
+
 def _first_due(rows: list[tuple], batches: list[tuple], limit: int) -> tuple[list[tuple], list[tuple]]:
     """Of due recipient rows and due batches (both ordered by priority, then due time), the first
     ones up to *limit* recipients in that order: a batch counts as its size and is taken whole
@@ -492,16 +508,10 @@ class SqliteStore(TrackingMixin):
 
     def _expire_due(self, db: sqlite3.Connection, now_ms: int, rowids: list[int] | None = None) -> None:
         """Due recipients past their TTL (all, or those of *rowids*) end ``expired``, never sent late."""
-        among = "" if rowids is None else " AND r.rowid IN (SELECT value FROM json_each(?))"
-        rows = db.execute(
-            "SELECT r.rowid, r.message_id, r.seq, r.kind, r.target, r.status, m.type, m.client"
-            " FROM recipients r JOIN messages m ON m.id = r.message_id"
-            f" WHERE r.status IN {_DUE} AND r.next_attempt_ms <= ? AND r.expires_ms <= ?{among}",
-            (now_ms, now_ms) + (() if rowids is None else (json.dumps(rowids),))).fetchall()
-        for rowid, message_id, seq, kind, target, status, type_, client in rows:
-            reason = ("ttl passed; the last attempt's outcome is unknown" if status == "sending"
-                      else "ttl passed while the user was offline" if status == "held"
-                      else "ttl passed before delivery")
+        rows = _past_ttl(db, "recipients", "rowid", _DUE, "t.rowid, t.message_id, t.kind, t.target, t.status",
+                         now_ms, rowids)
+        for rowid, message_id, kind, target, status, type_, client in rows:
+            reason = _expiry_reason(status)
             db.execute("UPDATE recipients SET status = 'expired', lease_owner = NULL, reason = ? WHERE rowid = ?",
                        (reason, rowid))
             self._emit(db, "message.expired", recipient_data(message_id, type_, client, kind, target, reason=reason),
@@ -511,15 +521,10 @@ class SqliteStore(TrackingMixin):
 
     def _expire_batches(self, db: sqlite3.Connection, now_ms: int, ids: list[int] | None = None) -> None:
         """Due batches past their TTL (all, or those of *ids*): their waiting users end ``expired``."""
-        among = "" if ids is None else " AND b.id IN (SELECT value FROM json_each(?))"
-        rows = db.execute(
-            "SELECT b.id, b.message_id, b.first_seq, b.last_seq, b.status, b.attempts, m.type, m.client"
-            " FROM batches b JOIN messages m ON m.id = b.message_id"
-            f" WHERE b.status IN {_BATCH_DUE} AND b.next_attempt_ms <= ? AND b.expires_ms <= ?{among}",
-            (now_ms, now_ms) + (() if ids is None else (json.dumps(ids),))).fetchall()
+        rows = _past_ttl(db, "batches", "id", _BATCH_DUE,
+                         "t.id, t.message_id, t.first_seq, t.last_seq, t.status, t.attempts", now_ms, ids)
         for batch_id, message_id, first_seq, last_seq, status, attempts, type_, client in rows:
-            reason = ("ttl passed; the last attempt's outcome is unknown" if status == "sending"
-                      else "ttl passed before delivery")
+            reason = _expiry_reason(status)
             db.execute("UPDATE batches SET status = 'done', lease_owner = NULL, reason = ? WHERE id = ?",
                        (reason, batch_id))
             self._end_members(db, message_id, first_seq, last_seq, "expired", None, reason, attempts,

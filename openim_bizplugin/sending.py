@@ -181,8 +181,10 @@ class Sender:
         sent, now_ms = batch.sent, self._now_ms()
         if first.members is None:
             refused = [i for i in items if i.target not in sent]
-            results.extend((i, Outcome.sent(*sent[i.target][:2], sent[i.target][2] or now_ms))
-                           for i in items if i.target in sent)
+            for item in items:
+                if item.target in sent:
+                    server_msg_id, client_msg_id, send_time = sent[item.target]
+                    results.append((item, Outcome.sent(server_msg_id, client_msg_id, send_time or now_ms)))
         else:
             refused = [first.member(seq, user) for seq, user in first.members if user not in sent]
             results.append((first, Outcome.sent_batch(sent, now_ms)))

@@ -9,10 +9,12 @@ processes can share one database file (see :mod:`.sqlite_file`).
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -270,12 +272,12 @@ def _expiry_reason(status: str) -> str:
             else "ttl passed before delivery")
 
 
-def _first_due(rows: list[tuple], batches: list[tuple], limit: int) -> tuple[list[tuple], list[tuple]]:
+def _first_due(rows: list[tuple], batches: Iterable[tuple], limit: int) -> tuple[list[tuple], list[tuple]]:
     """Of due recipient rows and due batches (both ordered by priority, then due time), the first
     ones up to *limit* recipients in that order: a batch counts as its size and is taken whole
-    (the first one even when it is larger than *limit*)."""
-    merged = sorted([(row[4], row[5], False, row) for row in rows]
-                    + [(b[4], b[5], True, b) for b in batches], key=lambda entry: entry[:2])
+    (the first one even when it is larger than *limit*). *batches* is read only as far as needed."""
+    merged = heapq.merge(((row[4], row[5], False, row) for row in rows),
+                         ((b[4], b[5], True, b) for b in batches), key=lambda entry: entry[:2])
     taken_rows, taken_batches, count = [], [], 0
     for _priority, _due, is_batch, entry in merged:
         size = entry[7] - entry[6] + 1 if is_batch else 1
@@ -449,12 +451,15 @@ class SqliteStore(TrackingMixin):
             due = db.execute(f"SELECT rowid, message_id, status, expires_ms, priority, next_attempt_ms"
                              f" FROM recipients WHERE status IN {_DUE} AND next_attempt_ms <= ?"
                              " ORDER BY priority, next_attempt_ms LIMIT ?", (now_ms, limit)).fetchall()
-            batches = db.execute(f"SELECT id, message_id, status, expires_ms, priority, next_attempt_ms,"
-                                 f" first_seq, last_seq FROM batches WHERE status IN {_BATCH_DUE}"
-                                 " AND next_attempt_ms <= ? ORDER BY priority, next_attempt_ms LIMIT ?",
-                                 (now_ms, limit)).fetchall()
-            if batches:
-                due, batches = _first_due(due, batches, limit)
+            cursor = db.execute(f"SELECT id, message_id, status, expires_ms, priority, next_attempt_ms,"
+                                f" first_seq, last_seq FROM batches WHERE status IN {_BATCH_DUE}"
+                                " AND next_attempt_ms <= ? ORDER BY priority, next_attempt_ms LIMIT ?",
+                                (now_ms, limit))
+            first = cursor.fetchone()
+            batches = []
+            if first is not None:  # merged in order with the rows, read only as far as needed
+                due, batches = _first_due(due, itertools.chain([first], iter(cursor.fetchone, None)), limit)
+            cursor.close()
             if any(row[3] <= now_ms for row in due):  # past the TTL since the last sweep
                 self._expire_due(db, now_ms, [row[0] for row in due if row[3] <= now_ms])
                 due = [row for row in due if row[3] > now_ms]

@@ -12,6 +12,7 @@ from conftest import message
 from openim_bizplugin.errors import StorageBusy, StorageUnavailable
 from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, ReplayKey
 from openim_bizplugin.store.sqlite import _SCHEMA, SqliteStore
+from openim_bizplugin.store.sqlite_tracking import RECEIPT_RECIPIENT_SQL
 
 
 def _new(i: int = 0, *, key: str | None = None, digest: str = "h", targets=("u1", "u2")) -> NewMessage:
@@ -197,3 +198,10 @@ def test_a_semicolon_in_a_schema_comment_does_not_end_the_statement(tmp_path):
     with file.borrow() as db:
         assert db.execute("SELECT name FROM sqlite_master ORDER BY name").fetchall() == [("t",), ("t_a",)]
     file.close()
+
+
+def test_a_receipt_finds_its_recipient_by_index_not_by_reading_the_whole_message(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    with store._db.borrow() as db:
+        plan = db.execute(f"EXPLAIN QUERY PLAN {RECEIPT_RECIPIENT_SQL}", ("m1", "u1")).fetchall()
+    assert any("recipients_target (message_id=? AND target=?)" in row[-1] for row in plan), plan

@@ -132,9 +132,9 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE INDEX IF NOT EXISTS batches_due ON batches (priority, next_attempt_ms, expires_ms)
     WHERE status IN ('queued', 'sending');
 CREATE INDEX IF NOT EXISTS batches_message ON batches (message_id, first_seq);
--- callbacks name a message and a user; only users waiting with a batch need finding that way
--- (partial: intake of other messages pays nothing for it)
-CREATE INDEX IF NOT EXISTS recipients_batched ON recipients (message_id, target) WHERE status = 'batched';
+-- receipts and callbacks of batched users name a message and a user: without this, each
+-- receipt read every row of its message (2.6 ms for one of 10,000 users)
+CREATE INDEX IF NOT EXISTS recipients_target ON recipients (message_id, target);
 -- every recipient as GET /v1/messages shows it, for tools that read the file: a user still
 -- with its batch has the batch's status ('done' is 'sent'), attempts and last error
 CREATE VIEW IF NOT EXISTS recipient_states AS

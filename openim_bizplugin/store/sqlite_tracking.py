@@ -30,6 +30,11 @@ def emit(db: sqlite3.Connection, type_: str, data: dict[str, Any], now_ms: int) 
                (f"evt_{secrets.token_hex(12)}", type_, json.dumps(data, ensure_ascii=False), now_ms))
 
 
+# the user's recipient of a message still waiting for a receipt (found through recipients_target)
+RECEIPT_RECIPIENT_SQL = ("SELECT r.seq, m.type, m.client FROM recipients r JOIN messages m ON m.id = r.message_id"
+                         " WHERE r.message_id = ? AND r.kind = 'user' AND r.target = ? AND r.receipt IS NULL")
+
+
 def recipient_data(message_id: str, type_: str, client: str, kind: str, target: str, **extra: Any) -> dict[str, Any]:
     """The ``data`` of a message event: which message, which recipient."""
     key = "user_id" if kind == "user" else "group_id"
@@ -145,10 +150,7 @@ class TrackingMixin:
         """Record a client receipt on the user's recipient of *message_id* (first receipt wins)."""
         self.settle_batched(message_id, [user_id])  # keeps OpenIM's answer when its batch was sent
         with self._write() as db:
-            row = db.execute(
-                "SELECT r.seq, m.type, m.client FROM recipients r JOIN messages m ON m.id = r.message_id"
-                " WHERE r.message_id = ? AND r.kind = 'user' AND r.target = ? AND r.receipt IS NULL",
-                (message_id, user_id)).fetchone()
+            row = db.execute(RECEIPT_RECIPIENT_SQL, (message_id, user_id)).fetchone()
             if row is None:
                 return False
             db.execute("UPDATE recipients SET status = 'acknowledged', receipt = ? WHERE message_id = ? AND seq = ?",

@@ -37,8 +37,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
 
-from .boundedschema import (BUDGET, VALIDATION_BUDGET, Budget, BoundedValidator, TooCostly, json_pointer,
-                            pattern_degree, schema_keywords, schema_patterns, shorten)
+from .boundedschema import (BUDGET, VALIDATION_BUDGET, Budget, BoundedValidator, TooCostly, inline_local_refs,
+                            json_pointer, pattern_degree, schema_keywords, schema_patterns, shorten)
 from .errors import ConfigError, Violation
 from .strictjson import DuplicateKey, object_without_duplicates
 
@@ -124,7 +124,7 @@ class Catalog:
         self._types = {t.name: t for t in types}
         # Compiled once: validate() runs for every API request.
         self._validators = {
-            (t.name, version): BoundedValidator(schema)
+            (t.name, version): BoundedValidator(inline_local_refs(schema))
             for t in self._types.values()
             for version, schema in t.schemas.items()
         }

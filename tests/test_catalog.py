@@ -367,3 +367,42 @@ def test_format_is_annotation_only() -> None:
     # are not refused for it (jsonschema's default behaviour).
     data = {"fields": ["email"], "updated_at": "yesterday"}
     assert Catalog.load(SHIPPED).validate("profile.updated", 1, data) == []
+
+
+# -- local $refs are inlined for speed, with the same verdicts ---------------------------------
+TREE = {"type": "object", "properties": {"name": {"$ref": "#/$defs/name"},
+                                         "children": {"type": "array", "items": {"$ref": "#"}}},
+        "required": ["name"], "$defs": {"name": {"type": "string", "maxLength": 3}}}
+REF_CASES = [
+    (json.loads((SHIPPED / "order.status_changed" / "v1.json").read_text()),
+     [{"order_id": "A", "status": "lost", "updated_at": "x"}, {"order_id": "A", "status": "paid", "updated_at": "x",
+      "amount": {"value": "1.0.0", "currency": "eu"}}, {"order_id": "A", "status": "paid", "updated_at": "x"}]),
+    (TREE, [{"name": "abcd"}, {"name": "ab", "children": [{"name": 5}, {"children": []}]}, {"name": "a"}]),
+    ({"properties": {"a": {"$ref": "#/$defs/n", "minimum": 3}}, "$defs": {"n": {"type": "integer"}}},
+     [{"a": 2}, {"a": "x"}, {"a": 4}]),
+]
+
+
+@pytest.mark.parametrize("schema, instances", REF_CASES, ids=["order.status_changed", "recursive", "constrained"])
+def test_inlining_local_refs_keeps_every_verdict_and_message(schema, instances):
+    from openim_bizplugin.boundedschema import BoundedValidator, inline_local_refs
+    from openim_bizplugin.catalog import violations
+
+    inlined = inline_local_refs(schema)
+    for instance in instances:
+        assert violations(BoundedValidator(inlined), instance) == violations(BoundedValidator(schema), instance)
+
+
+def test_refs_are_inlined_where_meaning_cannot_change():
+    from openim_bizplugin.boundedschema import inline_local_refs
+
+    shipped = inline_local_refs(REF_CASES[0][0])
+    assert "$ref" not in json.dumps(shipped["properties"])
+    assert shipped["properties"]["status"]["description"] == "The new status."  # the annotation beside it stays
+    tree = inline_local_refs(TREE)
+    assert tree["properties"]["name"] == {"type": "string", "maxLength": 3}
+    assert tree["properties"]["children"]["items"] == {"$ref": "#"}  # a cycle stays a reference
+    constrained = REF_CASES[2][0]
+    assert inline_local_refs(constrained) == constrained  # "minimum" beside the $ref: kept as is
+    nested_id = {"properties": {"a": {"$id": "https://x/a", "$ref": "#/$defs/n"}}, "$defs": {"n": {}}}
+    assert inline_local_refs(nested_id) == nested_id

@@ -7,10 +7,11 @@ from urllib.parse import urlsplit, urlunsplit
 from ..config import StorageConfig
 from ..errors import ConfigError, StorageUnavailable
 from .base import Store
-from .sqlite import SqliteStore
+from .sqlite import MAX_BATCH, SqliteStore
 
 
-def open_store(config: StorageConfig, event_types: frozenset[str] = frozenset(), batch_size: int = 500) -> Store:
+def open_store(config: StorageConfig, event_types: frozenset[str] = frozenset(),
+               batch_size: int = MAX_BATCH) -> Store:
     """Open the backend named by ``storage.url``; a failure is a config error.
 
     Only events of *event_types* (what subscribers listen to) are kept in the outbox;

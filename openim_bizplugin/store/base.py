@@ -134,7 +134,8 @@ class WorkItem:
     expires_ms: int
     # A batch (SQLite, see delivered_in_batches): one item for the (seq, user) of every user one
     # batch_send_msg call sends to; seq and target are the first's. Users split off a batch
-    # (OpenIM refused them) are items of their own with batch_id set and members None.
+    # (OpenIM refused them, or the rate limit held them back) are items of their own with
+    # batch_id set and members None.
     members: list[tuple[int, str]] | None = None
     batch_id: int | None = None
 

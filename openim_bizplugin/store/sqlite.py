@@ -739,16 +739,10 @@ class SqliteStore(TrackingMixin):
         for *fields, count in rows:
             shown = self._read(f"SELECT seq, {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?"
                                " ORDER BY seq LIMIT ?", (fields[0], max(recipients, 0)))
-            counts = dict(self._read("SELECT status, COUNT(*) FROM recipients WHERE message_id = ? GROUP BY status",
-                                     (fields[0],)))
-            if counts.pop("batched", 0):
-                for status, users in self._read(
-                        "SELECT b.status, COUNT(*) FROM batches b JOIN recipients r ON r.message_id = b.message_id"
-                        " AND r.seq BETWEEN b.first_seq AND b.last_seq AND r.status = 'batched'"
-                        " WHERE b.message_id = ? GROUP BY b.status", (fields[0],)):
-                    counts[_BATCH_STATUS[status]] = counts.get(_BATCH_STATUS[status], 0) + users
+            counts = self._read("SELECT status, COUNT(*) FROM recipient_states WHERE message_id = ?"
+                                " GROUP BY status", (fields[0],))
             record = MessageRecord(*fields, recipients=self._records(fields[0], shown))
-            recent.append(RecentMessage(record, count, counts))
+            recent.append(RecentMessage(record, count, dict(counts)))
         return recent
 
     def failed_recipients(self, limit: int) -> list[FailedRecipient]:

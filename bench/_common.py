@@ -24,14 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 LISTENING = "listening on http://"  # what `openim-bizplugin serve` and the bare servers announce
 
-# Recipients with work left in a SQLite file: rows of their own, and the users of batches
-# (custom fan-outs, openim_bizplugin/store/sqlite.py) still queued or being sent.
-WORK_LEFT_SQL = ("SELECT (SELECT count(*) FROM recipients WHERE status IN ('queued', 'held', 'sending'))"
-                 " + (SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM batches"
-                 " WHERE status IN ('queued', 'sending'))")
-ANY_WORK_LEFT_SQL = ("SELECT EXISTS (SELECT 1 FROM recipients WHERE status IN ('queued', 'held', 'sending'))"
-                     " OR EXISTS (SELECT 1 FROM batches WHERE status IN ('queued', 'sending'))")
-
 
 # -- side B of the request benchmarks: a bare endpoint served like the sidecar ------------------
 def serve_like_the_sidecar(app, log_path=lambda path: path.split("?", 1)[0]) -> int:  # type: ignore[no-untyped-def]

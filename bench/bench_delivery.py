@@ -33,8 +33,9 @@ Each scenario runs two phases against that one fake:
              stopped, and ``openim-bizplugin worker`` (``--workers`` threads)
              is started on that file. The clock runs from the worker's
              ``delivering with N workers`` line until no recipient is in an
-             active status, polled every ``--poll`` s with one indexed
-             ``LIMIT 1`` query. Its process start-up is shown apart.
+             active status, polled every ``--poll`` s through the store's
+             ``next_due_ms`` (one index probe per priority and table). Its
+             process start-up is shown apart.
 
 The pair runs ``--repeat`` times (default 2, interleaved: direct, sidecar,
 direct, sidecar, because a shared machine drifts). rate = recipients /
@@ -79,7 +80,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ANY_WORK_LEFT_SQL, LISTENING, REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
+from _common import LISTENING, REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
 from _common import FakeOpenIMProcess, dump_profiles, figure, package_source, profile_threads, write_summary  # noqa: E402
 
 TARGET_RATIO = 0.8
@@ -374,6 +375,8 @@ def worker_argv(config: Path, profile: Path | None, clock: str) -> list[str]:
 
 
 def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Namespace, work: Path) -> Phase:
+    from openim_bizplugin.store.sqlite import SqliteStore
+
     rounds = len(list(work.glob(f"{scenario.name}*"))) + 1
     directory = work / (scenario.name if rounds == 1 else f"{scenario.name}-{rounds}")
     directory.mkdir()
@@ -383,6 +386,7 @@ def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Name
     config = write_config(directory / "worker.toml", storage_url, fake.url, args.workers, args.batch_size)
     profile = Path(args.profile) / f"{directory.name}.prof" if args.profile else None
     poll = sqlite3.connect(db, timeout=30)
+    store = SqliteStore(db)
     queued = poll.execute("SELECT count(*) FROM recipient_states WHERE status = 'queued'").fetchone()[0]
     problems = [] if queued == scenario.recipients else [f"{queued} recipients queued, not {scenario.recipients}"]
 
@@ -393,7 +397,7 @@ def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Name
     try:
         cpu, rss_start = cpu_seconds(worker.pid), memory_kb(worker.pid).get("VmRSS", 0)
         deadline = worker.announced + args.timeout
-        while poll.execute(ANY_WORK_LEFT_SQL).fetchone()[0]:
+        while store.next_due_ms() is not None:  # work left: queued, held or being sent
             if worker.proc.poll() is not None:
                 raise SystemExit(f"the worker exited ({worker.proc.returncode}); see {worker.log_path}")
             if time.monotonic() > deadline:
@@ -410,6 +414,7 @@ def run_sidecar(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Name
                   db_mb=sum(p.stat().st_size for p in directory.glob("bizplugin.db*")) / 2**20)
     statuses = dict(poll.execute("SELECT status, count(*) FROM recipient_states GROUP BY status").fetchall())
     poll.close()
+    store.close()
     if statuses != {"sent": scenario.recipients}:
         phase.problems.append(f"recipient statuses {statuses}")
     phase.check_fake()

@@ -32,7 +32,7 @@ messages of 10,000 users: one ``batch_send_msg`` per ``--batch-size``):
 3. the clock runs from the moment the *last* of them prints ``delivering
    with`` (the others may have begun already: what they have finished by
    then is not counted) until no recipient has work left (Redis: ``ZCARD
-   due``, one O(1) call every ``--poll`` s; SQLite: one indexed ``LIMIT 1``);
+   due``, one O(1) call every ``--poll`` s; SQLite: the store's ``next_due_ms``);
    rate = recipients with work left at the start / seconds.
 
 Afterwards the fake must have accepted every recipient exactly once with no
@@ -61,7 +61,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -75,8 +74,8 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ANY_WORK_LEFT_SQL, WORK_LEFT_SQL, Child, FakeOpenIMProcess, RedisProcess,  # noqa: E402
-                     console_script, cpu_seconds, figure, machine_lines, package_source, usable_cpus, write_summary)
+from _common import (Child, FakeOpenIMProcess, RedisProcess, console_script, cpu_seconds, figure,  # noqa: E402
+                     machine_lines, package_source, usable_cpus, write_summary)
 from bench_delivery import (ADMIN, BATCH, CLIENT_ID, DELIVERING, FAKE_SECRET, LISTENING, NOTIFY, PATH,  # noqa: E402
                             SECRET, TYPE, USERS, user_id, write_config)
 
@@ -188,15 +187,20 @@ class Backend:
         """Recipients with work left (queued, held, leased)."""
         if self.target.store == "redis":
             return int(self.client.zcard("bizplugin:due"))
-        with sqlite3.connect(self.directory / "bizplugin.db", timeout=30) as db:
-            return db.execute(WORK_LEFT_SQL).fetchone()[0]
+        return sum(self._sqlite().queue_depth().values())
 
     def any_left(self) -> bool:
         if self.target.store == "redis":
             return self.left() > 0
-        if not hasattr(self, "_poll"):
-            self._poll = sqlite3.connect(self.directory / "bizplugin.db", timeout=30)
-        return bool(self._poll.execute(ANY_WORK_LEFT_SQL).fetchone()[0])
+        return self._sqlite().next_due_ms() is not None
+
+    def _sqlite(self):  # type: ignore[no-untyped-def]
+        """The SQLite file through the package's store (which knows where work waits), opened once."""
+        if not hasattr(self, "_store"):
+            from openim_bizplugin.store.sqlite import SqliteStore
+
+            self._store = SqliteStore(self.directory / "bizplugin.db")
+        return self._store
 
     def statuses(self, message_ids: list[str]) -> Counter[str]:
         """Every recipient's status, read through the package's own store class."""
@@ -215,8 +219,8 @@ class Backend:
             store.close()
 
     def close(self) -> None:
-        if hasattr(self, "_poll"):
-            self._poll.close()
+        if hasattr(self, "_store"):
+            self._store.close()
         if self.target.store == "redis":
             self.client.close()
 

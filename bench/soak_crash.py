@@ -37,7 +37,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK_LEFT_SQL, REPO, console_script  # noqa: E402
+from _common import REPO, console_script  # noqa: E402
 
 from openim_bizplugin.signing import signature_headers  # noqa: E402
 from openim_bizplugin.testing import FakeOpenIM  # noqa: E402
@@ -188,14 +188,18 @@ def main() -> int:
 
 
 def drain(db: Path, seconds: float = 900) -> bool:
+    from openim_bizplugin.store.sqlite import SqliteStore
+
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with sqlite3.connect(db, timeout=30) as conn:
-            active = conn.execute(WORK_LEFT_SQL).fetchone()[0]
-        if active == 0:
-            return True
-        time.sleep(0.2)
-    return False
+    store = SqliteStore(db)
+    try:
+        while time.monotonic() < deadline:
+            if store.next_due_ms() is None:  # nothing queued, held or being sent
+                return True
+            time.sleep(0.2)
+        return False
+    finally:
+        store.close()
 
 
 def report(args, folder: Path, load: Load, fake, drained: bool, seconds: float) -> None:

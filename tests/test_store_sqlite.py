@@ -34,6 +34,24 @@ def test_messages_sync_fully_and_the_callback_inbox_is_a_separate_file(tmp_path)
     assert (tmp_path / "x-callbacks.db").exists()
 
 
+def test_the_queue_commits_without_fsync_but_acceptance_always_syncs_fully(tmp_path, monkeypatch):
+    store = SqliteStore(tmp_path / "x.db")
+    levels = []  # PRAGMA synchronous inside each transaction: 2 = FULL, 1 = NORMAL
+    insert = store._insert
+
+    def watched_insert(db, *args):
+        levels.append(("accept", db.execute("PRAGMA synchronous").fetchone()[0]))
+        return insert(db, *args)
+
+    monkeypatch.setattr(store, "_insert", watched_insert)
+    store.accept(_new(1), None, retention_ms=0)
+    assert store.lease(1_000_010, 10, 10_000, "w", lambda mid: "op")  # on the same pooled connection
+    with store._write_progress() as db:
+        levels.append(("queue", db.execute("PRAGMA synchronous").fetchone()[0]))
+    store.accept(_new(2), None, retention_ms=0)
+    assert levels == [("accept", 2), ("queue", 1), ("accept", 2)]
+
+
 def test_accept_stores_message_and_recipients_together(tmp_path):
     store = SqliteStore(tmp_path / "x.db")
     accepted = store.accept(_new(), None, retention_ms=10_000)

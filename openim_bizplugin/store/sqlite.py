@@ -9,6 +9,7 @@ processes can share one database file (see :mod:`.sqlite_file`).
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import itertools
 import json
@@ -328,6 +329,9 @@ class SqliteStore(TrackingMixin):
         self._db.migrate(_SCHEMA, SCHEMA_VERSION)
         self._inbox.migrate(_INBOX_SCHEMA, SCHEMA_VERSION)
         self._write, self._read = self._db.write, self._db.read
+        # the delivery queue's own bookkeeping (leases, outcomes) commits without an fsync: on power
+        # loss its last commits may be undone, which re-sends at worst; what was accepted stays durable
+        self._write_progress = functools.partial(self._db.write, durable=False)
         self._swept_ms = 0  # when this process last swept the queue for expired recipients
 
     # -- the Store interface ------------------------------------------------
@@ -438,7 +442,7 @@ class SqliteStore(TrackingMixin):
     # -- delivery queue -------------------------------------------------------
     def lease(self, now_ms: int, limit: int, lease_ms: int, owner: str,
               new_operation_id: Callable[[str], str], aging_ms: int = 300_000) -> list[WorkItem]:
-        with self._write() as db:
+        with self._write_progress() as db:
             if now_ms - self._swept_ms >= EXPIRY_SWEEP_MS:
                 self._expire_due(db, now_ms)
                 self._swept_ms = now_ms
@@ -552,7 +556,7 @@ class SqliteStore(TrackingMixin):
 
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
         done = 0
-        with self._write() as db:
+        with self._write_progress() as db:
             singles = [(i, o) for i, o in results if i.batch_id is None]
             # outcomes with no dead letter or event to add go in one executemany (batches of 500)
             plain = [_outcome_row(i, o) for i, o in singles if not self._has_effects(o)]
@@ -644,7 +648,7 @@ class SqliteStore(TrackingMixin):
 
     def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
         held = []
-        with self._write() as db:
+        with self._write_progress() as db:
             for item in items:
                 if item.batch_id is not None:
                     renewed = db.execute("UPDATE batches SET next_attempt_ms = ? WHERE id = ? AND status = 'sending'"
@@ -672,7 +676,7 @@ class SqliteStore(TrackingMixin):
         return {target: (count, first) for target, count, first in rows}
 
     def release(self, items: list[WorkItem], now_ms: int) -> int:
-        with self._write() as db:
+        with self._write_progress() as db:
             released = db.executemany(
                 "UPDATE recipients SET status = 'queued', next_attempt_ms = ?, attempts = ?, lease_owner = NULL"
                 " WHERE message_id = ? AND seq = ? AND status = 'sending' AND operation_id = ? AND lease_owner = ?",

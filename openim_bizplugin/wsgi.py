@@ -16,6 +16,7 @@ from . import logs
 from .app import create_app
 from .config import config_path, load_config
 from .errors import ConfigError
+from .server import freeze_startup_heap
 
 
 def create() -> Flask:
@@ -23,7 +24,9 @@ def create() -> Flask:
     try:
         config = load_config(config_path(None))
         logs.setup(os.environ.get("BIZPLUGIN_LOG_LEVEL", "INFO").upper(), config)
-        return create_app(config)
+        app = create_app(config)
     except ConfigError as exc:  # one clear line, not a traceback per gunicorn worker
         print(f"openim-bizplugin: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    freeze_startup_heap()
+    return app

@@ -28,7 +28,7 @@ from .sqlite_tracking import TrackingMixin, recipient_data
 
 SCHEMA_VERSION = 2  # 2: batches
 MAX_BATCH = 500  # delivery.batch_size's default
-EXPIRY_SWEEP_MS = 1_000  # how often a lease also sweeps the whole queue for recipients past their TTL
+EXPIRY_SWEEP_MS = 1_000  # how often a lease also sweeps the queue for recipients past their TTL and ages priorities
 
 
 def inbox_path(path: str) -> str:
@@ -443,15 +443,10 @@ class SqliteStore(TrackingMixin):
     def lease(self, now_ms: int, limit: int, lease_ms: int, owner: str,
               new_operation_id: Callable[[str], str], aging_ms: int = 300_000) -> list[WorkItem]:
         with self._write_progress() as db:
-            if now_ms - self._swept_ms >= EXPIRY_SWEEP_MS:
+            if now_ms - self._swept_ms >= EXPIRY_SWEEP_MS:  # once a second, not in every lease
                 self._expire_due(db, now_ms)
+                self._age(db, now_ms, aging_ms)
                 self._swept_ms = now_ms
-            for table, active in (("recipients", _DUE), ("batches", _BATCH_DUE)):
-                # no starvation: due for aging_ms, low counts as normal; for twice that, anything as high
-                db.execute(f"UPDATE {table} SET priority = 1 WHERE status IN {active} AND priority = 2"
-                           " AND next_attempt_ms <= ?", (now_ms - aging_ms,))
-                db.execute(f"UPDATE {table} SET priority = 0 WHERE status IN {active} AND priority = 1"
-                           " AND next_attempt_ms <= ?", (now_ms - 2 * aging_ms,))
             due = db.execute(f"SELECT rowid, message_id, status, expires_ms, priority, next_attempt_ms"
                              f" FROM recipients WHERE status IN {_DUE} AND next_attempt_ms <= ?"
                              " ORDER BY priority, next_attempt_ms LIMIT ?", (now_ms, limit)).fetchall()
@@ -491,6 +486,15 @@ class SqliteStore(TrackingMixin):
                 if item is not None:
                     items.append(item)
         return items
+
+    @staticmethod
+    def _age(db: sqlite3.Connection, now_ms: int, aging_ms: int) -> None:
+        """No starvation: due for aging_ms, low counts as normal; for twice that, anything as high."""
+        for table, active in (("recipients", _DUE), ("batches", _BATCH_DUE)):
+            db.execute(f"UPDATE {table} SET priority = 1 WHERE status IN {active} AND priority = 2"
+                       " AND next_attempt_ms <= ?", (now_ms - aging_ms,))
+            db.execute(f"UPDATE {table} SET priority = 0 WHERE status IN {active} AND priority = 1"
+                       " AND next_attempt_ms <= ?", (now_ms - 2 * aging_ms,))
 
     @staticmethod
     def _message_columns(db: sqlite3.Connection, message_id: str) -> tuple:

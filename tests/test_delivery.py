@@ -8,6 +8,9 @@ TTLs advance by setting the clock, never by sleeping. OpenIM is the loopback
 from __future__ import annotations
 
 import json
+import threading
+import time
+from unittest.mock import Mock
 
 import pytest
 
@@ -15,6 +18,7 @@ from conftest import Signed, message, write_config
 from openim_bizplugin.app import create_app
 from openim_bizplugin.config import load_config
 from openim_bizplugin.delivery import backoff_seconds
+from openim_bizplugin.errors import StorageUnavailable
 from openim_bizplugin.testing import FakeOpenIM
 
 USERS = ("u1", "u2", "u3", "imAdmin")
@@ -279,5 +283,61 @@ def test_a_custom_fan_out_larger_than_batch_size_goes_in_several_calls(tmp_path,
         assert calls[0] == ["u1", "u2"] and sorted(calls[1:]) == [["u1", "u2"], ["u3"]]  # the first one retried
         assert [(r["status"], r["attempts"]) for r in side.recipients(mid)] == [("sent", 2), ("sent", 2), ("sent", 1)]
         assert sorted(_envelope_id(d) for d in fake.delivered) == [mid] * 3
+    finally:
+        side.services.close()
+
+
+def _hold_commits(monkeypatch, store):
+    """Make store.complete wait for the returned gate; *entered* is set once one is waiting."""
+    gate, entered = threading.Event(), threading.Event()
+    complete = store.complete
+
+    def held(results, now_ms):
+        entered.set()
+        assert gate.wait(10)
+        return complete(results, now_ms)
+
+    monkeypatch.setattr(store, "complete", held)
+    return gate, entered
+
+
+def test_the_next_call_goes_out_while_the_last_one_is_being_recorded(tmp_path, fake, clock, monkeypatch):
+    side = Sidecar(tmp_path, fake, clock)
+    side.engine.recorder.start()
+    try:
+        mid = side.send(to={"users": ["u1", "u2"]})  # notification mode: one call per user, one round
+        gate, entered = _hold_commits(monkeypatch, side.store)
+        worker = threading.Thread(target=side.engine.step)
+        worker.start()
+        assert entered.wait(10)
+        for _ in range(200):  # bounded: the second call needs no commit of the first
+            if len(fake.calls_to("/msg/send_business_notification")) == 2:
+                break
+            time.sleep(0.01)
+        assert len(fake.calls_to("/msg/send_business_notification")) == 2
+        assert [r["status"] for r in side.recipients(mid)] == ["sending", "sending"]  # nothing committed yet
+        gate.set()
+        worker.join(10)
+        assert not worker.is_alive()
+        assert [r["status"] for r in side.recipients(mid)] == ["sent", "sent"]  # the round ends recorded
+    finally:
+        side.services.close()
+
+
+def test_outcomes_that_cannot_be_recorded_fail_the_round_and_are_sent_again(tmp_path, fake, clock, monkeypatch):
+    side = Sidecar(tmp_path, fake, clock)
+    side.engine.recorder.start()
+    try:
+        mid = side.send(mode="custom", to={"users": ["u1", "u2"]})
+        complete = side.store.complete
+        monkeypatch.setattr(side.store, "complete", Mock(side_effect=StorageUnavailable("disk full")))
+        with pytest.raises(StorageUnavailable):
+            side.engine.step()
+        monkeypatch.setattr(side.store, "complete", complete)
+        assert [r["status"] for r in side.recipients(mid)] == ["sending", "sending"]  # leased, not lost
+        clock.advance(11)  # past lease_seconds
+        side.drain()
+        assert [r["status"] for r in side.recipients(mid)] == ["sent", "sent"]
+        assert len(fake.calls_to("/msg/batch_send_msg")) == 2  # the unrecorded call was repeated
     finally:
         side.services.close()

@@ -109,3 +109,20 @@ def test_a_custom_fan_out_all_over_the_limit_sends_nothing(tmp_path, fake, clock
     assert [c.body["recvIDs"] for c in fake.calls_to("/msg/batch_send_msg")] == [["u1", "u2"]] * 2
     assert side.store.next_due_ms() is None and side.store.queue_depth()["normal"] == 0
     side.services.close()
+
+
+def test_fan_outs_leased_by_parallel_threads_share_the_window(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "drop")
+    for i in range(3):
+        side.send(mode="custom", to={"users": ["u1", "u2"]}, idempotency_key=f"k{i}")
+    now_ms = int(clock() * 1000)
+    # three "threads" each lease one batch before anything is recorded as sent: the first one's
+    # users are new to the window, the next ones find those approvals
+    leases = [side.store.lease(now_ms, 2, 10_000, f"w{n}", lambda hint, n=n: f"{n}-{hint}") for n in range(3)]
+    assert [[item.members for item in lease] for lease in leases] == [[[(0, "u1"), (1, "u2")]]] * 3
+    throttle = side.engine.sender.throttle
+    outcomes = []
+    allowed = [throttle.apply(lease, lambda item, outcome: outcomes.append(outcome)) for lease in leases]
+    assert [[len(item.members) for item in a] for a in allowed] == [[2], [2], []]  # 2 per hour
+    assert [o.status for o in outcomes] == ["throttled", "throttled", "skipped"]  # the third batch emptied
+    side.services.close()

@@ -1,9 +1,11 @@
 """The embedded SQLite backend.
 
 WAL mode with ``synchronous=FULL`` makes every commit durable before the
-sidecar answers; every write runs in a ``BEGIN IMMEDIATE`` transaction and
-connections wait (``busy_timeout``) instead of failing, so several server
-processes can share one database file (see :mod:`.sqlite_file`).
+sidecar answers, except the delivery queue's own bookkeeping (leases and
+outcomes run at ``synchronous=NORMAL``: see ``_write_progress``). Every write
+runs in a ``BEGIN IMMEDIATE`` transaction and connections wait
+(``busy_timeout``) instead of failing, so several server processes can share
+one database file (see :mod:`.sqlite_file`).
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@
 Each worker loop leases due recipients (highest priority first), sends them
 and records one :class:`~.store.base.Outcome` per recipient; a recorder
 thread commits each call's outcomes while the worker makes its next call.
-Work is leased,
-never deleted on pick-up: a worker that dies mid-send leaves a lease that
-runs out, and the recipient is handed out again. Before re-sending a
-``send_msg`` whose outcome is unknown, the worker asks OpenIM whether that
-operationID arrived (``/msg/check_msg_is_send_success``) so a retry does not
-duplicate it. Retry timing is a pure function of the attempt number.
+Work is leased, never deleted on pick-up: a worker that dies mid-send leaves
+a lease that runs out, and the recipient is handed out again. Before
+re-sending a ``send_msg`` whose outcome is unknown, the worker asks OpenIM
+whether that operationID arrived (``/msg/check_msg_is_send_success``) so a
+retry does not duplicate it. Retry timing is a pure function of the attempt
+number.
 """
 
 from __future__ import annotations
@@ -189,19 +189,22 @@ class _Recorder:
         self._record = record
         self._jobs: queue.SimpleQueue[tuple[Results, Future] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # a job is queued only while the thread will take it
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="delivery-recorder", daemon=True)
-            self._thread.start()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="delivery-recorder", daemon=True)
+                self._thread.start()
 
     def submit(self, results: Results) -> Future:
         """Record *results*; the future is done once they are committed (or failed to be)."""
         job: tuple[Results, Future] = (results, Future())
-        if self._thread is None:
-            self._commit([job])
-        else:
-            self._jobs.put(job)
+        with self._lock:
+            if self._thread is not None:
+                self._jobs.put(job)
+                return job[1]
+        self._commit([job])  # not started, or stopped while a worker's round went on
         return job[1]
 
     def _run(self) -> None:
@@ -230,10 +233,11 @@ class _Recorder:
                 future.set_result(None)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)  # after every job queued so far
+            thread.join(timeout)
 
 
 class _Lease:

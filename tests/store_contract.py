@@ -253,6 +253,18 @@ class StoreContract:
         assert store.sent_counts("user", ["u1", "u2"], "order.status_changed", 0) == {}
         assert store.sent_counts("user", [], "profile.updated", 0) == {}
 
+    def test_sent_counts_add_a_users_own_sends_and_those_of_custom_fan_outs(self, store):
+        limited = {"rate_limit": "10/hour"}
+        store.accept(new("m1", "u1", delivery=limited), None, retention_ms=0)
+        [one] = self.lease(store, T0 + 1)
+        store.complete([(one, Outcome.sent("s1", "c1", T0 + 5))], T0 + 5)
+        store.accept(new("m2", "u1", "u2", mode="custom", delivery=limited), None, retention_ms=0)
+        fan_out = self.lease(store, T0 + 10)
+        store.complete(answered(fan_out, T0 + 20), T0 + 20)
+        assert store.sent_counts("user", ["u1", "u2", "u3"], "profile.updated", T0) == {
+            "u1": (2, T0 + 5), "u2": (1, T0 + 20)}
+        assert store.sent_counts("user", ["u1"], "profile.updated", T0 + 5) == {"u1": (1, T0 + 20)}
+
     def test_release_gives_untried_work_back_due_at_once(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
         a, b = self.lease(store, lease_ms=10_000)

@@ -672,16 +672,21 @@ class SqliteStore(TrackingMixin):
         return held
 
     def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:
+        # two queries, each grouped in its index's order: one over their UNION ALL sorted every row
+        # in a temporary B-tree first (8.3 against 5.1 us per user with ten sends each)
         wanted = json.dumps(targets)
-        rows = self._read(
-            "SELECT target, COUNT(*), MIN(sent_ms) FROM ("
-            " SELECT r.target, r.sent_ms FROM recipients r JOIN messages m ON m.id = r.message_id"
+        counts = {target: (count, first) for target, count, first in self._read(
+            "SELECT r.target, COUNT(*), MIN(r.sent_ms) FROM recipients r JOIN messages m ON m.id = r.message_id"
             " WHERE r.target IN (SELECT value FROM json_each(?)) AND r.sent_ms IS NOT NULL"
-            " AND r.sent_ms > ? AND r.kind = ? AND m.type = ?"
-            " UNION ALL SELECT target, sent_ms FROM batch_sends WHERE ? = 'user'"
-            " AND target IN (SELECT value FROM json_each(?)) AND type = ? AND sent_ms > ?"
-            ") GROUP BY target", (wanted, since_ms, kind, type_, kind, wanted, type_, since_ms))
-        return {target: (count, first) for target, count, first in rows}
+            " AND r.sent_ms > ? AND r.kind = ? AND m.type = ? GROUP BY r.target", (wanted, since_ms, kind, type_))}
+        if kind != "user":  # batches go to users only
+            return counts
+        for target, count, first in self._read(
+                "SELECT target, COUNT(*), MIN(sent_ms) FROM batch_sends WHERE target IN (SELECT value FROM json_each(?))"
+                " AND type = ? AND sent_ms > ? GROUP BY target", (wanted, type_, since_ms)):
+            earlier_count, earlier_first = counts.get(target, (0, first))
+            counts[target] = (earlier_count + count, min(earlier_first, first))
+        return counts
 
     def release(self, items: list[WorkItem], now_ms: int) -> int:
         with self._write_progress() as db:

@@ -217,7 +217,10 @@ class Sender:
         return Outcome.sent(result.server_msg_id, result.client_msg_id, result.send_time_ms or self._now_ms())
 
     def _record(self, results: Results, item: WorkItem, outcome: Outcome) -> None:
-        recipient = item.target if item.members is None else f"{item.target} (batch of {item.size})"
+        if item.members is None:
+            recipient = item.target
+        else:  # a batch the rate limit emptied has no users left to name
+            recipient = f"{item.target} (batch of {item.size})" if item.members else f"batch {item.batch_id} (emptied)"
         log.info("message %s %s %s: %s (operationID %s, attempt %d)%s", item.message_id, item.kind, recipient,
                  outcome.status, item.operation_id, item.attempts,
                  f": {outcome.error}" if outcome.error else "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -101,13 +102,16 @@ def test_users_of_a_custom_fan_out_over_the_limit_are_split_off_its_batch(tmp_pa
     side.services.close()
 
 
-def test_a_custom_fan_out_all_over_the_limit_sends_nothing(tmp_path, fake, clock):
+def test_a_custom_fan_out_all_over_the_limit_sends_nothing(tmp_path, fake, clock, caplog):
     side = _sidecar(tmp_path, fake, clock, "drop")
     for i in range(3):
         side.send(mode="custom", to={"users": ["u1", "u2"]}, idempotency_key=f"k{i}")
-    side.drain()
+    with caplog.at_level("INFO", logger="openim_bizplugin.sending"):
+        side.drain()
     assert [c.body["recvIDs"] for c in fake.calls_to("/msg/batch_send_msg")] == [["u1", "u2"]] * 2
     assert side.store.next_due_ms() is None and side.store.queue_depth()["normal"] == 0
+    [emptied] = [r.getMessage() for r in caplog.records if ": skipped" in r.getMessage()]
+    assert re.search(r"user batch \d+ \(emptied\): skipped", emptied), emptied  # not "u1 (batch of 0)"
     side.services.close()
 
 

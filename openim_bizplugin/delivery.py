@@ -26,10 +26,8 @@ from .background import IDLE_POLL_SECONDS, BackgroundLoop
 from .config import Config
 from .metrics import DISCARD, Metrics
 from .openim import OpenIMClient, OpenIMError
-from .sending import Sender
+from .sending import Results, Sender
 from .store.base import PRIORITY_RANK, Outcome, Store, WorkItem
-
-Results = list[tuple[WorkItem, Outcome]]
 
 log = logging.getLogger(__name__)
 PREEMPT_CHECK_MS = 50

@@ -249,6 +249,7 @@ def _work_items(rows: list[tuple], held: set[int], message_id: str, message: tup
 
 
 _BATCH_DUE = "('queued', 'sending')"
+_QUEUES = (("recipients", _DUE), ("batches", _BATCH_DUE))  # each table with work to hand out, and its due statuses
 _LEASE_BATCH_SQL = (
     "UPDATE batches SET status = 'sending', lease_owner = ?, next_attempt_ms = ?, attempts = attempts + 1,"
     " check_operation_id = CASE status WHEN 'sending' THEN operation_id ELSE check_operation_id END,"
@@ -493,7 +494,7 @@ class SqliteStore(TrackingMixin):
     @staticmethod
     def _age(db: sqlite3.Connection, now_ms: int, aging_ms: int) -> None:
         """No starvation: due for aging_ms, low counts as normal; for twice that, anything as high."""
-        for table, active in (("recipients", _DUE), ("batches", _BATCH_DUE)):
+        for table, active in _QUEUES:
             db.execute(f"UPDATE {table} SET priority = 1 WHERE status IN {active} AND priority = 2"
                        " AND next_attempt_ms <= ?", (now_ms - aging_ms,))
             db.execute(f"UPDATE {table} SET priority = 0 WHERE status IN {active} AND priority = 1"
@@ -682,8 +683,9 @@ class SqliteStore(TrackingMixin):
         if kind != "user":  # batches go to users only
             return counts
         for target, count, first in self._read(
-                "SELECT target, COUNT(*), MIN(sent_ms) FROM batch_sends WHERE target IN (SELECT value FROM json_each(?))"
-                " AND type = ? AND sent_ms > ? GROUP BY target", (wanted, type_, since_ms)):
+                "SELECT target, COUNT(*), MIN(sent_ms) FROM batch_sends"
+                " WHERE target IN (SELECT value FROM json_each(?)) AND type = ? AND sent_ms > ? GROUP BY target",
+                (wanted, type_, since_ms)):
             earlier_count, earlier_first = counts.get(target, (0, first))
             counts[target] = (earlier_count + count, min(earlier_first, first))
         return counts
@@ -699,21 +701,22 @@ class SqliteStore(TrackingMixin):
                 if item.members is not None and db.execute(
                         "UPDATE batches SET status = 'queued', next_attempt_ms = ?, attempts = ?, lease_owner = NULL"
                         " WHERE id = ? AND status = 'sending' AND operation_id = ? AND lease_owner = ?",
-                        (now_ms, item.attempts - 1, item.batch_id, item.operation_id, item.lease_owner)).rowcount:
+                        (now_ms, item.attempts - item.counted, item.batch_id, item.operation_id,
+                         item.lease_owner)).rowcount:
                     released += item.size
             return released
 
     def higher_due(self, rank: int, now_ms: int) -> bool:
         return any(self._read(f"SELECT 1 FROM {table} WHERE status IN {active} AND priority = ?"
                               " AND next_attempt_ms <= ? LIMIT 1", (better, now_ms))
-                   for better in range(rank) for table, active in (("recipients", _DUE), ("batches", _BATCH_DUE)))
+                   for better in range(rank) for table, active in _QUEUES)
 
     def next_due_ms(self) -> int | None:
         # one index probe per priority rank and table (recipients_due and batches_due start with priority)
         rows = self._read("SELECT MIN(due) FROM (" + " UNION ALL ".join(
             f"SELECT MIN(next_attempt_ms) AS due FROM {table} WHERE status IN {active} AND priority = {rank}"
             for rank in sorted(set(PRIORITY_RANK.values()))
-            for table, active in (("recipients", _DUE), ("batches", _BATCH_DUE))) + ")")
+            for table, active in _QUEUES) + ")")
         return rows[0][0]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

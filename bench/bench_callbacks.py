@@ -247,7 +247,7 @@ def timed_sidecar(config: str, out: str) -> int:
         init(self, path, *args, **kwargs)
         self._writer = TimedLock("inbox" if path.endswith("-callbacks.db") else "main")
 
-    class TimedConnection(sqlite.Connection):
+    class TimedConnection(sqlite_file._Connection):
         file = "?"
 
         def execute(self, sql, *params):  # type: ignore[no-untyped-def, override]
@@ -262,7 +262,8 @@ def timed_sidecar(config: str, out: str) -> int:
     connect = sqlite.connect
 
     def connect_timed(path, *a, **kw):  # type: ignore[no-untyped-def]
-        db = connect(path, *a, factory=TimedConnection, **kw)
+        kw["factory"] = TimedConnection  # the package's connection class, with a timed COMMIT
+        db = connect(path, *a, **kw)
         db.file = "inbox" if str(path).endswith("-callbacks.db") else "main"
         return db
 

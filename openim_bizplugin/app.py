@@ -30,12 +30,12 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     app.extensions["bizplugin.openapi"] = build_openapi(svc.catalog)
     app.extensions[metrics.EXTENSION] = metrics.install(svc)  # one registry per app, shared by its workers
     app.register_blueprint(api.bp)
-    app.register_blueprint(callbacks.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(metrics.bp)
     if config.ui_token:  # the operator page; without [ui] token it does not exist (a plain 404)
         ui.init_app(app, config.ui_token)  # also the session key (from the token) and cookie flags
     app.add_url_rule("/openapi.json", "openapi", _openapi)
+    app.wsgi_app = callbacks.CallbackEndpoint(app.wsgi_app, svc, app.extensions[metrics.EXTENSION])  # type: ignore[method-assign]
     app.register_error_handler(BizError, _problem_response)
     app.register_error_handler(HTTPException, _http_problem)
     app.register_error_handler(Exception, _unexpected)

@@ -4,7 +4,9 @@ OpenIM appends the command to the ``url`` of its ``webhooks.yml``, so that
 url is ``http://HOST:PORT/openim/callback/<token>``. The recipe is
 warehouse's: authenticate (the unguessable token, compared in constant
 time), deduplicate on a natural key, store, and only then process — in
-:class:`~.callback_handlers.CallbackProcessor`, not here.
+:class:`~.callback_handlers.CallbackProcessor`, not here. The endpoint is
+WSGI middleware in front of the Flask app (:class:`CallbackEndpoint`), not a
+Flask view: it is the one hot path that OpenIM drives in bursts.
 
 Whatever happens after the token check, OpenIM gets its "continue" JSON with
 HTTP 200 at once: OpenIM's after-callbacks wait in a queue of 100 with two
@@ -23,29 +25,26 @@ import hmac
 import json
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import ClientDisconnected
+from werkzeug.wsgi import get_input_stream
 
 from . import metrics
 from .callback_handlers import HANDLERS, natural_key
-from .errors import NotFound, PayloadTooLarge, StorageBusy, StorageUnavailable
+from .errors import PayloadTooLarge, StorageBusy, StorageUnavailable
 from .services import Services
 from .wire import read_body
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("openim_callbacks", __name__)
-
+PREFIX = "/openim/callback/"
 CONTINUE = {"actionCode": 0, "errCode": 0, "errMsg": "", "errDlt": "", "nextCode": 0}
 _CONTINUE_BODY = json.dumps(CONTINUE, separators=(",", ":")).encode()
-
-
-def token_matches(given: str, expected: str) -> bool:
-    """Constant-time comparison, so the token cannot be guessed by timing answers."""
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
+_CONTINUE_LENGTH = str(len(_CONTINUE_BODY))
 
 
 def _fields(command: str, operation_id: str | None) -> dict[str, Any]:
@@ -99,31 +98,59 @@ def take_callback(services: Services, command: str, body: bytes, operation_id: s
     return "stored"
 
 
-def continue_response() -> Response:
-    """OpenIM's "continue" answer (its reply parser only stops on actionCode 0 with nextCode 1)."""
-    return Response(_CONTINUE_BODY, status=200, mimetype="application/json")
+class CallbackEndpoint:
+    """WSGI middleware in front of the Flask app that answers ``POST /openim/callback/<token>/<command>``.
+
+    Callbacks come in bursts of thousands of tiny requests a second, and Flask's
+    per-request machinery (contexts, routing over every rule, a Response object)
+    cost more CPU than storing the callback; answered here, a callback skips it
+    (bench_callbacks). Anything else, a wrong token included, goes to the app
+    unchanged, which has no such route: a plain 404 problem, as for any unknown
+    path, so a wrong token learns nothing.
+    """
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], services: Services, counts: metrics.Metrics) -> None:
+        self.app, self.services, self.metrics = app, services, counts
+        self.token = services.config.callback_token.encode("utf-8")
+        self.writer = InboxWriter()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") != "POST" or not path.startswith(PREFIX):
+            return self.app(environ, start_response)
+        token, _, command = path[len(PREFIX):].partition("/")
+        # PATH_INFO holds the URL's bytes as latin-1 text: compared as bytes, in constant time
+        if not command or "/" in command or not hmac.compare_digest(token.encode("latin-1"), self.token):
+            return self.app(environ, start_response)  # the token is a secret: never echoed or logged
+        self.take(command, environ)
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", _CONTINUE_LENGTH)])
+        return [_CONTINUE_BODY]
+
+    def take(self, command: str, environ: dict[str, Any]) -> None:
+        """Read and store one callback; whatever happens, the caller answers "continue"."""
+        operation_id = environ.get("HTTP_OPERATIONID")
+        try:
+            body = read_body(get_input_stream(environ), _content_length(environ),
+                             self.services.config.server.max_body_bytes)
+        except PayloadTooLarge as exc:
+            result = "too-large"
+            log.warning("callback %s (operationID %s) ignored: %s", command[:80], operation_id, exc.detail,
+                        extra=_fields(command, operation_id))
+        except (OSError, ValueError, ClientDisconnected) as exc:  # the connection broke: no one hears the answer
+            result = "unreadable"
+            log.warning("callback %s (operationID %s) ignored: body unreadable: %s", command[:80], operation_id,
+                        exc, extra=_fields(command, operation_id))
+        else:
+            result = take_callback(self.services, command, body, operation_id, self.writer)
+        # commands we do not handle share one label: the command comes from the URL
+        self.metrics.callback_received(command if command in HANDLERS else "other", result)
 
 
-@bp.post("/openim/callback/<token>/<command>")
-def receive(token: str, command: str) -> Response:
-    services: Services = current_app.extensions["bizplugin"]
-    if not token_matches(token, services.config.callback_token):
-        raise NotFound("no such callback endpoint")  # the token is a secret: never echoed or logged
-    operation_id = request.headers.get("operationID")
+def _content_length(environ: dict[str, Any]) -> int | None:
     try:
-        body = read_body(request.stream, request.content_length, services.config.server.max_body_bytes)
-    except PayloadTooLarge as exc:
-        _count(command, "too-large")
-        log.warning("callback %s (operationID %s) ignored: %s", command[:80], operation_id, exc.detail,
-                    extra=_fields(command, operation_id))
-        return continue_response()
-    _count(command, take_callback(services, command, body, operation_id, current_app.extensions[INBOX_WRITER]))
-    return continue_response()
-
-
-def _count(command: str, result: str) -> None:
-    # commands we do not handle share one label: the command comes from the URL
-    metrics.current().callback_received(command if command in HANDLERS else "other", result)
+        return max(int(environ["CONTENT_LENGTH"]), 0)
+    except (KeyError, ValueError):
+        return None
 
 
 # -- Answering while storage stalls -------------------------------------------------
@@ -152,7 +179,6 @@ def _count(command: str, result: str) -> None:
 INBOX_WAIT_SECONDS = 1.0
 LOCK_WAIT_SECONDS = 0.1  # for this process's other inbox writes, before taking the pool's path
 MAX_PENDING_WRITES = 64
-INBOX_WRITER = "bizplugin.callback_inbox"
 
 
 class InboxWriter:
@@ -192,8 +218,3 @@ def _late_outcome(command: str, key: str, done: Future) -> None:
         log.warning("callback %s (%s) stored late, after OpenIM was answered", command[:80], key[:200])
     else:
         log.error("callback %s (%s) lost after OpenIM was answered: %s", command[:80], key[:200], error)
-
-
-@bp.record_once
-def _install_writer(state: Any) -> None:
-    state.app.extensions[INBOX_WRITER] = InboxWriter()

@@ -170,6 +170,40 @@ def test_chunked_callback_over_the_limit_is_answered_and_not_stored(app, store):
     assert inbox_rows(store) == 0
 
 
+def test_chunked_callback_is_stored(app, store):
+    body = json.dumps({"callbackCommand": "callbackAfterUserOnlineCommand", "userID": "u1", "platformID": 1,
+                       "seq": 7, "pad": "x" * 20_000}).encode()
+    with served(app) as port:
+        status, _, raw, _ = post_chunked(port, f"{CALLBACK}/callbackAfterUserOnlineCommand",
+                                         {"Content-Type": "application/json"}, body, chunk=1000)
+    assert status == 200 and json.loads(raw) == CONTINUE
+    assert inbox_rows(store) == 1
+
+
+def test_callback_cut_off_mid_body_is_answered_and_not_stored(app, store):
+    body = json.dumps({"callbackCommand": "callbackAfterUserOnlineCommand", "userID": "u1", "platformID": 1,
+                       "seq": 7}).encode()
+    head = (f"POST {CALLBACK}/callbackAfterUserOnlineCommand HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body) + 100}\r\n\r\n").encode()
+    with served(app) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head + body)
+        conn.shutdown(socket.SHUT_WR)  # the sender is gone before the rest of its body
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(json.dumps(CONTINUE, separators=(",", ":")).encode())
+    assert inbox_rows(store) == 0
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_callback_url_answers_only_post(app, store, method):
+    body = json.dumps({"callbackCommand": "callbackAfterUserOnlineCommand", "userID": "u1", "platformID": 1,
+                       "seq": 7}).encode()
+    response = app.test_client().open(f"{CALLBACK}/callbackAfterUserOnlineCommand", method=method, data=body)
+    assert response.status_code == 404 and response.mimetype == "application/problem+json"
+    assert inbox_rows(store) == 0
+
+
 # -- strict JSON ------------------------------------------------------------------------
 
 

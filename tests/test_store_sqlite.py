@@ -11,7 +11,7 @@ import pytest
 from conftest import message
 from openim_bizplugin.errors import StorageBusy, StorageUnavailable
 from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, ReplayKey
-from openim_bizplugin.store.sqlite import _SCHEMA, SqliteStore
+from openim_bizplugin.store.sqlite import _SCHEMA, SCHEMA_VERSION, SqliteStore
 from openim_bizplugin.store.sqlite_tracking import RECEIPT_RECIPIENT_SQL
 
 
@@ -198,13 +198,16 @@ def test_only_custom_fan_outs_to_users_with_nothing_decided_while_waiting_are_ba
 
 def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as db:  # version 1 had no batches
-        db.executescript(_SCHEMA.split("CREATE TABLE IF NOT EXISTS batches")[0] + "PRAGMA user_version = 1;")
+    version_1 = _SCHEMA.split("CREATE TABLE IF NOT EXISTS batches")[0]  # no batches, no messages_alive index
+    version_1 = version_1.replace("CREATE INDEX IF NOT EXISTS messages_alive ON messages (type, expires_ms);", "")
+    with sqlite3.connect(path) as db:
+        db.executescript(version_1 + "PRAGMA user_version = 1;")
     store = SqliteStore(path)
     store.accept(_fan_out(1, 3), None, retention_ms=0)
     assert [i.size for i in store.lease(1_000_010, 10, 1_000, "w", lambda mid: "op")] == [3]
     with store._db.borrow() as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages_alive'").fetchone() == (1,)
 
 
 def test_a_semicolon_in_a_schema_comment_does_not_end_the_statement(tmp_path):

@@ -46,6 +46,18 @@ def test_delay_policy_sends_when_the_window_allows_within_the_ttl(tmp_path, fake
     side.services.close()
 
 
+def test_sends_while_few_messages_of_the_type_exist_count_against_later_ones(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "delay")
+    first = [side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}") for i in range(2)]
+    side.engine.step()  # two messages of the type, 2 per hour: no one can be over, nothing is counted
+    assert _statuses(side, first) == ["sent", "sent"]
+    third = side.send(to={"users": ["u1"]}, idempotency_key="k2")
+    side.engine.step()  # a third: now u1's sends are counted, and the window is full
+    assert _statuses(side, [third]) == ["queued"] and "rate limit 2/hour" in side.recipients(third)[0]["reason"]
+    assert len(fake.deliveries_to(user="u1")) == 2
+    side.services.close()
+
+
 def test_delay_past_the_ttl_expires_instead_of_sending_late(tmp_path, fake, clock):
     side = _sidecar(tmp_path, fake, clock, "delay")
     ids = [side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}", ttl_seconds=600) for i in range(3)]

@@ -20,6 +20,7 @@ integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
     replay:<client:value:ts> / idem:<client>:<key>   string -> message id
     collapse:<client>:<key>  zset  message ids with that collapse key, by expires_ms
     sent:<kind>:<n>:<target>:<type>  zset  sent members by sent_ms (per-type rate limits)
+    alive:<type>       zset    message ids of that type by expires_ms (pruned a day after)
     dead               zset    message ids with failed recipients, by first failure ms
     recent             list    the newest 1,000 message ids, newest first (the operator page)
     failed:<mid>       set     seqs of the failed recipients of a dead letter
@@ -68,6 +69,7 @@ BAND = 10**13  # due score = priority rank * BAND + due time in ms
 BANDS = max(PRIORITY_RANK.values()) + 1
 BATCH = 500  # outcomes per script call: keeps each script short, Redis serves others between
 WAITAOF_TIMEOUT_MS = 5_000
+ALIVE_KEPT_MS = 86_400_000  # a rate limit's window is a day at most
 _MESSAGE_FIELDS = ("client", "type", "version", "mode", "priority", "offline", "envelope", "delivery",
                    "expires_ms", "created_ms", "recipient_count")
 _RECIPIENT_FIELDS = ("kind", "target", "status", "attempts", "last_error", "reason", "server_msg_id",
@@ -223,6 +225,14 @@ class RedisStore(RedisTrackingMixin):
         kept = self._run("renew", now_ms, lease_ms,
                          *(x for i in items for x in (f"{i.message_id}:{i.seq}", i.operation_id, i.lease_owner)))
         return [item for item, ok in zip(items, kept) if ok]
+
+    @translated
+    def messages_alive(self, type_: str, since_ms: int, at_most: int) -> int:
+        key = self._k(f"alive:{type_}")
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(key, "-inf", since_ms - ALIVE_KEPT_MS)  # no window reaches back that far
+        pipe.zcount(key, f"({since_ms}", "+inf")
+        return min(pipe.execute()[1], at_most)
 
     @translated
     def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:

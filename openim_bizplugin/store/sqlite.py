@@ -28,7 +28,7 @@ from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecip
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
 
-SCHEMA_VERSION = 2  # 2: batches
+SCHEMA_VERSION = 3  # 2: batches; 3: messages_alive
 MAX_BATCH = 500  # delivery.batch_size's default
 # how often a lease also sweeps the queue for recipients past their TTL and ages priorities
 EXPIRY_SWEEP_MS = 1_000
@@ -64,6 +64,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_replay ON messages (replay_key)
     WHERE replay_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_collapse ON messages (client, collapse_key, expires_ms)
     WHERE collapse_key IS NOT NULL;
+-- the rate limit's first question: how many messages of a type may have been sent in a window
+CREATE INDEX IF NOT EXISTS messages_alive ON messages (type, expires_ms);
 
 CREATE TABLE IF NOT EXISTS recipients (
     message_id      TEXT NOT NULL REFERENCES messages (id),
@@ -671,6 +673,11 @@ class SqliteStore(TrackingMixin):
                 if renewed.rowcount:
                     held.append(item)
         return held
+
+    def messages_alive(self, type_: str, since_ms: int, at_most: int) -> int:
+        rows = self._read("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE type = ? AND expires_ms > ? LIMIT ?)",
+                          (type_, since_ms, at_most))
+        return rows[0][0]
 
     def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:
         # two queries, each grouped in its index's order: one over their UNION ALL sorted every row

@@ -94,6 +94,22 @@ def test_parallel_delivery_threads_share_the_window(tmp_path, fake, clock):
     side.services.close()
 
 
+def test_a_message_accepted_while_uncounted_sends_are_in_flight_counts_them(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "drop")
+    for i in range(2):
+        side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}")
+    now_ms = int(clock() * 1000)
+    throttle, outcomes = side.engine.sender.throttle, []
+    in_flight = side.store.lease(now_ms, 10, 10_000, "w1", lambda hint: f"a-{hint}")
+    # two messages of the type, 2 per hour: both go without a count, and are not recorded yet
+    assert len(throttle.apply(in_flight, lambda item, outcome: outcomes.append(outcome))) == 2
+    side.send(to={"users": ["u1"]}, idempotency_key="k2")
+    third = side.store.lease(now_ms, 10, 10_000, "w2", lambda hint: f"b-{hint}")
+    assert throttle.apply(third, lambda item, outcome: outcomes.append(outcome)) == []
+    assert [o.status for o in outcomes] == ["throttled"]
+    side.services.close()
+
+
 @pytest.mark.parametrize("policy, held", [("delay", ("queued", 0)), ("drop", ("throttled", 1))])
 def test_users_of_a_custom_fan_out_over_the_limit_are_split_off_its_batch(tmp_path, fake, clock, policy, held):
     side = _sidecar(tmp_path, fake, clock, policy)

@@ -10,8 +10,9 @@ process share their approvals (what one thread let through is not yet
 sends, so each may let a few too many through at the edge of a window.
 
 Nothing is counted per recipient while no more messages of the type than
-the limit allows can have been sent in the window (a message is never sent
-after it expires): then no recipient can have reached it.
+the limit allows can have been sent in the window (a message is sent only
+after a worker leased it and never after it expires): then no recipient can
+have reached it.
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ class RecipientThrottle:
                     targets.append(item.target)
                 else:
                     targets.extend([user for _seq, user in item.members])
-            # While no more messages of the type than the limit (this round's included) may have been
-            # sent in the window, no recipient can reach it: one query instead of a count per recipient
-            # (the common case of a fan-out, bench_delivery). Each still takes its slot in this process's
-            # approvals, so that a message accepted while these are in flight counts them.
-            if self.store.messages_alive(type_, now_ms - window_ms - SEND_OVERRUN_MS, limit.count + 1) <= limit.count:
+            # While no more messages of the type than the limit (this round's included: leased) may have
+            # been sent in the window, no recipient can reach it: one query instead of a count per
+            # recipient (a fan-out's common case, bench_delivery). Each still takes its slot in this
+            # process's approvals, so that a message leased while these are in flight counts them.
+            since_ms = now_ms - window_ms - SEND_OVERRUN_MS
+            if self.store.messages_started(type_, since_ms, limit.count + 1) <= limit.count:
                 sent, count = {}, sys.maxsize
             else:  # one query per round and type, not one per recipient (a Redis round trip each)
                 sent = self.store.sent_counts(kind, list(dict.fromkeys(targets)), type_, now_ms - window_ms)

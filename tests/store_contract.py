@@ -266,16 +266,19 @@ class StoreContract:
             "u1": (2, T0 + 5), "u2": (1, T0 + 20)}
         assert store.sent_counts("user", ["u1"], "profile.updated", T0 + 5) == {"u1": (1, T0 + 20)}
 
-    def test_messages_alive_counts_a_types_messages_not_expired_by_then(self, store):
-        store.accept(new("m1", ttl=60), None, retention_ms=0)  # expires at T0 + 60 s
-        store.accept(new("m2", created=T0 + 1, ttl=120), None, retention_ms=0)  # at T0 + 121 s
-        store.accept(dataclasses.replace(new("m3"), type="order.status_changed"), None, retention_ms=0)
-        assert store.messages_alive("profile.updated", T0, 10) == 2
-        assert store.messages_alive("profile.updated", T0 + 60_000, 10) == 1
-        assert store.messages_alive("profile.updated", T0 + 121_000, 10) == 0
-        assert store.messages_alive("profile.updated", T0, 1) == 1  # counted up to at_most
-        assert store.messages_alive("order.status_changed", T0, 10) == 1
-        assert store.messages_alive("app.upgrade_available", 0, 10) == 0
+    def test_messages_started_counts_a_types_leased_messages_not_expired_by_then(self, store):
+        store.accept(new("m1", "u1", ttl=60), None, retention_ms=0)  # expires at T0 + 60 s
+        store.accept(new("m2", "u1", created=T0 + 1, ttl=120), None, retention_ms=0)  # at T0 + 121 s
+        store.accept(dataclasses.replace(new("m3", "u1"), type="order.status_changed"), None, retention_ms=0)
+        store.accept(new("m4", "u1", created=T0 + 10_000), None, retention_ms=0)  # not due yet
+        assert store.messages_started("profile.updated", T0, 10) == 0  # nothing leased: nothing sent
+        assert sorted(item.message_id for item in self.lease(store, T0 + 1)) == ["m1", "m2", "m3"]
+        assert store.messages_started("profile.updated", T0, 10) == 2
+        assert store.messages_started("profile.updated", T0 + 60_000, 10) == 1
+        assert store.messages_started("profile.updated", T0 + 121_000, 10) == 0
+        assert store.messages_started("profile.updated", T0, 1) == 1  # counted up to at_most
+        assert store.messages_started("order.status_changed", T0, 10) == 1
+        assert store.messages_started("app.upgrade_available", 0, 10) == 0
 
     def test_release_gives_untried_work_back_due_at_once(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)

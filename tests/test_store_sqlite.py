@@ -198,16 +198,20 @@ def test_only_custom_fan_outs_to_users_with_nothing_decided_while_waiting_are_ba
 
 def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
     path = tmp_path / "old.db"
-    version_1 = _SCHEMA.split("CREATE TABLE IF NOT EXISTS batches")[0]  # no batches, no messages_alive index
-    version_1 = version_1.replace("CREATE INDEX IF NOT EXISTS messages_alive ON messages (type, expires_ms);", "")
+    version_1 = _SCHEMA.split("CREATE TABLE IF NOT EXISTS batches")[0]  # no batches, no messages.started_ms
+    version_1 = version_1.replace(",\n    started_ms      INTEGER", "").replace(" WHERE started_ms IS NOT NULL", "")
+    version_1 = version_1.replace("messages_started ON", "messages_alive ON")  # as a version-3 file had it
+    assert "started_ms" not in version_1
     with sqlite3.connect(path) as db:
         db.executescript(version_1 + "PRAGMA user_version = 1;")
     store = SqliteStore(path)
     store.accept(_fan_out(1, 3), None, retention_ms=0)
     assert [i.size for i in store.lease(1_000_010, 10, 1_000, "w", lambda mid: "op")] == [3]
+    assert store.messages_started(_fan_out(1, 3).type, 0, 10) == 1
     with store._db.borrow() as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages_alive'").fetchone() == (1,)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "messages_started" in indexes and "messages_alive" not in indexes
 
 
 def test_a_semicolon_in_a_schema_comment_does_not_end_the_statement(tmp_path):

@@ -349,9 +349,10 @@ class Store(Protocol):
     def renew(self, items: list[WorkItem], now_ms: int, lease_ms: int) -> list[WorkItem]:
         """Extend the lease of the items this worker still holds; returns those."""
 
-    def messages_alive(self, type_: str, since_ms: int, at_most: int) -> int:
-        """How many messages of *type_* had not expired by *since_ms*, counted up to *at_most*:
-        no message can have been sent to anyone after its expiry (a bound for rate limits)."""
+    def messages_started(self, type_: str, since_ms: int, at_most: int) -> int:
+        """How many messages of *type_* some worker has leased and that had not expired by
+        *since_ms*, counted up to *at_most*: the messages that may have been sent to anyone
+        since then (none is sent before its lease or after its expiry), a rate limit's bound."""
 
     def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:
         """How many messages of *type_* were sent to each of *targets* since *since_ms*, and

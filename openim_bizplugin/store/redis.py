@@ -20,7 +20,7 @@ integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
     replay:<client:value:ts> / idem:<client>:<key>   string -> message id
     collapse:<client>:<key>  zset  message ids with that collapse key, by expires_ms
     sent:<kind>:<n>:<target>:<type>  zset  sent members by sent_ms (per-type rate limits)
-    alive:<type>       zset    message ids of that type by expires_ms (pruned a day after)
+    started:<type>     zset    ids of the leased messages of that type by expires_ms (pruned a day after)
     dead               zset    message ids with failed recipients, by first failure ms
     recent             list    the newest 1,000 message ids, newest first (the operator page)
     failed:<mid>       set     seqs of the failed recipients of a dead letter
@@ -69,7 +69,7 @@ BAND = 10**13  # due score = priority rank * BAND + due time in ms
 BANDS = max(PRIORITY_RANK.values()) + 1
 BATCH = 500  # outcomes per script call: keeps each script short, Redis serves others between
 WAITAOF_TIMEOUT_MS = 5_000
-ALIVE_KEPT_MS = 86_400_000  # a rate limit's window is a day at most
+STARTED_KEPT_MS = 86_400_000  # a rate limit's window is a day at most
 _MESSAGE_FIELDS = ("client", "type", "version", "mode", "priority", "offline", "envelope", "delivery",
                    "expires_ms", "created_ms", "recipient_count")
 _RECIPIENT_FIELDS = ("kind", "target", "status", "attempts", "last_error", "reason", "server_msg_id",
@@ -195,7 +195,13 @@ class RedisStore(RedisTrackingMixin):
             pipe.hmget(self._k(f"m:{message_id}"), _MESSAGE_FIELDS)
         stamped, *found = pipe.execute()
         messages = {mid: _message_fields(values) for mid, values in zip(message_ids, found)}
-        return [_work_item(row, op, owner, messages) for row, op, ok in zip(rows, operation_ids, stamped) if ok]
+        items = [_work_item(row, op, owner, messages) for row, op, ok in zip(rows, operation_ids, stamped) if ok]
+        # from now on some of these may be sent: the rate limit's bound counts them (messages_started)
+        pipe = self._redis.pipeline(transaction=False)
+        for item in {item.message_id: item for item in items}.values():
+            pipe.zadd(self._k(f"started:{item.type}"), {item.message_id: item.expires_ms}, nx=True)
+        pipe.execute()
+        return items
 
     @translated
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:
@@ -227,10 +233,10 @@ class RedisStore(RedisTrackingMixin):
         return [item for item, ok in zip(items, kept) if ok]
 
     @translated
-    def messages_alive(self, type_: str, since_ms: int, at_most: int) -> int:
-        key = self._k(f"alive:{type_}")
+    def messages_started(self, type_: str, since_ms: int, at_most: int) -> int:
+        key = self._k(f"started:{type_}")
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zremrangebyscore(key, "-inf", since_ms - ALIVE_KEPT_MS)  # no window reaches back that far
+        pipe.zremrangebyscore(key, "-inf", since_ms - STARTED_KEPT_MS)  # no window reaches back that far
         pipe.zcount(key, f"({since_ms}", "+inf")
         return min(pipe.execute()[1], at_most)
 

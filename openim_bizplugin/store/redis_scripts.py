@@ -98,8 +98,6 @@ end
 local fields = {'order', string.format('%012x', redis.call('INCR', P .. 'accepted'))}
 for i = 17, 16 + nfields do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', P .. 'm:' .. mid, unpack(fields))
--- the rate limit's bound (messages_alive): this type's messages by expiry
-redis.call('ZADD', P .. 'alive:' .. redis.call('HGET', P .. 'm:' .. mid, 'type'), expires, mid)
 local first = 17 + nfields
 if collapse ~= '' then
   -- older live messages of this client with the same collapse key stop waiting for these recipients

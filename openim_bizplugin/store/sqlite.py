@@ -28,7 +28,9 @@ from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecip
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
 
-SCHEMA_VERSION = 3  # 2: batches; 3: messages_alive
+SCHEMA_VERSION = 4  # 2: batches; 4: messages.started_ms
+# what an older file needs before the schema's IF NOT EXISTS statements run
+_UPGRADES = {4: ["ALTER TABLE messages ADD COLUMN started_ms INTEGER", "DROP INDEX IF EXISTS messages_alive"]}
 MAX_BATCH = 500  # delivery.batch_size's default
 # how often a lease also sweeps the queue for recipients past their TTL and ages priorities
 EXPIRY_SWEEP_MS = 1_000
@@ -56,7 +58,8 @@ CREATE TABLE IF NOT EXISTS messages (
     delivery        TEXT NOT NULL,
     recipient_count INTEGER NOT NULL,
     created_ms      INTEGER NOT NULL,
-    expires_ms      INTEGER NOT NULL
+    expires_ms      INTEGER NOT NULL,
+    started_ms      INTEGER  -- when a worker first leased some of it: it may have been sent since
 );
 CREATE INDEX IF NOT EXISTS messages_idempotency ON messages (client, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -65,7 +68,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_replay ON messages (replay_key)
 CREATE INDEX IF NOT EXISTS messages_collapse ON messages (client, collapse_key, expires_ms)
     WHERE collapse_key IS NOT NULL;
 -- the rate limit's first question: how many messages of a type may have been sent in a window
-CREATE INDEX IF NOT EXISTS messages_alive ON messages (type, expires_ms);
+CREATE INDEX IF NOT EXISTS messages_started ON messages (type, expires_ms) WHERE started_ms IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS recipients (
     message_id      TEXT NOT NULL REFERENCES messages (id),
@@ -332,7 +335,7 @@ class SqliteStore(TrackingMixin):
         # no automatic checkpoints on the inbox: they ran inside whichever commit crossed the
         # threshold, often a callback's while OpenIM waited (up to 157 ms measured)
         self._inbox = SqliteFile(inbox_path(self.path), synchronous="NORMAL", autocheckpoint=False)
-        self._db.migrate(_SCHEMA, SCHEMA_VERSION)
+        self._db.migrate(_SCHEMA, SCHEMA_VERSION, _UPGRADES)
         self._inbox.migrate(_INBOX_SCHEMA, SCHEMA_VERSION)
         self._write, self._read = self._db.write, self._db.read
         # the delivery queue's own bookkeeping (leases, outcomes) commits without an fsync: on power
@@ -491,6 +494,9 @@ class SqliteStore(TrackingMixin):
                                          now_ms + lease_ms, f"{new_operation_id(message_id)}-{first_seq}")
                 if item is not None:
                     items.append(item)
+            # from now on some of these may be sent: the rate limit's bound counts them (messages_started)
+            db.executemany("UPDATE messages SET started_ms = ? WHERE id = ? AND started_ms IS NULL",
+                           [(now_ms, message_id) for message_id in dict.fromkeys(i.message_id for i in items)])
         return items
 
     @staticmethod
@@ -674,9 +680,9 @@ class SqliteStore(TrackingMixin):
                     held.append(item)
         return held
 
-    def messages_alive(self, type_: str, since_ms: int, at_most: int) -> int:
-        rows = self._read("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE type = ? AND expires_ms > ? LIMIT ?)",
-                          (type_, since_ms, at_most))
+    def messages_started(self, type_: str, since_ms: int, at_most: int) -> int:
+        rows = self._read("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE type = ? AND expires_ms > ?"
+                          " AND started_ms IS NOT NULL LIMIT ?)", (type_, since_ms, at_most))
         return rows[0][0]
 
     def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:

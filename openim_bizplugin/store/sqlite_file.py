@@ -181,12 +181,17 @@ class SqliteFile:
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"the database cannot be read: {exc}") from exc
 
-    def migrate(self, schema: str, version: int) -> None:
+    def migrate(self, schema: str, version: int, upgrades: dict[int, list[str]] | None = None) -> None:
         """Create the tables of *schema* in a new file, add the new ones to an older file
-        (every statement says IF NOT EXISTS); refuse a newer file."""
+        (every statement says IF NOT EXISTS); refuse a newer file. An older file first gets
+        the *upgrades* of each version after its own (what IF NOT EXISTS cannot say: columns)."""
         with self.write() as db:
             (found,) = db.execute("PRAGMA user_version").fetchone()
             if found < version:
+                for step in sorted(upgrades or {}):
+                    if 0 < found < step:  # 0: a new file, whose tables the schema makes whole
+                        for statement in (upgrades or {})[step]:
+                            db.execute(statement)
                 for statement in _statements(schema):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {version}")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import message
 from openim_bizplugin.errors import StorageBusy, StorageUnavailable
-from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, ReplayKey
+from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, Outcome, ReplayKey
 from openim_bizplugin.store.sqlite import _SCHEMA, SCHEMA_VERSION, SqliteStore
 from openim_bizplugin.store.sqlite_tracking import RECEIPT_RECIPIENT_SQL
 
@@ -196,6 +196,38 @@ def test_only_custom_fan_outs_to_users_with_nothing_decided_while_waiting_are_ba
         assert db.execute("SELECT DISTINCT message_id FROM batches").fetchall() == [("m1",), ("m5",)]
 
 
+def _sent_fan_out(store: SqliteStore) -> None:
+    """m1 to u0, u1, u2 of a rate-limited type, sent in one batch at 1_000_020; OpenIM refused u1."""
+    store.accept(_fan_out(1, 3, delivery={"rate_limit": "10/hour"}), None, retention_ms=0)
+    [batch] = store.lease(1_000_010, 10, 10_000, "w", lambda mid: "op")
+    refused = batch.member(*batch.members[1])
+    sends = {"u0": ("s0", "c0", 1_000_020), "u2": ("s2", "c2", 1_000_020)}
+    store.complete([(refused, Outcome.retry("refused", 1_001_000)), (batch, Outcome.sent_batch(sends, 1_000_020))],
+                   1_000_020)
+
+
+def test_a_fan_outs_sends_are_listed_per_user_only_once_they_are_counted(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    _sent_fan_out(store)
+    rows = lambda table: store._read(f"SELECT * FROM {table}")  # noqa: E731
+    assert rows("batch_sends") == [] and len(rows("batch_sends_pending")) == 1  # a row per call, not per user
+    store.settle_batched("m1", ["u2"])  # a callback gives u2 a row of its own (with its sent_ms) first
+    assert store.sent_counts("user", ["u0", "u1", "u2"], "profile.updated", 0) == {
+        "u0": (1, 1_000_020), "u2": (1, 1_000_020)}  # u1 was refused; u2 counted once
+    assert [row[0] for row in rows("batch_sends")] == ["u0"] and rows("batch_sends_pending") == []
+
+
+def test_pending_fan_out_sends_are_dropped_once_no_rate_limit_window_reaches_them(tmp_path):
+    from openim_bizplugin.store.sqlite import PENDING_SENDS_KEPT_MS
+
+    store = SqliteStore(tmp_path / "x.db")
+    _sent_fan_out(store)
+    store.lease(1_000_020 + PENDING_SENDS_KEPT_MS - 1, 10, 10_000, "w", lambda mid: "op")
+    assert len(store._read("SELECT * FROM batch_sends_pending")) == 1
+    store.lease(1_000_020 + PENDING_SENDS_KEPT_MS + 1_000, 10, 10_000, "w", lambda mid: "op")  # the sweep
+    assert store._read("SELECT * FROM batch_sends_pending") == []
+
+
 def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
     path = tmp_path / "old.db"
     version_1 = _SCHEMA.split("CREATE TABLE IF NOT EXISTS batches")[0]  # no batches, no messages.started_ms
@@ -204,12 +236,19 @@ def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
     assert "started_ms" not in version_1
     with sqlite3.connect(path) as db:
         db.executescript(version_1 + "PRAGMA user_version = 1;")
+        db.execute("INSERT INTO messages (id, client, type, version, mode, priority, offline, request_hash,"
+                   " envelope, delivery, recipient_count, created_ms, expires_ms) SELECT 'old', client, type,"
+                   " version, mode, priority, offline, request_hash, envelope, delivery, 0, created_ms, expires_ms"
+                   " FROM (SELECT 'c' AS client, ? AS type, 1 AS version, 'custom' AS mode, 'normal' AS priority,"
+                   " 'store' AS offline, 'h' AS request_hash, '{}' AS envelope, '{}' AS delivery,"
+                   " 1000000 AS created_ms, 9000000 AS expires_ms)", (_fan_out(1, 3).type,))
     store = SqliteStore(path)
+    assert store.messages_started(_fan_out(1, 3).type, 0, 10) == 1  # it may have been sent before the upgrade
     store.accept(_fan_out(1, 3), None, retention_ms=0)
     assert [i.size for i in store.lease(1_000_010, 10, 1_000, "w", lambda mid: "op")] == [3]
-    assert store.messages_started(_fan_out(1, 3).type, 0, 10) == 1
+    assert store.messages_started(_fan_out(1, 3).type, 0, 10) == 2
     with store._db.borrow() as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "messages_started" in indexes and "messages_alive" not in indexes
 

@@ -28,12 +28,15 @@ from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecip
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
 
-SCHEMA_VERSION = 4  # 2: batches; 4: messages.started_ms
-# what an older file needs before the schema's IF NOT EXISTS statements run
-_UPGRADES = {4: ["ALTER TABLE messages ADD COLUMN started_ms INTEGER", "DROP INDEX IF EXISTS messages_alive"]}
+SCHEMA_VERSION = 5  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending
+# what an older file needs before the schema's IF NOT EXISTS statements run; its messages may
+# have been sent already, so the rate limit's bound counts them as leased
+_UPGRADES = {4: ["ALTER TABLE messages ADD COLUMN started_ms INTEGER", "UPDATE messages SET started_ms = created_ms",
+                 "DROP INDEX IF EXISTS messages_alive"]}
 MAX_BATCH = 500  # delivery.batch_size's default
 # how often a lease also sweeps the queue for recipients past their TTL and ages priorities
 EXPIRY_SWEEP_MS = 1_000
+PENDING_SENDS_KEPT_MS = 2 * 86_400_000  # a rate limit's window is a day at most
 
 
 def inbox_path(path: str) -> str:
@@ -163,6 +166,15 @@ CREATE TABLE IF NOT EXISTS batch_sends (
     sent_ms         INTEGER NOT NULL,
     batch_id        INTEGER NOT NULL,
     PRIMARY KEY (target, type, sent_ms, batch_id)
+) WITHOUT ROWID;
+-- sent batches whose users are not in batch_sends yet: they are added when the type's sends are
+-- next counted (sent_counts), which a fan-out of a rarely sent type never needs (throttle.py);
+-- a row per call instead of one per user, dropped once no rate-limit window reaches back to it
+CREATE TABLE IF NOT EXISTS batch_sends_pending (
+    type            TEXT NOT NULL,
+    sent_ms         INTEGER NOT NULL,
+    batch_id        INTEGER NOT NULL,
+    PRIMARY KEY (type, sent_ms, batch_id)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -455,6 +467,7 @@ class SqliteStore(TrackingMixin):
             if now_ms - self._swept_ms >= EXPIRY_SWEEP_MS:  # once a second, not in every lease
                 self._expire_due(db, now_ms)
                 self._age(db, now_ms, aging_ms)
+                db.execute("DELETE FROM batch_sends_pending WHERE sent_ms < ?", (now_ms - PENDING_SENDS_KEPT_MS,))
                 self._swept_ms = now_ms
             due = db.execute(f"SELECT rowid, message_id, status, expires_ms, priority, next_attempt_ms"
                              f" FROM recipients WHERE status IN {_DUE} AND next_attempt_ms <= ?"
@@ -637,13 +650,13 @@ class SqliteStore(TrackingMixin):
                 db.execute("INSERT OR IGNORE INTO dead_letters (message_id, created_ms) VALUES (?, ?)",
                            (item.message_id, now_ms))
             return 1
-        sent = [(seq, target) for seq, target in item.members if sends is None or target in sends]
-        if item.delivery.get("rate_limit"):  # rate limits count these sends (one statement: executemany was 2x slower)
-            db.execute("INSERT OR IGNORE INTO batch_sends (target, type, sent_ms, batch_id)"
-                       " SELECT value, ?, ?, ? FROM json_each(?)",
-                       (item.type, outcome.sent_ms, item.batch_id, json.dumps([target for _seq, target in sent])))
+        if item.delivery.get("rate_limit"):  # rate limits count these sends: see batch_sends_pending
+            db.execute("INSERT OR IGNORE INTO batch_sends_pending (type, sent_ms, batch_id) VALUES (?, ?, ?)",
+                       (item.type, outcome.sent_ms, item.batch_id))
         if "message.sent" in self.event_types:
-            for _seq, target in sent:
+            for _seq, target in item.members:
+                if sends is not None and target not in sends:  # refused: ended on its own
+                    continue
                 server_msg_id, client_msg_id, _time = (sends or {}).get(target, (None, None, None))
                 self._emit(db, "message.sent", recipient_data(
                     item.message_id, item.type, item.client, "user", target, server_msg_id=server_msg_id,
@@ -695,6 +708,8 @@ class SqliteStore(TrackingMixin):
             " AND r.sent_ms > ? AND r.kind = ? AND m.type = ? GROUP BY r.target", (wanted, since_ms, kind, type_))}
         if kind != "user":  # batches go to users only
             return counts
+        if self._read("SELECT 1 FROM batch_sends_pending WHERE type = ? LIMIT 1", (type_,)):
+            self._index_batch_sends(type_)
         for target, count, first in self._read(
                 "SELECT target, COUNT(*), MIN(sent_ms) FROM batch_sends"
                 " WHERE target IN (SELECT value FROM json_each(?)) AND type = ? AND sent_ms > ? GROUP BY target",
@@ -702,6 +717,17 @@ class SqliteStore(TrackingMixin):
             earlier_count, earlier_first = counts.get(target, (0, first))
             counts[target] = (earlier_count + count, min(earlier_first, first))
         return counts
+
+    def _index_batch_sends(self, type_: str) -> None:
+        """Add the users of the type's sent batches to batch_sends: those still with their batch
+        (a user refused by OpenIM, or settled by a callback since, has a row of its own)."""
+        with self._write_progress() as db:
+            db.execute("INSERT OR IGNORE INTO batch_sends (target, type, sent_ms, batch_id)"
+                       " SELECT r.target, p.type, p.sent_ms, p.batch_id FROM batch_sends_pending p"
+                       " JOIN batches b ON b.id = p.batch_id JOIN recipients r ON r.message_id = b.message_id"
+                       " AND r.seq BETWEEN b.first_seq AND b.last_seq AND r.status = 'batched' WHERE p.type = ?",
+                       (type_,))
+            db.execute("DELETE FROM batch_sends_pending WHERE type = ?", (type_,))
 
     def release(self, items: list[WorkItem], now_ms: int) -> int:
         with self._write_progress() as db:

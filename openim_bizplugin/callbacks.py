@@ -120,9 +120,13 @@ class CallbackEndpoint:
             return self.app(environ, start_response)
         token, _, command = path[len(PREFIX):].partition("/")
         # PATH_INFO holds the URL's bytes as latin-1 text: compared as bytes, in constant time
-        if not command or "/" in command or not hmac.compare_digest(token.encode("latin-1"), self.token):
+        given = token.encode("latin-1", "replace")
+        if not command or "/" in command or not hmac.compare_digest(given, self.token):
             return self.app(environ, start_response)  # the token is a secret: never echoed or logged
-        self.take(command, environ)
+        try:
+            self.take(command, environ)
+        except Exception:  # answering OpenIM matters more than this one event
+            log.exception("callback %s lost: unexpected error", command[:80], extra=_fields(command, None))
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", _CONTINUE_LENGTH)])
         return [_CONTINUE_BODY]
 

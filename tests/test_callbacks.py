@@ -192,6 +192,15 @@ def test_storage_failure_still_answers_continue(side):
     assert len(side.inbox()) == 1
 
 
+def test_an_unexpected_error_still_answers_continue(side, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr("openim_bizplugin.callbacks.take_callback", broken)
+    response = side.post("callbackAfterUserOnlineCommand", fixture_text("callbackAfterUserOnlineCommand").encode())
+    assert response.status_code == 200 and response.get_json() == CONTINUE
+    assert "callback callbackAfterUserOnlineCommand lost: unexpected error" in caplog.text
+
+
 def test_storage_failure_while_processing_leaves_the_callback_for_later(side):
     side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u1", 1, seq=9))
     with sqlite3.connect(side.store.path) as db:

@@ -31,7 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from werkzeug.exceptions import ClientDisconnected
-from werkzeug.wsgi import get_input_stream
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from . import metrics
 from .callback_handlers import HANDLERS, natural_key
@@ -54,8 +54,8 @@ def _fields(command: str, operation_id: str | None) -> dict[str, Any]:
 
 
 def take_callback(services: Services, command: str, body: bytes, operation_id: str | None,
-                  writer: InboxWriter | None = None) -> str:
-    """Store one callback for processing (through *writer*, bounded, when given); never raises.
+                  writer: InboxWriter) -> str:
+    """Store one callback for processing (through *writer*, bounded); never raises.
 
     ``stored``, ``duplicate`` (seen before), ``ignored`` (a command we do not
     handle), ``unparseable`` (not a JSON object) or ``failed`` (storage).
@@ -78,8 +78,7 @@ def take_callback(services: Services, command: str, body: bytes, operation_id: s
         return "unparseable"
     try:
         received_ms = int(services.clock() * 1000)
-        stored = (writer.record(services.store, command, key, text, received_ms) if writer
-                  else services.store.record_callback(command, key, text, received_ms))
+        stored = writer.record(services.store, command, key, text, received_ms)
     except StorageUnavailable as exc:
         log.error("callback %s (operationID %s) lost: %s", command, operation_id, exc,
                   extra=_fields(command, operation_id))
@@ -134,7 +133,7 @@ class CallbackEndpoint:
         """Read and store one callback; whatever happens, the caller answers "continue"."""
         operation_id = environ.get("HTTP_OPERATIONID")
         try:
-            body = read_body(get_input_stream(environ), _content_length(environ),
+            body = read_body(get_input_stream(environ), get_content_length(environ),
                              self.services.config.server.max_body_bytes)
         except PayloadTooLarge as exc:
             result = "too-large"
@@ -148,13 +147,6 @@ class CallbackEndpoint:
             result = take_callback(self.services, command, body, operation_id, self.writer)
         # commands we do not handle share one label: the command comes from the URL
         self.metrics.callback_received(command if command in HANDLERS else "other", result)
-
-
-def _content_length(environ: dict[str, Any]) -> int | None:
-    try:
-        return max(int(environ["CONTENT_LENGTH"]), 0)
-    except (KeyError, ValueError):
-        return None
 
 
 # -- Answering while storage stalls -------------------------------------------------

@@ -195,13 +195,7 @@ class RedisStore(RedisTrackingMixin):
             pipe.hmget(self._k(f"m:{message_id}"), _MESSAGE_FIELDS)
         stamped, *found = pipe.execute()
         messages = {mid: _message_fields(values) for mid, values in zip(message_ids, found)}
-        items = [_work_item(row, op, owner, messages) for row, op, ok in zip(rows, operation_ids, stamped) if ok]
-        # from now on some of these may be sent: the rate limit's bound counts them (messages_started)
-        pipe = self._redis.pipeline(transaction=False)
-        for item in {item.message_id: item for item in items}.values():
-            pipe.zadd(self._k(f"started:{item.type}"), {item.message_id: item.expires_ms}, nx=True)
-        pipe.execute()
-        return items
+        return [_work_item(row, op, owner, messages) for row, op, ok in zip(rows, operation_ids, stamped) if ok]
 
     @translated
     def complete(self, results: list[tuple[WorkItem, Outcome]], now_ms: int) -> int:

@@ -162,7 +162,17 @@ local function expire(member, f)
   end
 end
 
+-- from now on this member's message may be sent: the rate limit's bound counts it (messages_started)
+local started = {}
+local function mark_started(mid)
+  if started[mid] then return end
+  started[mid] = true
+  local m = redis.call('HMGET', P .. 'm:' .. mid, 'type', 'expires_ms')
+  redis.call('ZADD', P .. 'started:' .. m[1], 'NX', m[2], mid)
+end
+
 local function take(member, f, out)
+  mark_started(message_of(member))
   -- a member still 'sending' was leased by a worker that vanished: its attempt may have
   -- reached OpenIM, so the next one asks first (unless it never got its operationID)
   local unknown = f.check_operation_id

@@ -188,9 +188,9 @@ class SqliteFile:
         with self.write() as db:
             (found,) = db.execute("PRAGMA user_version").fetchone()
             if found < version:
-                for step in sorted(upgrades or {}):
+                for step, statements in sorted((upgrades or {}).items()):
                     if 0 < found < step:  # 0: a new file, whose tables the schema makes whole
-                        for statement in (upgrades or {})[step]:
+                        for statement in statements:
                             db.execute(statement)
                 for statement in _statements(schema):
                     db.execute(statement)

@@ -16,6 +16,8 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from .app import create_app
 from .config import Config
+from .openim import OpenIMError
+from .services import Services
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,16 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def fetch_admin_token(services: Services) -> None:
+    """Obtain OpenIM's admin token before delivering: a wrong secret or an unreachable OpenIM
+    shows in the log at start-up, and the first round does not wait for the token."""
+    try:
+        services.openim.admin_token()
+    except OpenIMError as exc:
+        log.warning("no OpenIM admin token yet, the workers keep trying: %s", exc,
+                    extra={"event": "openim.token_unavailable"})
 
 
 def serve(config: Config, *, host: str | None = None, port: int | None = None,
@@ -87,13 +99,12 @@ def run_workers(config: Config, announce: TextIO | None = None) -> int:
     No HTTP means no ``/metrics``: a worker's counters are not scraped (the
     queue depth is, from the shared store, by every ``serve``).
     """
-    from .services import Services
-
     services = Services.build(config)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     workers = max(config.delivery.workers, 1)
+    fetch_admin_token(services)
     freeze_startup_heap()
     services.start_background()
     log.info("delivering with %d workers", workers)

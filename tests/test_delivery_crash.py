@@ -228,6 +228,19 @@ def test_kill9_of_a_separate_worker_mid_run(tmp_path, fake):
     assert sum(n - 1 for n in repeated.values()) <= 2, f"notifications repeated: {repeated}"
 
 
+def test_a_worker_with_a_wrong_openim_secret_says_so_at_start_without_printing_it(tmp_path, fake):
+    tables = config_tables(tmp_path / "bizplugin.db")
+    tables["openim"].update(api_url=fake.url, secret="not-the-secret-4f9a")
+    config = write_tables(tmp_path / "config.toml", tables)
+    log_path = tmp_path / "worker.stderr.log"
+    with running_worker(config):
+        wait_until(lambda: "no OpenIM admin token yet" in log_path.read_text(), "the worker warns at start",
+                   lambda: log_path.read_text())
+    warning = next(line for line in log_path.read_text().splitlines() if "no OpenIM admin token yet" in line)
+    assert "WARNING" in warning and "not-the-secret-4f9a" not in log_path.read_text()
+    assert len(fake.calls_to("/auth/get_admin_token")) >= 1
+
+
 def test_openim_down_for_a_while_then_back_delivers_each_once(tmp_path, fake):
     users = [f"d{i}" for i in range(20)]
     fake.add_users(*users)

@@ -12,15 +12,16 @@ sends, so each may let a few too many through at the edge of a window.
 Nothing is counted per recipient while no more messages of the type than
 the limit allows can have been sent in the window (a message is sent only
 after a worker leased it and never after it expires): then no recipient can
-have reached it.
+have reached it. Such a round's recipients still take their slots in this
+process's approvals, but only once a later round of the type counts.
 """
 
 from __future__ import annotations
 
 import bisect
-import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from .catalog import RateLimit
@@ -39,6 +40,8 @@ class RecipientThrottle:
         self.store, self.clock = store, clock
         # this process's recent approvals: (kind, type) -> target -> when
         self._approved: dict[tuple[str, str], dict[str, list[int]]] = {}
+        # rounds let through without a count: (when, targets), added to _approved when next needed
+        self._uncounted: dict[tuple[str, str], deque[tuple[int, list[str]]]] = {}
         self._lock = threading.Lock()
         self._forget_above = FORGET_ABOVE
 
@@ -72,11 +75,11 @@ class RecipientThrottle:
             # process's approvals, so that a message leased while these are in flight counts them.
             since_ms = now_ms - window_ms - SEND_OVERRUN_MS
             if self.store.messages_started(type_, since_ms, limit.count + 1) <= limit.count:
-                sent, count = {}, sys.maxsize
-            else:  # one query per round and type, not one per recipient (a Redis round trip each)
-                sent = self.store.sent_counts(kind, list(dict.fromkeys(targets)), type_, now_ms - window_ms)
-                count = limit.count
-            for at, first_ms in self._refused(kind, type_, targets, sent, count, now_ms, window_ms):
+                self._let_through(kind, type_, targets, now_ms, window_ms)
+                continue
+            # one query per round and type, not one per recipient (a Redis round trip each)
+            sent = self.store.sent_counts(kind, list(dict.fromkeys(targets)), type_, now_ms - window_ms)
+            for at, first_ms in self._refused(kind, type_, targets, sent, limit.count, now_ms, window_ms):
                 k = bisect.bisect_right(starts, at) - 1
                 item = group[k]
                 if item.members is None:
@@ -105,6 +108,15 @@ class RecipientThrottle:
                 send_now.append(item)
         return send_now
 
+    def _let_through(self, kind: str, type_: str, targets: list[str], now_ms: int, window_ms: int) -> None:
+        """*targets* take their slots without a count: kept as one entry, not one per recipient,
+        until a round of the type counts (:meth:`_refused`); dropped once their window passed."""
+        with self._lock:
+            rounds = self._uncounted.setdefault((kind, type_), deque())
+            while rounds and rounds[0][0] <= now_ms - window_ms:
+                rounds.popleft()
+            rounds.append((now_ms, targets))
+
     def _refused(self, kind: str, type_: str, targets: list[str], sent: dict[str, tuple[int, int]],
                  count: int, now_ms: int, window_ms: int) -> list[tuple[int, int | None]]:
         """Take a slot in the window for each of *targets* unless the sends recorded, or this
@@ -115,6 +127,10 @@ class RecipientThrottle:
         no_sends = (0, None)
         with self._lock:  # once per group: the approvals are shared by this process's threads
             approved = self._approved.setdefault((kind, type_), {})
+            for when, earlier in self._uncounted.pop((kind, type_), ()):
+                if when > cutoff:
+                    for target in earlier:
+                        approved.setdefault(target, []).append(when)
             for at, target in enumerate(targets):
                 recent = approved.get(target)  # oldest first (threads may swap neighbours by a few ms)
                 if recent is None:

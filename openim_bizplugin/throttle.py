@@ -13,7 +13,10 @@ Nothing is counted per recipient while no more messages of the type than
 the limit allows can have been sent in the window (a message is sent only
 after a worker leased it and never after it expires): then no recipient can
 have reached it. Such a round's recipients still take their slots in this
-process's approvals, but only once a later round of the type counts.
+process's approvals, but only once a later round of the type counts. And
+the store's sends are not counted while no other process held a lease on a
+message of the type since the window began: then every send in it was let
+through by this process, and its approvals hold them all.
 """
 
 from __future__ import annotations
@@ -77,8 +80,11 @@ class RecipientThrottle:
             if self.store.messages_started(type_, since_ms, limit.count + 1) <= limit.count:
                 self._let_through(kind, type_, targets, now_ms, window_ms)
                 continue
-            # one query per round and type, not one per recipient (a Redis round trip each)
-            sent = self.store.sent_counts(kind, list(dict.fromkeys(targets)), type_, now_ms - window_ms)
+            if self.store.leased_elsewhere(type_, group[0].lease_owner, since_ms):
+                # one query per round and type, not one per recipient (a Redis round trip each)
+                sent = self.store.sent_counts(kind, list(dict.fromkeys(targets)), type_, now_ms - window_ms)
+            else:  # each send of the type in the window was let through here: the approvals have them all
+                sent = {}
             for at, first_ms in self._refused(kind, type_, targets, sent, limit.count, now_ms, window_ms):
                 k = bisect.bisect_right(starts, at) - 1
                 item = group[k]
@@ -120,7 +126,8 @@ class RecipientThrottle:
     def _refused(self, kind: str, type_: str, targets: list[str], sent: dict[str, tuple[int, int]],
                  count: int, now_ms: int, window_ms: int) -> list[tuple[int, int | None]]:
         """Take a slot in the window for each of *targets* unless the sends recorded, or this
-        process's approvals, fill it; returns the indexes refused, with their first recorded send.
+        process's approvals, fill it; returns the indexes refused, with the first send or approval
+        that fills their window.
         Runs per recipient in a round: kept to plain loops (bench_delivery, custom mode)."""
         cutoff = now_ms - window_ms
         refused = []
@@ -139,7 +146,9 @@ class RecipientThrottle:
                     recent = approved[target] = [t for t in recent if t > cutoff]
                 sent_count, first_ms = sent.get(target, no_sends)
                 if sent_count >= count or len(recent) >= count:
-                    refused.append((at, first_ms))
+                    # the window has room again once the first send, or approval, that fills it left it
+                    oldest = recent[0] if len(recent) >= count else None
+                    refused.append((at, max((t for t in (first_ms, oldest) if t is not None), default=None)))
                 else:
                     recent.append(now_ms)
             if len(approved) > self._forget_above:  # forget windows that have passed

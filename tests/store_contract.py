@@ -280,6 +280,22 @@ class StoreContract:
         assert store.messages_started("order.status_changed", T0, 10) == 1
         assert store.messages_started("app.upgrade_available", 0, 10) == 0
 
+    def test_leased_elsewhere_names_leases_of_the_type_by_other_owners_until_they_end(self, store):
+        store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
+        store.accept(dataclasses.replace(new("m2", "u3"), type="order.status_changed"), None, retention_ms=0)
+        assert not store.leased_elsewhere("profile.updated", "w2", 0)  # nothing leased: nobody sent it
+        mine = [i for i in self.lease(store, T0, limit=1, lease_ms=1_000, owner="w1")]
+        assert [i.message_id for i in mine] == ["m1"]
+        assert store.leased_elsewhere("profile.updated", "w2", T0 + 999)
+        assert not store.leased_elsewhere("profile.updated", "w2", T0 + 1_000)  # that lease had ended
+        assert not store.leased_elsewhere("profile.updated", "w1", T0)  # its own leases
+        assert not store.leased_elsewhere("order.status_changed", "w2", T0)  # another type
+        assert store.renew(mine, T0 + 900, 1_000) == mine  # a renewal holds it longer
+        assert store.leased_elsewhere("profile.updated", "w2", T0 + 1_899)
+        self.lease(store, T0 + 2_000, lease_ms=1_000, owner="w2")  # later leases of another owner add up
+        assert store.leased_elsewhere("profile.updated", "w1", T0 + 2_999)
+        assert store.leased_elsewhere("order.status_changed", "w1", T0 + 2_999)
+
     def test_release_gives_untried_work_back_due_at_once(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
         a, b = self.lease(store, lease_ms=10_000)

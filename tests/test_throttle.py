@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO
 from test_delivery import USERS, Sidecar
+from openim_bizplugin.store.base import Outcome
 from openim_bizplugin.testing import FakeOpenIM
 
 
@@ -157,4 +158,39 @@ def test_fan_outs_leased_by_parallel_threads_share_the_window(tmp_path, fake, cl
     allowed = [throttle.apply(lease, lambda item, outcome: outcomes.append(outcome)) for lease in leases]
     assert [[len(item.members) for item in a] for a in allowed] == [[2], [2], []]  # 2 per hour
     assert [o.status for o in outcomes] == ["throttled", "throttled", "skipped"]  # the third batch emptied
+    side.services.close()
+
+
+def test_sends_by_another_process_count_against_this_ones_rounds(tmp_path, fake, clock):
+    side = _sidecar(tmp_path, fake, clock, "drop")
+    for i in range(2):
+        side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}")
+    now_ms = int(clock() * 1000)
+    # another worker process (a replica, or this one before a restart) sent both: this process's
+    # approvals never saw them, only the store did
+    elsewhere = side.store.lease(now_ms, 10, 10_000, "other-process", lambda hint: f"o-{hint}")
+    assert side.store.complete([(item, Outcome.sent("s", "c", now_ms)) for item in elsewhere], now_ms) == 2
+    third = side.send(to={"users": ["u1"]}, idempotency_key="k2")
+    side.engine.step()
+    assert _statuses(side, [third]) == ["throttled"]
+    assert len(fake.deliveries_to(user="u1")) == 0  # the other process's sends never reached this fake
+    side.services.close()
+
+
+def test_a_delayed_recipient_goes_when_its_window_has_room_not_a_whole_window_later(tmp_path, clock):
+    with FakeOpenIM(users=USERS, clock=clock) as fake:  # OpenIM's sendTime on the same clock
+        _delayed_until_the_window_has_room(_sidecar(tmp_path, fake, clock, "delay"), clock)
+
+
+def _delayed_until_the_window_has_room(side, clock):
+    first = [side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}") for i in range(2)]
+    sent_first = clock.now
+    side.engine.step()
+    clock.now += 1800  # half an hour later, a third: 2/hour is full until an hour after the first two
+    third = side.send(to={"users": ["u1"]}, idempotency_key="k2")
+    side.engine.step()
+    assert _statuses(side, first + [third]) == ["sent", "sent", "queued"]
+    side.drain()  # moves the clock to the third's due time, and sends it
+    assert _statuses(side, [third]) == ["sent"]
+    assert clock.now - sent_first == pytest.approx(3600, abs=1)
     side.services.close()

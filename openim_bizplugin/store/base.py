@@ -354,6 +354,10 @@ class Store(Protocol):
         *since_ms*, counted up to *at_most*: the messages that may have been sent to anyone
         since then (none is sent before its lease or after its expiry), a rate limit's bound."""
 
+    def leased_elsewhere(self, type_: str, owner: str, since_ms: int) -> bool:
+        """Whether a worker process other than *owner* held a lease on a message of *type_*
+        after *since_ms* (renewals included): whether anyone else may have sent the type since."""
+
     def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:
         """How many messages of *type_* were sent to each of *targets* since *since_ms*, and
         when the first of them was (one query for a whole round; targets with none are left out)."""

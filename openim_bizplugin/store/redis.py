@@ -21,6 +21,7 @@ integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
     collapse:<client>:<key>  zset  message ids with that collapse key, by expires_ms
     sent:<kind>:<n>:<target>:<type>  zset  sent members by sent_ms (per-type rate limits)
     started:<type>     zset    ids of the leased messages of that type by expires_ms (pruned a day after)
+    leases:<type>      hash    lease owner -> when its last lease on a message of that type ends
     dead               zset    message ids with failed recipients, by first failure ms
     recent             list    the newest 1,000 message ids, newest first (the operator page)
     failed:<mid>       set     seqs of the failed recipients of a dead letter
@@ -233,6 +234,15 @@ class RedisStore(RedisTrackingMixin):
         pipe.zremrangebyscore(key, "-inf", since_ms - STARTED_KEPT_MS)  # no window reaches back that far
         pipe.zcount(key, f"({since_ms}", "+inf")
         return min(pipe.execute()[1], at_most)
+
+    @translated
+    def leased_elsewhere(self, type_: str, owner: str, since_ms: int) -> bool:
+        key = self._k(f"leases:{type_}")
+        leases = {who: int(until) for who, until in self._redis.hgetall(key).items()}
+        gone = [who for who, until in leases.items() if until < since_ms - STARTED_KEPT_MS]
+        if gone:  # no window reaches back that far
+            self._redis.hdel(key, *gone)
+        return any(until > since_ms for who, until in leases.items() if who != owner)
 
     @translated
     def sent_counts(self, kind: str, targets: list[str], type_: str, since_ms: int) -> dict[str, tuple[int, int]]:

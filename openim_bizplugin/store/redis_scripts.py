@@ -51,6 +51,13 @@ local function set_or_clear(key, field, value)
   if blank(value) then redis.call('HDEL', key, field) else redis.call('HSET', key, field, value) end
 end
 
+-- owner held a lease on a message of type_ until until_ms (leases:<type>, leased_elsewhere)
+local function note_lease(type_, owner, until_ms)
+  local key = P .. 'leases:' .. type_
+  local known = tonumber(redis.call('HGET', key, owner) or 0)
+  if known < until_ms then redis.call('HSET', key, owner, until_ms) end
+end
+
 local function wants(type_) return string.find(EVENTS, ',' .. type_ .. ',', 1, true) ~= nil end
 
 -- one subscriber event; seq from a counter, the stream entry id is '<seq>-0'
@@ -162,13 +169,15 @@ local function expire(member, f)
   end
 end
 
--- from now on this member's message may be sent: the rate limit's bound counts it (messages_started)
-local started = {}
+-- from now on this member's message may be sent: the rate limit's bounds count it (messages_started,
+-- and leases:<type> for leased_elsewhere, written once per type below)
+local started, leased_types = {}, {}
 local function mark_started(mid)
   if started[mid] then return end
   started[mid] = true
   local m = redis.call('HMGET', P .. 'm:' .. mid, 'type', 'expires_ms')
   redis.call('ZADD', P .. 'started:' .. m[1], 'NX', m[2], mid)
+  leased_types[m[1]] = true
 end
 
 local function take(member, f, out)
@@ -225,6 +234,7 @@ for rank = 0, bands - 1 do
     if expired == 0 then break end
   end
 end
+for type_ in pairs(leased_types) do note_lease(type_, owner, now + lease_ms) end
 return out
 """
 
@@ -305,6 +315,7 @@ for i = 6, #ARGV, 3 do
   if f[1] == 'sending' and f[2] == ARGV[i + 1] and f[3] == ARGV[i + 2] then
     redis.call('HSET', key, 'next_attempt_ms', until_ms)
     schedule(ARGV[i], f[4], until_ms)
+    note_lease(redis.call('HGET', P .. 'm:' .. message_of(ARGV[i]), 'type'), f[3], until_ms)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

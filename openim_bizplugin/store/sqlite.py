@@ -28,11 +28,21 @@ from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecip
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
 
-SCHEMA_VERSION = 5  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending
+SCHEMA_VERSION = 6  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases
+_TYPE_LEASES = """
+CREATE TABLE IF NOT EXISTS type_leases (
+    type            TEXT NOT NULL,
+    owner           TEXT NOT NULL,
+    until_ms        INTEGER NOT NULL,
+    PRIMARY KEY (type, owner)
+) WITHOUT ROWID"""
 # what an older file needs before the schema's IF NOT EXISTS statements run; its messages may
-# have been sent already, so the rate limit's bound counts them as leased
+# have been sent already, so the rate limit's bounds count them as leased (by some other process,
+# until they expire)
 _UPGRADES = {4: ["ALTER TABLE messages ADD COLUMN started_ms INTEGER", "UPDATE messages SET started_ms = created_ms",
-                 "DROP INDEX IF EXISTS messages_alive"]}
+                 "DROP INDEX IF EXISTS messages_alive"],
+             6: [_TYPE_LEASES, "INSERT INTO type_leases (type, owner, until_ms) SELECT type, '(before the upgrade)',"
+                               " MAX(expires_ms) FROM messages WHERE started_ms IS NOT NULL GROUP BY type"]}
 MAX_BATCH = 500  # delivery.batch_size's default
 # how often a lease also sweeps the queue for recipients past their TTL and ages priorities
 EXPIRY_SWEEP_MS = 1_000
@@ -176,6 +186,11 @@ CREATE TABLE IF NOT EXISTS batch_sends_pending (
     batch_id        INTEGER NOT NULL,
     PRIMARY KEY (type, sent_ms, batch_id)
 ) WITHOUT ROWID;
+
+-- which worker processes (lease owners) held leases on messages of each type, and until when
+-- (renewals included): while no other process did, this one's own approvals say how many messages
+-- of a rate-limited type each recipient got, and the round counts nothing (throttle.py)
+""" + _TYPE_LEASES + """;
 
 CREATE TABLE IF NOT EXISTS dead_letters (
     message_id      TEXT PRIMARY KEY REFERENCES messages (id),
@@ -468,6 +483,7 @@ class SqliteStore(TrackingMixin):
                 self._expire_due(db, now_ms)
                 self._age(db, now_ms, aging_ms)
                 db.execute("DELETE FROM batch_sends_pending WHERE sent_ms < ?", (now_ms - PENDING_SENDS_KEPT_MS,))
+                db.execute("DELETE FROM type_leases WHERE until_ms < ?", (now_ms - PENDING_SENDS_KEPT_MS,))
                 self._swept_ms = now_ms
             due = db.execute(f"SELECT rowid, message_id, status, expires_ms, priority, next_attempt_ms"
                              f" FROM recipients WHERE status IN {_DUE} AND next_attempt_ms <= ?"
@@ -507,10 +523,18 @@ class SqliteStore(TrackingMixin):
                                          now_ms + lease_ms, f"{new_operation_id(message_id)}-{first_seq}")
                 if item is not None:
                     items.append(item)
-            # from now on some of these may be sent: the rate limit's bound counts them (messages_started)
+            # from now on some of these may be sent: the rate limit's bounds count them (messages_started,
+            # leased_elsewhere)
             db.executemany("UPDATE messages SET started_ms = ? WHERE id = ? AND started_ms IS NULL",
                            [(now_ms, message_id) for message_id in dict.fromkeys(i.message_id for i in items)])
+            self._note_leases(db, items, owner, now_ms + lease_ms)
         return items
+
+    @staticmethod
+    def _note_leases(db: sqlite3.Connection, items: list[WorkItem], owner: str, until_ms: int) -> None:
+        db.executemany("INSERT INTO type_leases (type, owner, until_ms) VALUES (?, ?, ?) ON CONFLICT (type, owner)"
+                       " DO UPDATE SET until_ms = max(until_ms, excluded.until_ms)",
+                       [(type_, owner, until_ms) for type_ in dict.fromkeys(i.type for i in items)])
 
     @staticmethod
     def _age(db: sqlite3.Connection, now_ms: int, aging_ms: int) -> None:
@@ -691,7 +715,13 @@ class SqliteStore(TrackingMixin):
                                           item.lease_owner))
                 if renewed.rowcount:
                     held.append(item)
+            for owner in dict.fromkeys(i.lease_owner for i in held):
+                self._note_leases(db, [i for i in held if i.lease_owner == owner], owner, now_ms + lease_ms)
         return held
+
+    def leased_elsewhere(self, type_: str, owner: str, since_ms: int) -> bool:
+        return bool(self._read("SELECT 1 FROM type_leases WHERE type = ? AND owner != ? AND until_ms > ? LIMIT 1",
+                               (type_, owner, since_ms)))
 
     def messages_started(self, type_: str, since_ms: int, at_most: int) -> int:
         rows = self._read("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE type = ? AND expires_ms > ?"

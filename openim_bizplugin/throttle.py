@@ -15,8 +15,9 @@ after a worker leased it and never after it expires): then no recipient can
 have reached it. Such a round's recipients still take their slots in this
 process's approvals, but only once a later round of the type counts. And
 the store's sends are not counted while no other process held a lease on a
-message of the type since the window began: then every send in it was let
-through by this process, and its approvals hold them all.
+message of the type since the window began, and this one sent none of it
+without a limit (accepted before the type had one): then every send in it
+was let through here, and the approvals hold them all.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class RecipientThrottle:
         self._approved: dict[tuple[str, str], dict[str, list[int]]] = {}
         # rounds let through without a count: (when, targets), added to _approved when next needed
         self._uncounted: dict[tuple[str, str], deque[tuple[int, list[str]]]] = {}
+        # type -> when this process last let through messages of it that had no limit (not approved)
+        self._unlimited: dict[str, int] = {}
         self._lock = threading.Lock()
         self._forget_above = FORGET_ABOVE
 
@@ -56,9 +59,14 @@ class RecipientThrottle:
         """
         now_ms = int(self.clock() * 1000)
         limited: dict[tuple[str, str, str], list[WorkItem]] = {}  # (kind, type, rate) -> items
+        unlimited = set()
         for item in items:
             if text := item.delivery.get("rate_limit"):
                 limited.setdefault((item.kind, item.type, text), []).append(item)
+            else:
+                unlimited.add(item.type)
+        if unlimited:  # accepted before the type had a limit: a later limit counts them (from the store)
+            self._unlimited.update(dict.fromkeys(unlimited, now_ms))
         held_back: set[int] = set()
         split: dict[int, set[int]] = {}  # id(batch) -> indexes of its members held back
         for (kind, type_, text), group in limited.items():
@@ -80,7 +88,8 @@ class RecipientThrottle:
             if self.store.messages_started(type_, since_ms, limit.count + 1) <= limit.count:
                 self._let_through(kind, type_, targets, now_ms, window_ms)
                 continue
-            if self.store.leased_elsewhere(type_, group[0].lease_owner, since_ms):
+            if (self._unlimited.get(type_, since_ms) > since_ms
+                    or self.store.leased_elsewhere(type_, group[0].lease_owner, since_ms)):
                 # one query per round and type, not one per recipient (a Redis round trip each)
                 sent = self.store.sent_counts(kind, list(dict.fromkeys(targets)), type_, now_ms - window_ms)
             else:  # each send of the type in the window was let through here: the approvals have them all

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO
 from test_delivery import USERS, Sidecar
+from openim_bizplugin.catalog import Catalog
 from openim_bizplugin.store.base import Outcome
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -193,4 +194,24 @@ def _delayed_until_the_window_has_room(side, clock):
     side.drain()  # moves the clock to the third's due time, and sends it
     assert _statuses(side, [third]) == ["sent"]
     assert clock.now - sent_first == pytest.approx(3600, abs=1)
+    side.services.close()
+
+
+def test_a_newly_set_limit_counts_what_this_process_sent_before_it(tmp_path, fake, clock):
+    """intake restarted with the limit while this worker kept running (it had sent the earlier ones)"""
+    side = _sidecar(tmp_path, fake, clock, "drop")
+    limited = side.services.catalog
+    unlimited_dir = tmp_path / "unlimited"
+    shutil.copytree(tmp_path / "schemas", unlimited_dir)
+    toml = unlimited_dir / "profile.updated" / "type.toml"
+    toml.write_text(re.sub(r'(?m)^rate_limit = .*$', "", toml.read_text()))
+    side.services.catalog = Catalog.load(unlimited_dir)
+    before = [side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}") for i in range(2)]
+    side.engine.step()
+    assert _statuses(side, before) == ["sent", "sent"]
+    side.services.catalog = limited  # 2/hour from now on
+    third = side.send(to={"users": ["u1"]}, idempotency_key="k2")
+    side.engine.step()
+    assert _statuses(side, [third]) == ["throttled"]
+    assert len(fake.deliveries_to(user="u1")) == 2
     side.services.close()

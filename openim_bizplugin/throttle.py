@@ -44,8 +44,10 @@ class RecipientThrottle:
         self.store, self.clock = store, clock
         # this process's recent approvals: (kind, type) -> target -> when
         self._approved: dict[tuple[str, str], dict[str, list[int]]] = {}
-        # rounds let through without a count: (when, targets), added to _approved when next needed
-        self._uncounted: dict[tuple[str, str], deque[tuple[int, list[str]]]] = {}
+        # rounds let through without a count: (when, their targets joined by newlines: ids hold no
+        # control characters), added to _approved when next needed. One string per round, not an
+        # object per recipient kept for the whole window (~60 bytes each: bench_delivery's memory)
+        self._uncounted: dict[tuple[str, str], deque[tuple[int, str]]] = {}
         # type -> when this process last let through messages of it that had no limit (not approved)
         self._unlimited: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -130,7 +132,7 @@ class RecipientThrottle:
             rounds = self._uncounted.setdefault((kind, type_), deque())
             while rounds and rounds[0][0] <= now_ms - window_ms:
                 rounds.popleft()
-            rounds.append((now_ms, targets))
+            rounds.append((now_ms, "\n".join(targets)))
 
     def _refused(self, kind: str, type_: str, targets: list[str], sent: dict[str, tuple[int, int]],
                  count: int, now_ms: int, window_ms: int) -> list[tuple[int, int | None]]:
@@ -145,7 +147,7 @@ class RecipientThrottle:
             approved = self._approved.setdefault((kind, type_), {})
             for when, earlier in self._uncounted.pop((kind, type_), ()):
                 if when > cutoff:
-                    for target in earlier:
+                    for target in earlier.split("\n"):
                         approved.setdefault(target, []).append(when)
             for at, target in enumerate(targets):
                 recent = approved.get(target)  # oldest first (threads may swap neighbours by a few ms)

@@ -228,6 +228,27 @@ def test_pending_fan_out_sends_are_dropped_once_no_rate_limit_window_reaches_the
     assert store._read("SELECT * FROM batch_sends_pending") == []
 
 
+def test_a_batch_whose_users_left_it_is_leased_with_those_still_in_it(tmp_path):
+    store = SqliteStore(tmp_path / "x.db", batch_size=3)
+    store.accept(_fan_out(1, 6), None, retention_ms=0)
+    store.accept(_fan_out(2, 3), None, retention_ms=0)
+    [batch] = store.lease(1_000_010, 3, 10_000, "w", lambda mid: "op")
+    # u1 is refused by OpenIM and retried on its own; the rest of the batch was sent
+    store.complete([(batch.member(1, "u1"), Outcome.retry("refused", 1_000_020)),
+                    (batch, Outcome.sent_batch({"u0": ("s0", "c0", 1), "u2": ("s2", "c2", 1)}, 1_000_011))],
+                   1_000_011)
+    with store._write() as db:  # as a batch accepted before its users were listed (schema 7)
+        db.execute("DELETE FROM batch_targets WHERE batch_id IN (SELECT id FROM batches WHERE message_id = ?)",
+                   (_fan_out(2, 3).id,))
+    with store._write() as db:  # two users of the second batch of message 1 left it: acknowledged early
+        db.execute("UPDATE recipients SET status = 'sent' WHERE message_id = ? AND seq IN (3, 5)",
+                   (_fan_out(1, 6).id,))
+    leased = store.lease(1_000_030, 10, 10_000, "w", lambda mid: "op2")
+    first, second = _fan_out(1, 6).id, _fan_out(2, 3).id
+    assert {(i.message_id, i.target, tuple(i.members or ())) for i in leased} == {
+        (first, "u1", ()), (first, "u4", ((4, "u4"),)), (second, "u0", ((0, "u0"), (1, "u1"), (2, "u2")))}
+
+
 def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
     path = tmp_path / "old.db"
     version_1 = _SCHEMA.split("CREATE TABLE IF NOT EXISTS batches")[0]  # no batches, no messages.started_ms
@@ -251,7 +272,7 @@ def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
     assert [i.size for i in store.lease(1_000_010, 10, 1_000, "w", lambda mid: "op")] == [3]
     assert store.messages_started(_fan_out(1, 3).type, 0, 10) == 2
     with store._db.borrow() as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "messages_started" in indexes and "messages_alive" not in indexes
 

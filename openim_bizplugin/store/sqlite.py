@@ -28,7 +28,8 @@ from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecip
 from .sqlite_file import SqliteFile
 from .sqlite_tracking import TrackingMixin, recipient_data
 
-SCHEMA_VERSION = 6  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases
+SCHEMA_VERSION = 7  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases;
+# 7: batch_targets and batches.departed
 _TYPE_LEASES = """
 CREATE TABLE IF NOT EXISTS type_leases (
     type            TEXT NOT NULL,
@@ -42,7 +43,9 @@ CREATE TABLE IF NOT EXISTS type_leases (
 _UPGRADES = {4: ["ALTER TABLE messages ADD COLUMN started_ms INTEGER", "UPDATE messages SET started_ms = created_ms",
                  "DROP INDEX IF EXISTS messages_alive"],
              6: [_TYPE_LEASES, "INSERT INTO type_leases (type, owner, until_ms) SELECT type, '(before the upgrade)',"
-                               " MAX(expires_ms) FROM messages WHERE started_ms IS NOT NULL GROUP BY type"]}
+                               " MAX(expires_ms) FROM messages WHERE started_ms IS NOT NULL GROUP BY type"],
+             # older batches have no list of users: leasing one reads its recipient rows, as before
+             7: ["ALTER TABLE batches ADD COLUMN departed INTEGER NOT NULL DEFAULT 0"]}
 MAX_BATCH = 500  # delivery.batch_size's default
 # how often a lease also sweeps the queue for recipients past their TTL and ages priorities
 EXPIRY_SWEEP_MS = 1_000
@@ -149,11 +152,28 @@ CREATE TABLE IF NOT EXISTS batches (
     reason          TEXT,
     -- OpenIM's answer once sent: {"<user>": [serverMsgID, clientMsgID, sendTime], ...}
     results         TEXT,
-    sent_ms         INTEGER
+    sent_ms         INTEGER,
+    -- how many of its users left it (recipients_left_batch): while none has, a lease takes the
+    -- list in batch_targets instead of reading a recipient row per user (~0.8 us each)
+    departed        INTEGER NOT NULL DEFAULT 0
+);
+-- a batch's users as accepted (a JSON array, seqs first_seq..last_seq), written once: apart from
+-- batches, whose row every lease and outcome rewrites (batches of older files have none)
+CREATE TABLE IF NOT EXISTS batch_targets (
+    batch_id        INTEGER PRIMARY KEY,
+    targets         TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_due ON batches (priority, next_attempt_ms, expires_ms)
     WHERE status IN ('queued', 'sending');
 CREATE INDEX IF NOT EXISTS batches_message ON batches (message_id, first_seq);
+-- no recipient row goes back to 'batched': this counts every user that left its batch, whatever
+-- the path (refused, expired, acknowledged, confirmed by a callback, replaced by a collapse key)
+CREATE TRIGGER IF NOT EXISTS recipients_left_batch AFTER UPDATE OF status ON recipients
+    WHEN OLD.status = 'batched' AND NEW.status != 'batched'
+BEGIN
+    UPDATE batches SET departed = departed + 1
+    WHERE message_id = NEW.message_id AND first_seq <= NEW.seq AND last_seq >= NEW.seq;
+END;
 -- receipts and callbacks of batched users name a message and a user: without this, each
 -- receipt read every row of its message (2.6 ms for one of 10,000 users)
 CREATE INDEX IF NOT EXISTS recipients_target ON recipients (message_id, target);
@@ -285,7 +305,7 @@ _QUEUES = (("recipients", _DUE), ("batches", _BATCH_DUE))  # each table with wor
 _LEASE_BATCH_SQL = (
     "UPDATE batches SET status = 'sending', lease_owner = ?, next_attempt_ms = ?, attempts = attempts + 1,"
     " check_operation_id = CASE status WHEN 'sending' THEN operation_id ELSE check_operation_id END,"
-    " operation_id = ? WHERE id = ? RETURNING attempts, operation_id, check_operation_id")
+    " operation_id = ? WHERE id = ? RETURNING attempts, operation_id, check_operation_id, departed")
 
 
 # OpenIM's answers to a batch: up to 1,000 flat entries, encoded without the circular-reference
@@ -421,11 +441,13 @@ class SqliteStore(TrackingMixin):
         )
         if batched:
             count, size = len(m.targets), self.batch_size
-            db.executemany(
-                "INSERT INTO batches (message_id, first_seq, last_seq, status, priority, next_attempt_ms,"
-                " expires_ms) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                [(m.id, first, min(first + size, count) - 1, rank, m.created_ms, m.expires_ms)
-                 for first in range(0, count, size)])
+            for first in range(0, count, size):
+                batch_id = db.execute(
+                    "INSERT INTO batches (message_id, first_seq, last_seq, status, priority, next_attempt_ms,"
+                    " expires_ms) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+                    (m.id, first, min(first + size, count) - 1, rank, m.created_ms, m.expires_ms)).lastrowid
+                db.execute("INSERT INTO batch_targets (batch_id, targets) VALUES (?, ?)", (batch_id, json.dumps(
+                    m.targets[first:first + size], ensure_ascii=False, separators=(",", ":"))))
 
     @staticmethod
     def _collapse(db: sqlite3.Connection, m: NewMessage) -> None:
@@ -553,13 +575,18 @@ class SqliteStore(TrackingMixin):
     def _lease_batch(db: sqlite3.Connection, batch_id: int, message_id: str, first_seq: int, last_seq: int,
                      message: tuple, owner: str, until_ms: int, operation_id: str) -> WorkItem | None:
         """Lease one batch: its row, and the users of it still waiting with it."""
-        members = db.execute("SELECT seq, target FROM recipients WHERE message_id = ? AND seq BETWEEN ? AND ?"
-                             " AND status = 'batched' ORDER BY seq", (message_id, first_seq, last_seq)).fetchall()
+        attempts, operation_id, check_operation_id, departed = db.execute(_LEASE_BATCH_SQL, (
+            owner, until_ms, operation_id, batch_id)).fetchone()
+        listed = None if departed else db.execute("SELECT targets FROM batch_targets WHERE batch_id = ?",
+                                                  (batch_id,)).fetchone()
+        if listed is not None:
+            members = list(zip(range(first_seq, last_seq + 1), json.loads(listed[0])))
+        else:
+            members = db.execute("SELECT seq, target FROM recipients WHERE message_id = ? AND seq BETWEEN ? AND ?"
+                                 " AND status = 'batched' ORDER BY seq", (message_id, first_seq, last_seq)).fetchall()
         if not members:  # every user of it ended on their own (acknowledged early, say)
             db.execute("UPDATE batches SET status = 'done', lease_owner = NULL WHERE id = ?", (batch_id,))
             return None
-        attempts, operation_id, check_operation_id = db.execute(_LEASE_BATCH_SQL, (
-            owner, until_ms, operation_id, batch_id)).fetchone()
         client, type_, version, mode, priority, offline, envelope, delivery, expires_ms = message
         return WorkItem(
             message_id=message_id, seq=members[0][0], kind="user", target=members[0][1], attempts=attempts,

@@ -7,6 +7,7 @@ writers in other processes wait instead of failing ("database is locked").
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,9 @@ from ..errors import StorageBusy, StorageUnavailable
 
 BUSY_TIMEOUT_MS = 30_000
 IDLE_CONNECTIONS = 8
+
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN ", re.IGNORECASE)
 
 
 def _statements(script: str) -> list[str]:
@@ -184,13 +188,19 @@ class SqliteFile:
     def migrate(self, schema: str, version: int, upgrades: dict[int, list[str]] | None = None) -> None:
         """Create the tables of *schema* in a new file, add the new ones to an older file
         (every statement says IF NOT EXISTS); refuse a newer file. An older file first gets
-        the *upgrades* of each version after its own (what IF NOT EXISTS cannot say: columns)."""
+        the *upgrades* of each version after its own (what IF NOT EXISTS cannot say: columns).
+        A column added to a table the file does not have yet is skipped: the schema makes the
+        table whole."""
         with self.write() as db:
             (found,) = db.execute("PRAGMA user_version").fetchone()
             if found < version:
                 for step, statements in sorted((upgrades or {}).items()):
                     if 0 < found < step:  # 0: a new file, whose tables the schema makes whole
                         for statement in statements:
+                            altered = _ADD_COLUMN.match(statement)
+                            if altered and not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                                          " AND name = ?", (altered[1],)).fetchone():
+                                continue
                             db.execute(statement)
                 for statement in _statements(schema):
                     db.execute(statement)

@@ -178,16 +178,16 @@ class Sender:
             for item in items:
                 self._record(results, item, decide(item, error))
             return
-        sent, now_ms = batch.sent, self._now_ms()
+        sent_to, now_ms = batch.sent_to, self._now_ms()
         if first.members is None:
-            refused = [i for i in items if i.target not in sent]
+            refused = [i for i in items if i.target not in sent_to]
             for item in items:
-                if item.target in sent:
-                    server_msg_id, client_msg_id, send_time = sent[item.target]
+                if item.target in sent_to:
+                    server_msg_id, client_msg_id, send_time = batch.sent[item.target]
                     results.append((item, Outcome.sent(server_msg_id, client_msg_id, send_time or now_ms)))
-        else:
-            refused = [first.member(seq, user) for seq, user in first.members if user not in sent]
-            results.append((first, Outcome.sent_batch(sent, now_ms)))
+        else:  # one outcome for the batch, with OpenIM's answer as it came (the store keeps it)
+            refused = [first.member(seq, user) for seq, user in first.members if user not in sent_to]
+            results.append((first, Outcome.sent_batch(batch.answer, sent_to, now_ms)))
         # one log line per batch call (a line per user cost ~15 us each); refusals are logged one by one
         log.info("message %s: batch_send_msg to %d users: %d sent, %d refused (operationID %s, attempt %d)",
                  first.message_id, len(users), len(users) - len(refused), len(refused), first.operation_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -70,9 +71,17 @@ def answered(items: list, now: int, refused: frozenset[str] = frozenset()) -> li
             results.append((item, sent(item.target)))
         else:
             results += [(item.member(seq, user), sent(user)) for seq, user in item.members if user in refused]
-            results.append((item, Outcome.sent_batch(
+            results.append((item, sent_batch(
                 {user: (f"s-{user}", f"c-{user}", now) for _seq, user in item.members if user not in refused}, now)))
     return results
+
+
+def sent_batch(answers: dict[str, tuple[str, str, int]], now: int) -> Outcome:
+    """A batch's outcome as the sender makes it: OpenIM's batch_send_msg answer, as OpenIM sends it."""
+    results = [{"serverMsgID": s, "clientMsgID": c, "sendTime": t, "recvID": user}
+               for user, (s, c, t) in answers.items()]
+    answer = json.dumps({"errCode": 0, "errMsg": "", "errDlt": "", "data": {"results": results, "failedUserIDs": []}})
+    return Outcome.sent_batch(answer, frozenset(answers), now)
 
 
 class StoreContract:

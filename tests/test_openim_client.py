@@ -21,7 +21,7 @@ import responses
 import urllib3.exceptions
 
 from openim_bizplugin.config import OpenIMConfig
-from openim_bizplugin.openim import TOKEN_NAME, BatchResult, OpenIMClient, OpenIMError, SendResult
+from openim_bizplugin.openim import TOKEN_NAME, OpenIMClient, OpenIMError, SendResult
 
 API = "http://openim.test:10002"
 SECRET = "openim-secret-do-not-log-7c1f"
@@ -195,7 +195,8 @@ def test_batch_send_maps_results_and_failures(rsps, client):
         "failedUserIDs": ["ghost"]}))
     result = client.batch_send_msg(send_id="bizbot", content={"data": "x"}, recv_ids=["u1", "ghost", "u1"],
                                    operation_id="op-b")
-    assert result == BatchResult({"u1": ("s1", "c", 7)}, ("ghost",))
+    assert result.sent == {"u1": ("s1", "c", 7)} and result.sent_to == {"u1"} and result.failed == ("ghost",)
+    assert json.loads(result.answer)["data"]["results"][0]["serverMsgID"] == "s1"  # OpenIM's answer as it came
     body = body_of(rsps.calls[-1])
     assert body["recvIDs"] == ["u1", "ghost"] and body["isSendAll"] is False
     assert body["sessionType"] == 1 and body["contentType"] == 110 and "recvID" not in body
@@ -204,8 +205,8 @@ def test_batch_send_maps_results_and_failures(rsps, client):
 def test_batch_send_null_lists(rsps, client):
     admin_token_ok(rsps)
     rsps.post(API + "/msg/batch_send_msg", json=envelope({"results": None, "failedUserIDs": None}))
-    assert client.batch_send_msg(send_id="b", content={"data": "x"}, recv_ids=["u1"], operation_id="o") == \
-        BatchResult({}, ())
+    result = client.batch_send_msg(send_id="b", content={"data": "x"}, recv_ids=["u1"], operation_id="o")
+    assert result.sent == {} and result.failed == ()
 
 
 def test_batch_send_caps_at_1000(rsps, client):

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from conftest import message
+from store_contract import sent_batch
 from openim_bizplugin.errors import StorageBusy, StorageUnavailable
 from openim_bizplugin.store.base import IdempotencyMismatch, NewMessage, Outcome, ReplayKey
 from openim_bizplugin.store.sqlite import _SCHEMA, SCHEMA_VERSION, SqliteStore
@@ -202,7 +203,7 @@ def _sent_fan_out(store: SqliteStore) -> None:
     [batch] = store.lease(1_000_010, 10, 10_000, "w", lambda mid: "op")
     refused = batch.member(*batch.members[1])
     sends = {"u0": ("s0", "c0", 1_000_020), "u2": ("s2", "c2", 1_000_020)}
-    store.complete([(refused, Outcome.retry("refused", 1_001_000)), (batch, Outcome.sent_batch(sends, 1_000_020))],
+    store.complete([(refused, Outcome.retry("refused", 1_001_000)), (batch, sent_batch(sends, 1_000_020))],
                    1_000_020)
 
 
@@ -215,6 +216,22 @@ def test_a_fan_outs_sends_are_listed_per_user_only_once_they_are_counted(tmp_pat
     assert store.sent_counts("user", ["u0", "u1", "u2"], "profile.updated", 0) == {
         "u0": (1, 1_000_020), "u2": (1, 1_000_020)}  # u1 was refused; u2 counted once
     assert [row[0] for row in rows("batch_sends")] == ["u0"] and rows("batch_sends_pending") == []
+
+
+@pytest.mark.parametrize("stored", ["as OpenIM answered", "as files before it kept the answer"])
+def test_a_sent_batch_shows_each_users_ids_from_openims_answer(tmp_path, stored):
+    store = SqliteStore(tmp_path / "x.db")
+    _sent_fan_out(store)
+    if stored != "as OpenIM answered":
+        with store._write() as db:
+            db.execute("""UPDATE batches SET results = '{"u0":["s0","c0",1000020],"u2":["s2","c2",1000020]}'""")
+    ids = lambda: {r.target: (r.status, r.server_msg_id, r.client_msg_id)  # noqa: E731
+                   for r in store.get_message("m1").recipients}
+    assert ids() == {"u0": ("sent", "s0", "c0"), "u1": ("queued", None, None), "u2": ("sent", "s2", "c2")}
+    assert store.settle_batched("m1", ["u2"]) == 1  # a callback gives u2 a row of its own, with its ids
+    assert store._read("SELECT status, server_msg_id, client_msg_id FROM recipients WHERE target = 'u2'") == [
+        ("sent", "s2", "c2")]
+    assert ids()["u2"] == ("sent", "s2", "c2")
 
 
 def test_pending_fan_out_sends_are_dropped_once_no_rate_limit_window_reaches_them(tmp_path):
@@ -235,7 +252,7 @@ def test_a_batch_whose_users_left_it_is_leased_with_those_still_in_it(tmp_path):
     [batch] = store.lease(1_000_010, 3, 10_000, "w", lambda mid: "op")
     # u1 is refused by OpenIM and retried on its own; the rest of the batch was sent
     store.complete([(batch.member(1, "u1"), Outcome.retry("refused", 1_000_020)),
-                    (batch, Outcome.sent_batch({"u0": ("s0", "c0", 1), "u2": ("s2", "c2", 1)}, 1_000_011))],
+                    (batch, sent_batch({"u0": ("s0", "c0", 1), "u2": ("s2", "c2", 1)}, 1_000_011))],
                    1_000_011)
     with store._write() as db:  # as a batch accepted before its users were listed (schema 7)
         db.execute("DELETE FROM batch_targets WHERE batch_id IN (SELECT id FROM batches WHERE message_id = ?)",

@@ -149,6 +149,15 @@ class WorkItem:
         return dataclasses.replace(self, seq=seq, target=target, members=None)
 
 
+Answer = tuple[str, str, int]  # one user's (serverMsgID, clientMsgID, sendTime) in a batch's results
+
+
+def answers_by_user(results: Any) -> dict[str, Answer]:
+    """(serverMsgID, clientMsgID, sendTime) per recvID of OpenIM's batch_send_msg ``results``."""
+    return {r["recvID"]: (r.get("serverMsgID") or "", r.get("clientMsgID") or "", r.get("sendTime") or 0)
+            for r in results or () if isinstance(r, dict) and isinstance(r.get("recvID"), str)}
+
+
 def delivered_in_batches(message: NewMessage) -> bool:
     """Whether a backend may keep this message's queue state per ``batch_send_msg`` call
     instead of per recipient: custom mode to several users, without an offline policy or a
@@ -171,9 +180,11 @@ class Outcome:
     client_msg_id: str | None = None
     sent_ms: int | None = None
     uncounted: bool = False  # nothing was sent: this lease does not count as an attempt
-    # a batch's answer: per user OpenIM's (serverMsgID, clientMsgID, sendTime); users it
-    # leaves out were recorded apart (refused). None: sent, but OpenIM's answer is not known
-    sends: dict[str, tuple[str, str, int]] | None = None
+    # a batch's answer: OpenIM's batch_send_msg answer as it came (JSON text, its data.results
+    # per user: read with batch_answers), and the users it names; users it leaves out were
+    # recorded apart (refused). None: sent, but OpenIM's answer is not known
+    answer: str | None = None
+    sent_to: frozenset[str] | None = None
 
     @classmethod
     def sent(cls, server_msg_id: str | None, client_msg_id: str | None, sent_ms: int,
@@ -182,12 +193,12 @@ class Outcome:
                    reason=reason)
 
     @classmethod
-    def sent_batch(cls, sends: dict[str, tuple[str, str, int]], sent_ms: int) -> Outcome:
-        return cls("sent", sends=sends, sent_ms=sent_ms)
+    def sent_batch(cls, answer: str, sent_to: frozenset[str], sent_ms: int) -> Outcome:
+        return cls("sent", answer=answer, sent_to=sent_to, sent_ms=sent_ms)
 
     def recipients(self, item: WorkItem) -> int:
         """How many recipients this outcome of *item* is about."""
-        return len(self.sends) if self.sends is not None else item.size
+        return len(self.sent_to) if self.sent_to is not None else item.size
 
     @classmethod
     def retry(cls, error: str, next_attempt_ms: int, unknown_operation_id: str | None = None) -> Outcome:

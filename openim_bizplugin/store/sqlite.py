@@ -26,7 +26,7 @@ from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecip
                    MessageRecord, NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey,
                    WorkItem, delivered_in_batches)
 from .sqlite_file import SqliteFile
-from .sqlite_tracking import TrackingMixin, recipient_data
+from .sqlite_tracking import TrackingMixin, batch_answers, recipient_data
 
 SCHEMA_VERSION = 7  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases;
 # 7: batch_targets and batches.departed
@@ -150,7 +150,8 @@ CREATE TABLE IF NOT EXISTS batches (
     attempts        INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT,
     reason          TEXT,
-    -- OpenIM's answer once sent: {"<user>": [serverMsgID, clientMsgID, sendTime], ...}
+    -- OpenIM's batch_send_msg answer once sent, as it came (its data.results has each user's
+    -- serverMsgID, clientMsgID, sendTime: batch_answers); older files: {"<user>": [...], ...}
     results         TEXT,
     sent_ms         INTEGER,
     -- how many of its users left it (recipients_left_batch): while none has, a lease takes the
@@ -306,11 +307,6 @@ _LEASE_BATCH_SQL = (
     "UPDATE batches SET status = 'sending', lease_owner = ?, next_attempt_ms = ?, attempts = attempts + 1,"
     " check_operation_id = CASE status WHEN 'sending' THEN operation_id ELSE check_operation_id END,"
     " operation_id = ? WHERE id = ? RETURNING attempts, operation_id, check_operation_id, departed")
-
-
-# OpenIM's answers to a batch: up to 1,000 flat entries, encoded without the circular-reference
-# check (a third of json.dumps's time here)
-_RESULTS_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 
 
 def _past_ttl(db: sqlite3.Connection, table: str, key: str, active: str, columns: str, now_ms: int,
@@ -485,7 +481,7 @@ class SqliteStore(TrackingMixin):
         batches = self._read("SELECT first_seq, status, attempts, last_error, reason, results, sent_ms FROM batches"
                              " WHERE message_id = ? ORDER BY first_seq", (message_id,))
         firsts = [batch[0] for batch in batches]
-        sends = [json.loads(batch[5]) if batch[5] else {} for batch in batches]
+        sends = [batch_answers(batch[5]) for batch in batches]
         records = []
         for seq, *row in rows:
             if row[2] == "batched":
@@ -687,11 +683,9 @@ class SqliteStore(TrackingMixin):
                 f" check_operation_id = ?, lease_owner = NULL, attempts = attempts - ? {held}",
                 (outcome.error, outcome.reason, outcome.next_attempt_ms, outcome.unknown_operation_id,
                  int(outcome.uncounted), *lease)).rowcount
-        sends = outcome.sends
         done = db.execute(f"UPDATE batches SET status = 'done', last_error = ?, reason = ?, results = ?, sent_ms = ?,"
                           f" check_operation_id = NULL, lease_owner = NULL {held} RETURNING first_seq, last_seq",
-                          (outcome.error, outcome.reason, None if sends is None else _RESULTS_JSON.encode(sends),
-                           outcome.sent_ms, *lease)).fetchone()
+                          (outcome.error, outcome.reason, outcome.answer, outcome.sent_ms, *lease)).fetchone()
         if done is None:
             return 0
         if outcome.status != "sent":
@@ -705,10 +699,11 @@ class SqliteStore(TrackingMixin):
             db.execute("INSERT OR IGNORE INTO batch_sends_pending (type, sent_ms, batch_id) VALUES (?, ?, ?)",
                        (item.type, outcome.sent_ms, item.batch_id))
         if "message.sent" in self.event_types:
+            sent_to, answers = outcome.sent_to, batch_answers(outcome.answer)
             for _seq, target in item.members:
-                if sends is not None and target not in sends:  # refused: ended on its own
+                if sent_to is not None and target not in sent_to:  # refused: ended on its own
                     continue
-                server_msg_id, client_msg_id, _time = (sends or {}).get(target, (None, None, None))
+                server_msg_id, client_msg_id, _time = answers.get(target, (None, None, None))
                 self._emit(db, "message.sent", recipient_data(
                     item.message_id, item.type, item.client, "user", target, server_msg_id=server_msg_id,
                     client_msg_id=client_msg_id), now_ms)

@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from .sqlite_file import SqliteFile
-from .base import CallbackRecord, EventRecord, PresenceState, SubscriberCursor
+from .base import Answer, CallbackRecord, EventRecord, PresenceState, SubscriberCursor, answers_by_user
 
 
 INBOX_CHECKPOINT_EVERY = 1_000  # finished callbacks between checkpoints of the inbox's WAL (~15 MB)
@@ -39,6 +39,18 @@ def recipient_data(message_id: str, type_: str, client: str, kind: str, target: 
     """The ``data`` of a message event: which message, which recipient."""
     key = "user_id" if kind == "user" else "group_id"
     return {"message_id": message_id, "type": type_, "client": client, key: target, **extra}
+
+
+def batch_answers(stored: str | None) -> dict[str, Answer]:
+    """(serverMsgID, clientMsgID, sendTime) per user from a batch's ``results``: OpenIM's
+    batch_send_msg answer as it came, or the ``{"<user>": [...]}`` map of files written before
+    the answer was kept as is."""
+    if not stored:
+        return {}
+    found = json.loads(stored)
+    if isinstance(found, dict) and "errCode" in found:
+        return answers_by_user((found.get("data") or {}).get("results"))
+    return {user: tuple(answer) for user, answer in found.items()}
 
 
 class TrackingMixin:
@@ -97,17 +109,19 @@ class TrackingMixin:
     # -- what callbacks tell about sent messages ---------------------------------------
     def settle_batched(self, message_id: str, user_ids: list[str]) -> int:
         rows = self._read(
-            "SELECT r.rowid, r.target, m.type, b.id, b.attempts, b.reason, b.sent_ms, s.value FROM recipients r"
+            "SELECT r.rowid, r.target, m.type, b.id, b.attempts, b.reason, b.sent_ms, b.results FROM recipients r"
             " JOIN messages m ON m.id = r.message_id"
             " JOIN batches b ON b.message_id = r.message_id AND r.seq BETWEEN b.first_seq AND b.last_seq"
-            " LEFT JOIN json_each(b.results) s ON s.key = r.target"
             " WHERE r.message_id = ? AND r.target IN (SELECT value FROM json_each(?)) AND r.status = 'batched'"
             " AND b.status = 'done'", (message_id, json.dumps(user_ids)))
         if not rows:
             return 0
+        answers: dict[int, dict] = {}  # per batch: its answer is read once, however many users it has here
         with self._write() as db:
-            for rowid, target, type_, batch_id, attempts, reason, sent_ms, answer in rows:
-                server_msg_id, client_msg_id, send_time = json.loads(answer) if answer else (None, None, None)
+            for rowid, target, type_, batch_id, attempts, reason, sent_ms, stored in rows:
+                if batch_id not in answers:
+                    answers[batch_id] = batch_answers(stored)
+                server_msg_id, client_msg_id, send_time = answers[batch_id].get(target, (None, None, None))
                 if db.execute("UPDATE recipients SET status = 'sent', attempts = ?, reason = ?, server_msg_id = ?,"
                               " client_msg_id = ?, sent_ms = ? WHERE rowid = ? AND status = 'batched'",
                               (attempts, reason, server_msg_id, client_msg_id, send_time or sent_ms, rowid)).rowcount:

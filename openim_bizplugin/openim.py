@@ -101,8 +101,6 @@ class SendResult:
     operation_id: str = ""  # of the attempt that succeeded (differs after a token refresh)
 
 
-
-
 @dataclass(frozen=True)
 class BatchResult:
     """``/msg/batch_send_msg``: OpenIM's ``results`` (one entry per user it sent to), the IDs it
@@ -127,8 +125,6 @@ class BatchResult:
 class _Reply(NamedTuple):
     data: Any  # the envelope's data
     body: bytes  # the whole answer, as it came (gzip undone)
-
-
 
 
 class TokenStore(Protocol):

@@ -11,11 +11,13 @@ one database file (see :mod:`.sqlite_file`).
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import heapq
 import itertools
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -374,6 +376,8 @@ class SqliteStore(TrackingMixin):
         self.path = str(path)
         self.event_types, self.events_kept = event_types, events_kept
         self.batch_size = batch_size  # users per batch_send_msg of a batched message (delivery.batch_size)
+        self._answers: collections.OrderedDict[int, dict] = collections.OrderedDict()  # _done_batch_answers
+        self._answers_lock = threading.Lock()
         self._db = SqliteFile(self.path, synchronous="FULL")
         # no automatic checkpoints on the inbox: they ran inside whichever commit crossed the
         # threshold, often a callback's while OpenIM waited (up to 157 ms measured)

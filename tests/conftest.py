@@ -17,6 +17,9 @@ from openim_bizplugin.app import create_app
 from openim_bizplugin.config import load_config
 from openim_bizplugin.signing import signature_headers
 
+# the stores' shared tests (imported by test_store_contract and test_store_sqlite): failures show their values
+pytest.register_assert_rewrite("store_contract")
+
 REPO = Path(__file__).resolve().parents[1]
 SECRETS = {"crm": "crm-test-secret-0000000001", "ops": "ops-test-secret-0000000001"}
 

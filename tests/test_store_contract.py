@@ -16,11 +16,9 @@ import pytest
 import redis
 import responses
 
-pytest.register_assert_rewrite("store_contract")  # before the import: failures show their values
-
-from conftest import write_config  # noqa: E402
-from redis_server import RedisServer, free_port  # noqa: E402
-from store_contract import T0, StoreContract, new  # noqa: E402
+from conftest import write_config
+from redis_server import RedisServer, free_port
+from store_contract import T0, StoreContract, new
 from openim_bizplugin.config import OpenIMConfig, StorageConfig, load_config
 from openim_bizplugin.errors import ConfigError
 from openim_bizplugin.openim import TOKEN_NAME, OpenIMClient

@@ -96,10 +96,16 @@ def test_parallel_delivery_threads_share_the_window(tmp_path, fake, clock):
     side.services.close()
 
 
-def test_a_message_accepted_while_uncounted_sends_are_in_flight_counts_them(tmp_path, fake, clock):
+def _two_messages_to_u1(tmp_path, fake, clock) -> Sidecar:
+    """A sidecar whose type allows 2 per hour, with two messages to u1 accepted and not leased."""
     side = _sidecar(tmp_path, fake, clock, "drop")
     for i in range(2):
         side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}")
+    return side
+
+
+def test_a_message_accepted_while_uncounted_sends_are_in_flight_counts_them(tmp_path, fake, clock):
+    side = _two_messages_to_u1(tmp_path, fake, clock)
     now_ms = int(clock() * 1000)
     throttle, outcomes = side.engine.sender.throttle, []
     in_flight = side.store.lease(now_ms, 10, 10_000, "w1", lambda hint: f"a-{hint}")
@@ -163,9 +169,7 @@ def test_fan_outs_leased_by_parallel_threads_share_the_window(tmp_path, fake, cl
 
 
 def test_sends_by_another_process_count_against_this_ones_rounds(tmp_path, fake, clock):
-    side = _sidecar(tmp_path, fake, clock, "drop")
-    for i in range(2):
-        side.send(to={"users": ["u1"]}, idempotency_key=f"k{i}")
+    side = _two_messages_to_u1(tmp_path, fake, clock)
     now_ms = int(clock() * 1000)
     # another worker process (a replica, or this one before a restart) sent both: this process's
     # approvals never saw them, only the store did

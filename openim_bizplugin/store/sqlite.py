@@ -549,14 +549,15 @@ class SqliteStore(TrackingMixin):
             # leased_elsewhere)
             db.executemany("UPDATE messages SET started_ms = ? WHERE id = ? AND started_ms IS NULL",
                            [(now_ms, message_id) for message_id in dict.fromkeys(i.message_id for i in items)])
-            self._note_leases(db, items, owner, now_ms + lease_ms)
+            self._note_leases(db, items, now_ms + lease_ms)
         return items
 
     @staticmethod
-    def _note_leases(db: sqlite3.Connection, items: list[WorkItem], owner: str, until_ms: int) -> None:
+    def _note_leases(db: sqlite3.Connection, items: list[WorkItem], until_ms: int) -> None:
+        """Their owners hold leases on their types until *until_ms* (leased_elsewhere)."""
         db.executemany("INSERT INTO type_leases (type, owner, until_ms) VALUES (?, ?, ?) ON CONFLICT (type, owner)"
                        " DO UPDATE SET until_ms = max(until_ms, excluded.until_ms)",
-                       [(type_, owner, until_ms) for type_ in dict.fromkeys(i.type for i in items)])
+                       [(*key, until_ms) for key in dict.fromkeys((i.type, i.lease_owner) for i in items)])
 
     @staticmethod
     def _age(db: sqlite3.Connection, now_ms: int, aging_ms: int) -> None:
@@ -741,8 +742,7 @@ class SqliteStore(TrackingMixin):
                                           item.lease_owner))
                 if renewed.rowcount:
                     held.append(item)
-            for owner in dict.fromkeys(i.lease_owner for i in held):
-                self._note_leases(db, [i for i in held if i.lease_owner == owner], owner, now_ms + lease_ms)
+            self._note_leases(db, held, now_ms + lease_ms)
         return held
 
     def leased_elsewhere(self, type_: str, owner: str, since_ms: int) -> bool:

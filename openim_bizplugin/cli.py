@@ -132,7 +132,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace, stdout: TextIO) -> int:
-    from .server import serve  # Flask and the store are only needed here
+    from .web.server import serve  # Flask and the store are only needed here
 
     config = _config(args)
     logs.setup(args.log_level.upper(), config)
@@ -140,7 +140,7 @@ def _serve(args: argparse.Namespace, stdout: TextIO) -> int:
 
 
 def _worker(args: argparse.Namespace, stdout: TextIO) -> int:
-    from .server import run_workers
+    from .web.server import run_workers
 
     config = _config(args)
     logs.setup(args.log_level.upper(), config)
@@ -198,7 +198,7 @@ def _keygen(args: argparse.Namespace, stdout: TextIO) -> int:
 
 
 def _schemas(args: argparse.Namespace, stdout: TextIO) -> int:
-    from .schemacheck import run_check
+    from .catalog.check import run_check
 
     directory = Path(args.dir) if args.dir else _config(args).schemas_dir
     if args.schemas_command == "docs":
@@ -207,7 +207,7 @@ def _schemas(args: argparse.Namespace, stdout: TextIO) -> int:
 
 
 def _schemas_docs(directory: Path, args: argparse.Namespace, stdout: TextIO) -> int:
-    from .schemadocs import DocsError, write_docs
+    from .catalog.docs import DocsError, write_docs
 
     try:
         summary = write_docs(directory, args.out, args.format, stdout)

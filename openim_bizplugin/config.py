@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .catalog import RateLimit
+from .catalog.registry import RateLimit
 from .errors import ConfigError
 
 CONFIG_ENV = "BIZPLUGIN_CONFIG"

@@ -18,11 +18,11 @@ from typing import Any, TextIO
 
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from .app import create_app
 from .client import BizClient
 from .config import ClientConfig, Config, DeliveryConfig, OpenIMConfig, ServerConfig, StorageConfig
+from .openim.fake import FakeOpenIM
 from .store.base import ACTIVE_STATUSES
-from .testing import FakeOpenIM
+from .web.app import create_app
 
 DEMO_USERS = ("alice", "bob")
 

@@ -11,7 +11,7 @@ from typing import TextIO
 
 from .config import Config
 from .errors import BizError
-from .openim import OpenIMError
+from .openim.client import OpenIMError
 from .services import Services
 from .store import shown_url
 

@@ -10,11 +10,10 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
-
-from werkzeug.http import parse_options_header
+from email.message import Message
 
 from .envelope import MessageRequest, parse_envelope
-from .errors import UnsupportedMediaType, Unprocessable, Violation
+from .errors import Unprocessable, UnsupportedMediaType, Violation
 from .services import Services
 from .signing import VerifiedRequest
 from .store.base import Accepted, IdempotencyMismatch, NewMessage, ReplayKey
@@ -84,9 +83,10 @@ def _answer_for(services: Services, accepted: Accepted, client_id: str) -> Answe
 
 def _require_json(content_type: str | None) -> None:
     # Parsed as RFC 9110 says (quoted values, any order): "charset=utf-8; x=y" is fine too.
-    mimetype, params = parse_options_header(content_type or "")
-    charset = params.get("charset", "utf-8").lower()
-    if mimetype.lower() != "application/json" or charset not in ("utf-8", "utf8"):
+    header = Message()
+    header["Content-Type"] = content_type or ""
+    charset = str(header.get_param("charset", "utf-8")).lower()
+    if header.get_content_type() != "application/json" or charset not in ("utf-8", "utf8"):
         raise UnsupportedMediaType(
             f"Content-Type must be application/json (UTF-8), not {(content_type or 'missing')[:80]!r}")
 

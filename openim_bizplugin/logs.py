@@ -2,7 +2,7 @@
 
 Every line is one JSON object::
 
-    {"ts": "2026-11-26T12:00:00.123Z", "level": "INFO", "logger": "openim_bizplugin.sending",
+    {"ts": "2026-11-26T12:00:00.123Z", "level": "INFO", "logger": "openim_bizplugin.delivery.sending",
      "event": "delivery.outcome", "msg": "message 0193… user u1: sent (operationID biz-0193…-…-0, attempt 1)",
      "message_id": "0193…", "recipient": "u1", "client": "crm", "type": "profile.updated",
      "operation_id": "biz-0193…-…-0", "status": "sent", "attempt": 1}

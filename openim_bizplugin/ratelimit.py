@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from .catalog import RateLimit
+from .catalog.registry import RateLimit
 from .errors import RateLimited
 
 

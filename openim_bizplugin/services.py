@@ -9,16 +9,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .callback_handlers import CallbackProcessor
-from .catalog import Catalog
+from .callbacks.processing import CallbackProcessor
+from .callbacks.subscribers import SubscriberDispatcher
+from .catalog.registry import Catalog
 from .config import Config
-from .delivery import DeliveryEngine, build_engine
-from .openim import OpenIMClient
+from .delivery.engine import DeliveryEngine, build_engine
+from .openim.client import OpenIMClient
 from .ratelimit import ClientRateLimiter
 from .signing import RequestVerifier
 from .store import open_store
 from .store.base import Store
-from .subscribers import SubscriberDispatcher
 
 
 def process_owner() -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from openim_bizplugin.app import create_app
+from openim_bizplugin.web.app import create_app
 from openim_bizplugin.config import load_config
 from openim_bizplugin.signing import signature_headers
 

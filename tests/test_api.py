@@ -193,7 +193,7 @@ def test_replayed_signed_request_is_answered_like_the_first(signed, store):
 
 def test_deprecated_version_is_accepted_with_deprecation_header(tmp_path, clock):
     import shutil
-    from openim_bizplugin.app import create_app
+    from openim_bizplugin.web.app import create_app
     from openim_bizplugin.config import load_config
     from conftest import REPO, Signed, write_config
     shutil.copytree(REPO / "schemas", tmp_path / "schemas")

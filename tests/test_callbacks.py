@@ -20,8 +20,8 @@ import pytest
 from werkzeug.serving import make_server
 
 from conftest import message
-from openim_bizplugin.callback_handlers import HANDLERS, PRUNE_EVERY_SECONDS, CallbackProcessor, natural_key
-from openim_bizplugin.subscribers import EVENT_TYPES
+from openim_bizplugin.callbacks.processing import HANDLERS, PRUNE_EVERY_SECONDS, CallbackProcessor, natural_key
+from openim_bizplugin.callbacks.subscribers import EVENT_TYPES
 from openim_bizplugin.testing import FakeOpenIM
 
 FIXTURES = Path(__file__).parent / "fixtures" / "callbacks"
@@ -195,7 +195,7 @@ def test_storage_failure_still_answers_continue(side):
 def test_an_unexpected_error_still_answers_continue(side, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
-    monkeypatch.setattr("openim_bizplugin.callbacks.take_callback", broken)
+    monkeypatch.setattr("openim_bizplugin.web.callbacks.take_callback", broken)
     response = side.post("callbackAfterUserOnlineCommand", fixture_text("callbackAfterUserOnlineCommand").encode())
     assert response.status_code == 200 and response.get_json() == CONTINUE
     assert "callback callbackAfterUserOnlineCommand lost: unexpected error" in caplog.text

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from openim_bizplugin.catalog import Catalog, MessageType, RateLimit, TypeDefaults
+from openim_bizplugin.catalog.registry import Catalog, MessageType, RateLimit, TypeDefaults
 from openim_bizplugin.errors import ConfigError, Violation
 
 SHIPPED = Path(__file__).resolve().parents[1] / "schemas"
@@ -385,8 +385,8 @@ REF_CASES = [
 
 @pytest.mark.parametrize("schema, instances", REF_CASES, ids=["order.status_changed", "recursive", "constrained"])
 def test_inlining_local_refs_keeps_every_verdict_and_message(schema, instances):
-    from openim_bizplugin.boundedschema import BoundedValidator, inline_local_refs
-    from openim_bizplugin.catalog import violations
+    from openim_bizplugin.catalog.bounded import BoundedValidator, inline_local_refs
+    from openim_bizplugin.catalog.registry import violations
 
     inlined = inline_local_refs(schema)
     for instance in instances:
@@ -394,7 +394,7 @@ def test_inlining_local_refs_keeps_every_verdict_and_message(schema, instances):
 
 
 def test_refs_are_inlined_where_meaning_cannot_change():
-    from openim_bizplugin.boundedschema import inline_local_refs
+    from openim_bizplugin.catalog.bounded import inline_local_refs
 
     shipped = inline_local_refs(REF_CASES[0][0])
     assert "$ref" not in json.dumps(shipped["properties"])

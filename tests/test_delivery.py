@@ -15,9 +15,9 @@ from unittest.mock import Mock
 import pytest
 
 from conftest import Signed, message, write_config
-from openim_bizplugin.app import create_app
+from openim_bizplugin.web.app import create_app
 from openim_bizplugin.config import load_config
-from openim_bizplugin.delivery import backoff_seconds
+from openim_bizplugin.delivery.engine import backoff_seconds
 from openim_bizplugin.errors import StorageUnavailable
 from openim_bizplugin.testing import FakeOpenIM
 

@@ -31,14 +31,14 @@ import pytest
 from werkzeug.serving import make_server
 
 from conftest import REPO, SECRETS, Signed, message, write_config
-from openim_bizplugin.app import create_app
-from openim_bizplugin.callbacks import CONTINUE, INBOX_WAIT_SECONDS
-from openim_bizplugin.boundedschema import VALIDATION_BUDGET, BoundedValidator, pattern_degree
-from openim_bizplugin.catalog import Catalog
+from openim_bizplugin.web.app import create_app
+from openim_bizplugin.web.callbacks import CONTINUE, INBOX_WAIT_SECONDS
+from openim_bizplugin.catalog.bounded import VALIDATION_BUDGET, BoundedValidator, pattern_degree
+from openim_bizplugin.catalog.registry import Catalog
 from openim_bizplugin.config import load_config
 from openim_bizplugin.errors import ConfigError
 from openim_bizplugin.signing import signature_headers
-from openim_bizplugin.wire import path_and_query
+from openim_bizplugin.web.wire import path_and_query
 
 LIMIT = 65536  # server.max_body_bytes of the test config
 CALLBACK = "/openim/callback/test-callback-token-0001"

@@ -29,9 +29,9 @@ from werkzeug.wrappers import Request, Response
 from e2e_support import (CALLBACK_TOKEN, SECRETS, config_tables, running_server, signed_get, signed_post,
                          write_config, write_tables)
 from openim_bizplugin import logs
-from openim_bizplugin.app import create_app
+from openim_bizplugin.web.app import create_app
 from openim_bizplugin.config import load_config
-from openim_bizplugin.server import _RequestHandler  # serve's handler: access lines through logging
+from openim_bizplugin.web.server import _RequestHandler  # serve's handler: access lines through logging
 from openim_bizplugin.signing import signature_headers
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -105,7 +105,7 @@ def test_secret_shaped_strings_are_masked_and_ids_are_not():
     webhook_signature = "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4="
     keep = ("message 0193a1b2c3d4e5f60718293a4b5c6d7e user u1: sent (operationID "
             "biz-0193a1b2c3d4e5f60718293a4b5c6d7e-0-1795694400000-a1b2c30, attempt 1) "
-            "openim_bizplugin.callback_handlers.after_send_single /msg/send_msg 3.8.3 example.com")
+            "openim_bizplugin.callbacks.processing.after_send_single /msg/send_msg 3.8.3 example.com")
     text = f"{keep} {signature} {JWT} {cookie} {SUBSCRIBER_SECRET} {webhook_signature}"
     masked = logs.Redactor().text(text)
     assert masked == f"{keep} *** *** *** *** ***"

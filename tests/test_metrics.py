@@ -15,9 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Signed, message
-from openim_bizplugin.app import create_app
+from openim_bizplugin.web.app import create_app
 from openim_bizplugin.errors import StorageUnavailable
-from openim_bizplugin.metrics import Metrics
+from openim_bizplugin.counters import Metrics
 from openim_bizplugin.testing import FakeOpenIM
 
 CALLBACK_URL = "/openim/callback/test-callback-token-0001"

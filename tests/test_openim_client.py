@@ -21,7 +21,7 @@ import responses
 import urllib3.exceptions
 
 from openim_bizplugin.config import OpenIMConfig
-from openim_bizplugin.openim import TOKEN_NAME, OpenIMClient, OpenIMError, SendResult
+from openim_bizplugin.openim.client import TOKEN_NAME, OpenIMClient, OpenIMError, SendResult
 
 API = "http://openim.test:10002"
 SECRET = "openim-secret-do-not-log-7c1f"

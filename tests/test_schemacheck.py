@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from openim_bizplugin.schemacheck import SchemaChange, diff_schemas, run_check
+from openim_bizplugin.catalog.check import SchemaChange, diff_schemas, run_check
 
 SHIPPED = Path(__file__).resolve().parents[1] / "schemas"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from e2e_support import SCHEMAS_DIR, write_config
-from openim_bizplugin.catalog import Catalog
+from openim_bizplugin.catalog.registry import Catalog
 from openim_bizplugin.cli import run
-from openim_bizplugin.schemadocs import (
+from openim_bizplugin.catalog.docs import (
     EXAMPLE_CLIENT, delivered_argument, describe_catalog, render_html, render_markdown, schema_fields, write_docs,
 )
 

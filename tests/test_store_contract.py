@@ -21,7 +21,7 @@ from redis_server import RedisServer, free_port
 from store_contract import T0, StoreContract, new
 from openim_bizplugin.config import OpenIMConfig, StorageConfig, load_config
 from openim_bizplugin.errors import ConfigError
-from openim_bizplugin.openim import TOKEN_NAME, OpenIMClient
+from openim_bizplugin.openim.client import TOKEN_NAME, OpenIMClient
 from openim_bizplugin.store import open_store
 from openim_bizplugin.store.redis import RedisStore, durability_plan
 from openim_bizplugin.store.sqlite import SqliteStore

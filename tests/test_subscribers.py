@@ -30,7 +30,7 @@ from openim_bizplugin.background import IDLE_POLL_SECONDS
 from openim_bizplugin.config import SubscriberConfig
 from openim_bizplugin.errors import ConfigError
 from openim_bizplugin.store.base import Outcome
-from openim_bizplugin.subscribers import SubscriberDispatcher, rfc3339, sign
+from openim_bizplugin.callbacks.subscribers import SubscriberDispatcher, rfc3339, sign
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 MESSAGE_EVENTS = ("message.sent", "message.failed", "message.expired", "message.read", "receipt.received")
@@ -276,7 +276,7 @@ def test_log_lines_name_event_and_subscriber_but_no_secret(dispatcher, receivers
     d = dispatcher(SubscriberConfig(down_url, new_secret(), PRESENCE_EVENTS),
                    SubscriberConfig(healthy.url, secret, PRESENCE_EVENTS))
     presence(store, clock, "u1", True)
-    with caplog.at_level("DEBUG", logger="openim_bizplugin.subscribers"):
+    with caplog.at_level("DEBUG", logger="openim_bizplugin.callbacks.subscribers"):
         d.step()
     [event] = store.events_after(0, 1)
     lines = [r.getMessage() for r in caplog.records]

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from test_delivery import USERS, Sidecar
-from openim_bizplugin.catalog import Catalog
+from openim_bizplugin.catalog.registry import Catalog
 from openim_bizplugin.store.base import Outcome
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -142,7 +142,7 @@ def test_a_custom_fan_out_all_over_the_limit_sends_nothing(tmp_path, fake, clock
     side = _sidecar(tmp_path, fake, clock, "drop")
     for i in range(3):
         side.send(mode="custom", to={"users": ["u1", "u2"]}, idempotency_key=f"k{i}")
-    with caplog.at_level("INFO", logger="openim_bizplugin.sending"):
+    with caplog.at_level("INFO", logger="openim_bizplugin.delivery.sending"):
         side.drain()
     assert [c.body["recvIDs"] for c in fake.calls_to("/msg/batch_send_msg")] == [["u1", "u2"]] * 2
     assert side.store.next_due_ms() is None and side.store.queue_depth()["normal"] == 0

@@ -19,10 +19,10 @@ import pytest
 
 from conftest import write_config
 from test_delivery import USERS, Sidecar
-from openim_bizplugin.app import create_app
+from openim_bizplugin.web.app import create_app
 from openim_bizplugin.config import load_config
 from openim_bizplugin.testing import FakeOpenIM
-from openim_bizplugin.ui import COOKIE_NAME, session_key
+from openim_bizplugin.web.ui import COOKIE_NAME, session_key
 
 TOKEN = "operator-token-0123456789abcdef"
 EVIL = '<script>alert("pwned")</script>&amp;'  # a user id an API client may send: any string

@@ -10,7 +10,7 @@ from conftest import write_config
 
 
 def test_create_builds_the_app_from_the_environment(tmp_path, monkeypatch):
-    from openim_bizplugin.wsgi import create
+    from openim_bizplugin.web.wsgi import create
 
     monkeypatch.setenv("BIZPLUGIN_CONFIG", str(write_config(tmp_path)))
     app = create()
@@ -24,7 +24,7 @@ def test_create_builds_the_app_from_the_environment(tmp_path, monkeypatch):
 
 def test_bad_config_is_one_line_without_a_traceback(tmp_path):
     path = write_config(tmp_path, {"server": {"port": "x"}})
-    result = subprocess.run([sys.executable, "-c", "from openim_bizplugin.wsgi import create; create()"],
+    result = subprocess.run([sys.executable, "-c", "from openim_bizplugin.web.wsgi import create; create()"],
                             env={"BIZPLUGIN_CONFIG": str(path), "PATH": "/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

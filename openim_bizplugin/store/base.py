@@ -9,9 +9,10 @@ committed together, so nothing answered ``202`` can be lost.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any, Protocol
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
@@ -481,3 +482,22 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+# -- helpers both backends share --------------------------------------------------
+def recipient_data(message_id: str, type_: str, client: str, kind: str, target: str, **extra: Any) -> dict[str, Any]:
+    """The ``data`` of a message event: which message, which recipient."""
+    key = "user_id" if kind == "user" else "group_id"
+    return {"message_id": message_id, "type": type_, "client": client, key: target, **extra}
+
+
+def batch_answers(stored: str | None) -> dict[str, Answer]:
+    """(serverMsgID, clientMsgID, sendTime) per user from a batch's ``results``: OpenIM's
+    batch_send_msg answer as it came, or the ``{"<user>": [...]}`` map of files written before
+    the answer was kept as is."""
+    if not stored:
+        return {}
+    found = json.loads(stored)
+    if isinstance(found, dict) and "errCode" in found:
+        return answers_by_user((found.get("data") or {}).get("results"))
+    return {user: tuple(answer) for user, answer in found.items()}

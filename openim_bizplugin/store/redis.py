@@ -57,12 +57,25 @@ import redis.exceptions as rexc
 
 from ..errors import StorageUnavailable
 from . import redis_scripts, redis_tracking
-from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch,
-                   MessageRecord, NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey,
-                   WorkItem)
+from .base import (
+    EVENTS_KEPT,
+    PRIORITY_RANK,
+    Accepted,
+    DeadLetter,
+    FailedRecipient,
+    IdempotencyMismatch,
+    MessageRecord,
+    NewMessage,
+    Outcome,
+    PresenceCounts,
+    RecentMessage,
+    RecipientRecord,
+    ReplayKey,
+    WorkItem,
+    recipient_data,
+)
 from .redis_errors import translated
 from .redis_tracking import RedisTrackingMixin
-from .sqlite_tracking import recipient_data
 
 log = logging.getLogger(__name__)
 

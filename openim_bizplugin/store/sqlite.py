@@ -24,11 +24,27 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch,
-                   MessageRecord, NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey,
-                   WorkItem, delivered_in_batches)
+from .base import (
+    EVENTS_KEPT,
+    PRIORITY_RANK,
+    Accepted,
+    DeadLetter,
+    FailedRecipient,
+    IdempotencyMismatch,
+    MessageRecord,
+    NewMessage,
+    Outcome,
+    PresenceCounts,
+    RecentMessage,
+    RecipientRecord,
+    ReplayKey,
+    WorkItem,
+    batch_answers,
+    delivered_in_batches,
+    recipient_data,
+)
 from .sqlite_file import SqliteFile
-from .sqlite_tracking import TrackingMixin, batch_answers, recipient_data
+from .sqlite_tracking import TrackingMixin
 
 SCHEMA_VERSION = 7  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases;
 # 7: batch_targets and batches.departed

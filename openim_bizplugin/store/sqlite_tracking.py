@@ -16,9 +16,16 @@ import sqlite3
 from contextlib import AbstractContextManager
 from typing import Any
 
+from .base import (
+    Answer,
+    CallbackRecord,
+    EventRecord,
+    PresenceState,
+    SubscriberCursor,
+    batch_answers,
+    recipient_data,
+)
 from .sqlite_file import SqliteFile
-from .base import Answer, CallbackRecord, EventRecord, PresenceState, SubscriberCursor, answers_by_user
-
 
 DONE_BATCHES_KEPT = 8  # parsed answers of sent batches kept for callbacks about their users
 INBOX_CHECKPOINT_EVERY = 1_000  # finished callbacks between checkpoints of the inbox's WAL (~15 MB)
@@ -34,24 +41,6 @@ def emit(db: sqlite3.Connection, type_: str, data: dict[str, Any], now_ms: int) 
 # the user's recipient of a message still waiting for a receipt (found through recipients_target)
 RECEIPT_RECIPIENT_SQL = ("SELECT r.seq, m.type, m.client FROM recipients r JOIN messages m ON m.id = r.message_id"
                          " WHERE r.message_id = ? AND r.kind = 'user' AND r.target = ? AND r.receipt IS NULL")
-
-
-def recipient_data(message_id: str, type_: str, client: str, kind: str, target: str, **extra: Any) -> dict[str, Any]:
-    """The ``data`` of a message event: which message, which recipient."""
-    key = "user_id" if kind == "user" else "group_id"
-    return {"message_id": message_id, "type": type_, "client": client, key: target, **extra}
-
-
-def batch_answers(stored: str | None) -> dict[str, Answer]:
-    """(serverMsgID, clientMsgID, sendTime) per user from a batch's ``results``: OpenIM's
-    batch_send_msg answer as it came, or the ``{"<user>": [...]}`` map of files written before
-    the answer was kept as is."""
-    if not stored:
-        return {}
-    found = json.loads(stored)
-    if isinstance(found, dict) and "errCode" in found:
-        return answers_by_user((found.get("data") or {}).get("results"))
-    return {user: tuple(answer) for user, answer in found.items()}
 
 
 class TrackingMixin:

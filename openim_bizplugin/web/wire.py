@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .errors import PayloadTooLarge
+from ..errors import PayloadTooLarge
 
 CHUNK = 64 * 1024
 # After a 413 we keep reading (and discarding) up to this much so the client

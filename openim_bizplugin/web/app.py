@@ -10,11 +10,11 @@ from typing import Any
 from flask import Flask, Response, current_app, json, request
 from werkzeug.exceptions import HTTPException
 
+from ..config import Config
+from ..errors import BizError, problem
+from ..services import Services
 from . import api, callbacks, metrics, ops, ui
-from .config import Config
-from .errors import BizError, problem
 from .openapi import build_openapi
-from .services import Services
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"

@@ -7,12 +7,12 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
+from ..errors import NotFound
+from ..intake import accept_message
+from ..services import Services
+from ..signing import VerifiedRequest
+from ..store.base import ACTIVE_STATUSES, DELIVERED_STATUSES, MessageRecord
 from . import metrics
-from .errors import NotFound
-from .intake import accept_message
-from .services import Services
-from .signing import VerifiedRequest
-from .store.base import ACTIVE_STATUSES, DELIVERED_STATUSES, MessageRecord
 from .wire import path_and_query, read_body
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")

@@ -37,10 +37,21 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
 
-from .boundedschema import (BUDGET, VALIDATION_BUDGET, Budget, BoundedValidator, TooCostly, inline_local_refs,
-                            json_pointer, pattern_degree, schema_keywords, schema_patterns, shorten)
-from .errors import ConfigError, Violation
-from .strictjson import DuplicateKey, object_without_duplicates
+from ..errors import ConfigError, Violation
+from ..strictjson import DuplicateKey, object_without_duplicates
+from .bounded import (
+    BUDGET,
+    VALIDATION_BUDGET,
+    BoundedValidator,
+    Budget,
+    TooCostly,
+    inline_local_refs,
+    json_pointer,
+    pattern_degree,
+    schema_keywords,
+    schema_patterns,
+    shorten,
+)
 
 MODES = ("notification", "custom")
 PRIORITIES = ("high", "normal", "low")

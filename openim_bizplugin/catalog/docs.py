@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalog import Catalog, MessageType, TypeDefaults
-from .envelope import parse_envelope
-from .intake import new_message
-from .schemacheck import SchemaChange, diff_schemas
+from ..envelope import parse_envelope
+from ..intake import new_message
+from .check import SchemaChange, diff_schemas
+
 # Private helpers of the diff, reused so that docs and `schemas check` agree
 # on how a field's type is named and how local $refs are followed.
-from .schemacheck import _resolve as resolve_ref
-from .schemacheck import _type_name as field_type
+from .check import _resolve as resolve_ref
+from .check import _type_name as field_type
+from .registry import Catalog, MessageType, TypeDefaults
 
 FORMATS = ("markdown", "html")
 #: 2025-11-26T12:00:00Z, the time every example envelope carries.

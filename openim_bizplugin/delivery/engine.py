@@ -22,20 +22,16 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .background import IDLE_POLL_SECONDS, BackgroundLoop
-from .config import Config
-from .metrics import DISCARD, Metrics
-from .openim import OpenIMClient, OpenIMError
+from ..background import IDLE_POLL_SECONDS, BackgroundLoop
+from ..config import Config
+from ..counters import DISCARD, Metrics
+from ..openim.client import OpenIMClient, OpenIMError
+from ..retry import backoff_seconds
+from ..store.base import PRIORITY_RANK, Outcome, Store, WorkItem
 from .sending import Results, Sender
-from .store.base import PRIORITY_RANK, Outcome, Store, WorkItem
 
 log = logging.getLogger(__name__)
 PREEMPT_CHECK_MS = 50
-
-
-def backoff_seconds(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^(attempt-1)))."""
-    return rand() * min(cap, base * 2 ** max(attempt - 1, 0))
 
 
 @dataclass

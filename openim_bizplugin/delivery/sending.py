@@ -17,11 +17,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from .config import Config
-from .openim import OpenIMClient, OpenIMError, SendResult
+from ..config import Config
+from ..openim.client import OpenIMClient, OpenIMError, SendResult
+from ..store.base import Outcome, Store, WorkItem
 from .offline import OfflinePolicy
 from .throttle import RecipientThrottle
-from .store.base import Outcome, Store, WorkItem
 
 log = logging.getLogger(__name__)
 Decide = Callable[[WorkItem, OpenIMError], Outcome]

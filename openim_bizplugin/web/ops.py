@@ -12,8 +12,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 
-from .errors import BizError
-from .openim import OpenIMError
+from ..errors import BizError
+from ..openim.client import OpenIMError
 
 bp = Blueprint("ops", __name__)
 READY_TIMEOUT_SECONDS = 3.0

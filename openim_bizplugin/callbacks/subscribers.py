@@ -36,11 +36,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-from .background import IDLE_POLL_SECONDS, BackgroundLoop
-from .config import Config, SubscriberConfig
-from .delivery import backoff_seconds
-from .errors import ConfigError
-from .store.base import EventRecord, Store, SubscriberCursor
+from ..background import IDLE_POLL_SECONDS, BackgroundLoop
+from ..config import Config, SubscriberConfig
+from ..errors import ConfigError
+from ..retry import backoff_seconds
+from ..store.base import EventRecord, Store, SubscriberCursor
 
 log = logging.getLogger(__name__)
 

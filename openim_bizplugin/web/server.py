@@ -14,10 +14,10 @@ from typing import TextIO
 
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from ..config import Config
+from ..openim.client import OpenIMError
+from ..services import Services
 from .app import create_app
-from .config import Config
-from .openim import OpenIMError
-from .services import Services
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from typing import Any
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wsgi import get_content_length, get_input_stream
 
+from ..callbacks.processing import HANDLERS, natural_key
+from ..errors import PayloadTooLarge, StorageBusy, StorageUnavailable
+from ..services import Services
 from . import metrics
-from .callback_handlers import HANDLERS, natural_key
-from .errors import PayloadTooLarge, StorageBusy, StorageUnavailable
-from .services import Services
 from .wire import read_body
 
 log = logging.getLogger(__name__)

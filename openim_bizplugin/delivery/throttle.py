@@ -28,8 +28,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .catalog import RateLimit
-from .store.base import Outcome, Store, WorkItem
+from ..catalog.registry import RateLimit
+from ..store.base import Outcome, Store, WorkItem
 
 Record = Callable[[WorkItem, Outcome], None]
 # a send can be recorded a little after its message expired: leased before the expiry, answered after

@@ -43,9 +43,9 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from .config import OpenIMConfig
-from .metrics import DISCARD, Metrics
-from .store.base import Answer, answers_by_user
+from ..config import OpenIMConfig
+from ..counters import DISCARD, Metrics
+from ..store.base import Answer, answers_by_user
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .config import Config
-from .openim import OpenIMClient, OpenIMError
-from .store.base import Outcome, Store, WorkItem
+from ..config import Config
+from ..openim.client import OpenIMClient, OpenIMError
+from ..store.base import Outcome, Store, WorkItem
 
 Record = Callable[[WorkItem, Outcome], None]
 Decide = Callable[[WorkItem, OpenIMError], Outcome]

@@ -1,4 +1,4 @@
-"""``GET /metrics``: Prometheus text from one :class:`Metrics` per app.
+"""The service's counters and the queue-depth collector, kept apart from the web edge.
 
 What is counted (all counters end in ``_total`` on the wire)::
 
@@ -30,10 +30,9 @@ from __future__ import annotations
 import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from flask import Blueprint, Response, current_app
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .errors import StorageUnavailable
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
     from .services import Services
 
 log = logging.getLogger(__name__)
-bp = Blueprint("metrics", __name__)
-EXTENSION = "bizplugin.metrics"
 _RECIPIENT_COUNTERS = (
     ("sent", "Recipients delivered: OpenIM accepted the message"),
     ("failed", "Recipients that failed for good (dead letters)"),
@@ -191,12 +188,3 @@ def install(services: Services) -> Metrics:
     services.callbacks.metrics = metrics
     return metrics
 
-
-def current() -> Metrics:
-    """The metrics of the app handling this request."""
-    return current_app.extensions.get(EXTENSION, DISCARD)
-
-
-@bp.get("/metrics")
-def scrape() -> Any:
-    return Response(current().exposition(), mimetype=None, content_type=CONTENT_TYPE_LATEST)

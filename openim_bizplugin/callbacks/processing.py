@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .background import BackgroundLoop
-from .config import Config
-from .errors import StorageUnavailable
-from .metrics import DISCARD, Metrics
-from .openim import operation_message_id
-from .store.base import CallbackRecord, Store
+from ..background import BackgroundLoop
+from ..config import Config
+from ..counters import DISCARD, Metrics
+from ..errors import StorageUnavailable
+from ..openim.client import operation_message_id
+from ..store.base import CallbackRecord, Store
 
 log = logging.getLogger(__name__)
 ONLINE_COMMAND = "callbackAfterUserOnlineCommand"

@@ -1,5 +1,5 @@
 """WSGI entry point for production servers, e.g.
-``gunicorn 'openim_bizplugin.wsgi:create()'`` with ``BIZPLUGIN_CONFIG`` set.
+``gunicorn 'openim_bizplugin.web.wsgi:create()'`` with ``BIZPLUGIN_CONFIG`` set.
 
 Serves HTTP only: run ``openim-bizplugin worker`` beside it for delivery,
 callback processing and subscriber events (docs/deployment.md).
@@ -12,10 +12,10 @@ import sys
 
 from flask import Flask
 
-from . import logs
+from .. import logs
+from ..config import config_path, load_config
+from ..errors import ConfigError
 from .app import create_app
-from .config import config_path, load_config
-from .errors import ConfigError
 from .server import freeze_startup_heap
 
 

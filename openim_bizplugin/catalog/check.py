@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .catalog import MessageType, json_pointer, load_type, type_folders
+from .registry import MessageType, json_pointer, load_type, type_folders
 
 #: Kinds of :class:`SchemaChange`.
 CHANGE_KINDS = ("added", "removed", "retyped", "newly_required", "enum_narrowed", "enum_widened")

@@ -8,9 +8,9 @@ input, and how that is enforced.
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from re import _constants as sre  # the parser behind re.compile (CPython 3.11+), for pattern_degree
 from re import _parser as sre_parse

@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import __version__
-from .catalog import Catalog
-from .envelope import ENVELOPE_SCHEMA
+from .. import __version__
+from ..catalog.registry import Catalog
+from ..envelope import ENVELOPE_SCHEMA
 
 _STATUSES = ["queued", "held", "throttled", "sending", "sent", "read", "acknowledged",
              "failed", "expired", "skipped"]

@@ -29,10 +29,10 @@ from flask import Blueprint, Flask, current_app, flash, redirect, render_templat
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import Forbidden, HTTPException
 
+from ..errors import BizError
+from ..services import Services
+from ..store.base import DELIVERED_STATUSES, DeadLetter, FailedRecipient, PresenceCounts, RecentMessage, Store
 from .api import rfc3339, summary_status
-from .errors import BizError
-from .services import Services
-from .store.base import DELIVERED_STATUSES, DeadLetter, FailedRecipient, PresenceCounts, RecentMessage, Store
 
 log = logging.getLogger(__name__)
 

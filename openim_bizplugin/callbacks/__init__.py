@@ -1,0 +1,1 @@
+"""What OpenIM's callbacks change, and the events that reach subscribers."""

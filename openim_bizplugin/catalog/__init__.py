@@ -1,0 +1,1 @@
+"""The catalogue of message types: versioned schemas, bounded validation, check and docs."""

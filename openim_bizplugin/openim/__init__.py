@@ -1,0 +1,1 @@
+"""OpenIM Server: the REST client with its admin token, and a loopback fake for tests."""

@@ -1,0 +1,1 @@
+"""The HTTP edge: app factory, views, callback endpoint, operator page and the server."""

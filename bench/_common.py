@@ -7,15 +7,21 @@ library is needed.
 
 from __future__ import annotations
 
+import argparse
+import multiprocessing
 import os
 import platform
+import shutil
 import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -27,7 +33,7 @@ LISTENING = "listening on http://"  # what `openim-bizplugin serve` and the bare
 
 # -- side B of the request benchmarks: a bare endpoint served like the sidecar ------------------
 def serve_like_the_sidecar(app, log_path=lambda path: path.split("?", 1)[0]) -> int:  # type: ignore[no-untyped-def]
-    """Serve the Flask *app* the way ``openim_bizplugin.server.serve`` serves the sidecar: werkzeug's
+    """Serve the Flask *app* the way ``openim_bizplugin.web.server.serve`` serves the sidecar: werkzeug's
     threaded server, one logging line per request (the path through *log_path*), SIGTERM stops it
     after the requests in flight; announces ``listening on http://HOST:PORT`` on stdout."""
     import logging
@@ -52,6 +58,33 @@ def serve_like_the_sidecar(app, log_path=lambda path: path.split("?", 1)[0]) -> 
     finally:
         server.server_close()
     return 0
+
+
+# -- the sidecar's config ----------------------------------------------------------------------
+def write_sidecar_config(path: Path, *, api_url: str, openim_secret: str, admin: str, callback_token: str,
+                         storage_url: str, workers: int, client: str, client_secret: str,
+                         schemas: Path = REPO / "schemas", extra: dict[str, dict] | None = None) -> Path:
+    """Write a sidecar config for a benchmark to *path*: loopback, port 0, one client allowed every type.
+
+    *extra* adds or overrides keys per table, e.g. ``{"delivery": {"batch_size": 100}}``.
+    """
+    import json
+
+    tables: dict[str, dict] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "openim": {"api_url": api_url, "secret": openim_secret, "admin_user_id": admin, "sender_id": admin},
+        "callbacks": {"token": callback_token},
+        "storage": {"url": storage_url},
+        "schemas": {"dir": schemas.as_posix()},
+        "delivery": {"workers": workers},
+        f"clients.{client}": {"secrets": [client_secret], "allowed_types": ["*"]},
+    }
+    for table, values in (extra or {}).items():
+        tables[table].update(values)
+    text = "\n".join(f"[{table}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+                     for table, values in tables.items())
+    path.write_text(text)
+    return path
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -238,6 +271,83 @@ class RedisProcess:
                 self.proc.wait()
 
 
+def sqlite_files(db: Path) -> list[Path]:
+    """The SQLite file *db* with its ``-wal`` and ``-shm`` companions."""
+    return [Path(f"{db}{suffix}") for suffix in ("", "-wal", "-shm")]
+
+
+def tear_down(work: Path, keep: bool, processes: Iterable = (), files: Iterable[Path] = ()) -> None:
+    """Stop *processes* in turn (their own ``stop()``), then say *work* is kept, or delete it and *files*."""
+    for process in processes:
+        process.stop()
+    if keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        for path in files:
+            path.unlink(missing_ok=True)
+
+
+# -- load generators -------------------------------------------------------------------------------
+def post_once(conn: HTTPConnection, target: str, body: bytes, headers: dict, errors: dict) -> tuple[int, bytes] | None:
+    """POST *body* on *conn*: (status, answer body), or None if the connection failed (counted in *errors*
+    under the exception's name; the connection is closed and retried after a 10 ms pause)."""
+    try:
+        conn.request("POST", target, body, headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, HTTPException) as exc:
+        conn.close()
+        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+        time.sleep(0.01)
+        return None
+
+
+def _put_result(queue, send: Callable, job: tuple) -> None:  # type: ignore[no-untyped-def]
+    queue.put(send(*job))
+
+
+def run_senders(send: Callable, jobs: list[tuple], generator: str, empty: Callable) -> list:
+    """Call ``send(*job)`` for every job at once in threads (*generator* "thread", a failed one leaves
+    ``empty()``) or forked processes ("process", results in the order they finish); the results."""
+    if generator == "process":
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_put_result, args=(queue, send, job)) for job in jobs]
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        return results
+    results = [empty() for _ in jobs]
+
+    def target(i: int) -> None:
+        results[i] = send(*jobs[i])
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def merged_counts(counts: Iterable[dict]) -> dict:
+    """The sum of several ``{key: count}`` dicts (keys in the order first seen)."""
+    merged: dict = {}
+    for one in counts:
+        for key, n in one.items():
+            merged[key] = merged.get(key, 0) + n
+    return merged
+
+
+def generator_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (the forked senders of a load generator)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 # -- machine context -------------------------------------------------------------------------------
 def dist_version(name: str) -> str:
     try:
@@ -294,6 +404,36 @@ def machine_lines(db_dir: Path, dists: tuple[str, ...]) -> list[str]:
         f"load average    {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min) at start",
         f"database dir    {db_dir} ({filesystem_of(db_dir)}; median fsync {fsync_ms(db_dir):.3f} ms)",
     ]
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_common_options(parser: argparse.ArgumentParser, *, folder_holds: str, strict_when: str | None = None,
+                       db_files: str | None = None, profile_help: str | None = None,
+                       profile_metavar: str = "DIR") -> None:
+    """Add the options the benchmarks share, those with a text given: --db-dir and --sidecar-cmd (*db_files*),
+    --profile and --profile-clock (*profile_help*), --keep (always), --strict (*strict_when*), --summary-json."""
+    if db_files:
+        parser.add_argument("--db-dir", help=f"folder for the sidecar's {db_files} (default: the temp folder)")
+        parser.add_argument("--sidecar-cmd", metavar="CMD",
+                            help="start side A with this shell-split command instead of `openim-bizplugin serve "
+                                 "-c {config}` (e.g. another checkout or a patched build); {config} is replaced, "
+                                 "and the command must print the sidecar's `listening on http://HOST:PORT` line")
+    if profile_help:
+        parser.add_argument("--profile", metavar=profile_metavar, help=profile_help)
+        parser.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
+                            help="what --profile measures: each thread's CPU time (default) or wall time")
+    parser.add_argument("--keep", action="store_true", help=f"keep the temp folder ({folder_holds})")
+    if strict_when:
+        parser.add_argument("--strict", action="store_true", help=f"exit 1 when {strict_when}")
+    parser.add_argument("--summary-json", metavar="PATH",
+                        help="also write the key figures to PATH as JSON (bench/run)")
+
+
+def sidecar_cmd_argv(command: str, config: Path) -> list[str]:
+    """The argv of a ``--sidecar-cmd`` *command*: shell-split, ``{config}`` replaced by *config*."""
+    import shlex
+
+    return [part.replace("{config}", str(config)) for part in shlex.split(command)]
 
 
 # -- figures ---------------------------------------------------------------------------------------
@@ -400,3 +540,11 @@ def write_summary(path: str | Path, benchmark: str, sizes: str, figures: list[di
 
     Path(path).write_text(json.dumps({"benchmark": benchmark, "sizes": sizes, "figures": figures,
                                       "problems": list(problems)}, indent=1, allow_nan=False) + "\n")
+
+
+def write_summary_with_checks(path: str | Path, benchmark: str, sizes: str, figures: list[dict],
+                              problems: list[str], checked: str) -> None:
+    """Write the summary, closed by the figure "<benchmark> checks": *checked*, with len(*problems*) against 0."""
+    figures.append(figure(f"{benchmark} checks", checked, len(problems), unit="problems", target="0",
+                          passed=not problems))
+    write_summary(path, benchmark, sizes, figures, problems)

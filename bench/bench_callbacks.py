@@ -65,27 +65,25 @@ import argparse
 import hmac
 import json
 import math
-import multiprocessing
 import os
 import random
-import shlex
-import shutil
 import signal
 import sqlite3
 import statistics
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPException
+from http.client import HTTPConnection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (LISTENING, REPO, Child, console_script, cpu_seconds, dump_profiles, figure,  # noqa: E402
-                     machine_lines, memory_kb, own_cpu_seconds, package_source, percentile_ms,
-                     print_profile_top, profile_threads, serve_like_the_sidecar, write_summary)
+from _common import (LISTENING, Child, add_common_options, console_script, cpu_seconds, dump_profiles,  # noqa: E402
+                     figure, generator_cpu_seconds, machine_lines, memory_kb, merged_counts, own_cpu_seconds,
+                     package_source, percentile_ms, post_once, print_profile_top, profile_threads, run_senders,
+                     serve_like_the_sidecar, sidecar_cmd_argv, sqlite_files, tear_down, write_sidecar_config,
+                     write_summary_with_checks)
 
 TOKEN = "bench-callback-token-0123456789abcdef"
 PREFIX = f"/openim/callback/{TOKEN}/"
@@ -109,10 +107,10 @@ def user_id(n: int) -> str:
 
 # -- side B: the bare endpoint ----------------------------------------------------------------------
 def bare_server() -> int:
-    """Serve the bare callback endpoint exactly the way ``openim_bizplugin.server.serve`` serves the app."""
+    """Serve the bare callback endpoint exactly the way ``openim_bizplugin.web.server.serve`` serves the app."""
     from flask import Flask, Response, request
 
-    from openim_bizplugin.server import masked_path
+    from openim_bizplugin.web.server import masked_path
 
     app = Flask("bare")
 
@@ -161,11 +159,11 @@ def timed_sidecar(config: str, out: str) -> int:
 
     from werkzeug.serving import WSGIRequestHandler
 
-    from openim_bizplugin import callbacks as callbacks_module
     from openim_bizplugin.cli import run
-    from openim_bizplugin.server import _RequestHandler
     from openim_bizplugin.store import sqlite_file
     from openim_bizplugin.store.sqlite import SqliteStore
+    from openim_bizplugin.web import callbacks as callbacks_module
+    from openim_bizplugin.web.server import _RequestHandler
 
     stages: dict[str, list[float]] = {}
     clock = time.perf_counter
@@ -292,35 +290,10 @@ def print_stages(path: Path, answered: int) -> None:
 
 
 def write_config(work: Path, db: Path, api_url: str, workers: int, name: str = "bench.toml") -> Path:
-    config = work / name
-    config.write_text(textwrap.dedent(f"""\
-        [server]
-        host = "127.0.0.1"
-        port = 0
-
-        [openim]
-        api_url = "{api_url}"
-        secret = "{FAKE_SECRET}"
-        admin_user_id = "{ADMIN}"
-        sender_id = "{ADMIN}"
-
-        [callbacks]
-        token = "{TOKEN}"
-
-        [storage]
-        url = "sqlite:///{db.as_posix()}"
-
-        [schemas]
-        dir = "{(REPO / 'schemas').as_posix()}"
-
-        [delivery]
-        workers = {workers}  # >= 1: the callback processor (and delivery threads) run beside the HTTP server
-
-        [clients.bench]
-        secrets = ["bench-secret-0123456789abcdef"]
-        allowed_types = ["*"]
-        """))
-    return config
+    # workers >= 1: the callback processor (and delivery threads) run beside the HTTP server
+    return write_sidecar_config(work / name, api_url=api_url, openim_secret=FAKE_SECRET, admin=ADMIN,
+                                callback_token=TOKEN, storage_url=f"sqlite:///{db.as_posix()}", workers=workers,
+                                client="bench", client_secret="bench-secret-0123456789abcdef")
 
 
 def inbox_of(db: Path) -> Path:
@@ -350,7 +323,7 @@ class BurstMaker:
     """
 
     def __init__(self, fake, seed: int = 7) -> None:  # type: ignore[no-untyped-def]
-        from openim_bizplugin.testing import KEYED_CALLBACKS, _callback_key, _go_json, _with_query
+        from openim_bizplugin.openim.fake import KEYED_CALLBACKS, _callback_key, _go_json, _with_query
 
         self.fake, self.rng = fake, random.Random(seed)
         self._go_json, self._key, self._with_query, self._keyed = _go_json, _callback_key, _with_query, KEYED_CALLBACKS
@@ -435,57 +408,28 @@ def send(host: str, port: int, calls: list[Call], go: float) -> SenderResult:
         time.sleep(0.0005)
     for call in calls:
         began = time.monotonic()
-        try:
-            conn.request("POST", call.target, call.body, call.headers)
-            response = conn.getresponse()
-            payload = response.read()
-        except (OSError, HTTPException) as exc:
-            conn.close()
-            result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
-            time.sleep(0.01)
+        answer = post_once(conn, call.target, call.body, call.headers, result.errors)
+        if answer is None:
             continue
         done = time.monotonic()
         result.first_began = min(result.first_began, began)
         result.last_done = done
-        if response.status == 200 and payload == CONTINUE:
+        status, payload = answer
+        if status == 200 and payload == CONTINUE:
             result.ok += 1
             result.latencies.append(done - began)
         else:
-            name = f"{response.status}" if response.status != 200 else "200-other-body"
+            name = f"{status}" if status != 200 else "200-other-body"
             result.errors[name] = result.errors.get(name, 0) + 1
     conn.close()
     return result
-
-
-def _send_in_process(queue, *args) -> None:  # type: ignore[no-untyped-def]
-    queue.put(send(*args))
 
 
 def post_all(host: str, port: int, calls: list[Call], concurrency: int, generator: str) -> list[SenderResult]:
     """Share *calls* among *concurrency* senders (round robin) and post them all at once."""
     go = time.monotonic() + 0.2
     jobs = [(host, port, calls[i::concurrency], go) for i in range(concurrency)]
-    if generator == "process":
-        ctx = multiprocessing.get_context("fork")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_send_in_process, args=(queue, *job)) for job in jobs]
-        for p in procs:
-            p.start()
-        results = [queue.get() for _ in procs]
-        for p in procs:
-            p.join()
-        return results
-    results = [SenderResult() for _ in jobs]
-
-    def target(i: int) -> None:
-        results[i] = send(*jobs[i])
-
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+    return run_senders(send, jobs, generator, SenderResult)
 
 
 # -- one round ----------------------------------------------------------------------------------------
@@ -517,11 +461,6 @@ class Round:
     @property
     def max_ms(self) -> float:
         return max(self.latencies, default=float("nan")) * 1000
-
-
-def generator_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 class Inbox:
@@ -557,10 +496,7 @@ def run_round(side: str, child: Child, calls: list[Call], args: argparse.Namespa
     results = post_all(host, port, calls, concurrency, args.generator)
     ended = time.monotonic()
     server_cpu, generator_cpu = server_cpu_now() - server_cpu, generator_cpu_seconds() - generator_cpu
-    errors: dict = {}
-    for r in results:
-        for k, v in r.errors.items():
-            errors[k] = errors.get(k, 0) + v
+    errors = merged_counts(r.errors for r in results)
     began = min(r.first_began for r in results)
     finished = max(r.last_done for r in results)
     result = Round(side, concurrency, len(calls), sum(r.ok for r in results), finished - began,
@@ -693,13 +629,12 @@ def summary(path: str, args: argparse.Namespace, rounds: list[Round], stored_ok:
     if a and args.delivery_workers:
         figures.append(figure("callbacks", "processor drain after a burst (max)", max(r.drain_seconds for r in a),
                               unit="s"))
-    figures.append(figure("callbacks checks", "every callback answered, stored once, applied", 0 if stored_ok and
-                          answers_ok else 1, unit="problems", target="0", passed=stored_ok and answers_ok))
     problems = ([] if stored_ok else ["inbox rows or processing: MISMATCH"]) + \
                ([] if answers_ok else ["some callbacks were not answered 200 with the continue JSON"])
     sizes = (f"bursts of {args.callbacks:,}, senders {','.join(map(str, args.concurrency))}, rounds {args.rounds}, "
              f"warm-up {args.warmup}")
-    write_summary(path, "callbacks", sizes, figures, problems)
+    write_summary_with_checks(path, "callbacks", sizes, figures, problems,
+                              "every callback answered, stored once, applied")
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -723,21 +658,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker-process", action="store_true",
                    help="serve with delivery.workers = 0 and run the callback processor (and delivery) in "
                         "`openim-bizplugin worker`, a second process on the same SQLite files")
-    p.add_argument("--db-dir", help="folder for the sidecar's SQLite files (default: the temp folder)")
-    p.add_argument("--sidecar-cmd", metavar="CMD",
-                   help="start side A with this shell-split command instead of `openim-bizplugin serve -c "
-                        "{config}`; {config} is replaced, and it must print `listening on http://HOST:PORT`")
-    p.add_argument("--profile", metavar="DIR",
-                   help="run the sidecar with every thread under cProfile; writes DIR/requests.prof, "
-                        "DIR/processor.prof, DIR/other.prof (figures of such a run are not representative)")
-    p.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
-                   help="what --profile measures: each thread's CPU time (default) or wall time")
     p.add_argument("--stages", action="store_true",
                    help="run the sidecar with wall-clock timers around the stages of an answer (wrappers set up "
                         "by this script, not package code) and print p50/p99 per stage")
-    p.add_argument("--keep", action="store_true", help="keep the temp folder (config, logs, databases)")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    p.add_argument("--summary-json", metavar="PATH", help="also write the key figures to PATH as JSON (bench/run)")
+    add_common_options(p, db_files="SQLite files",
+                       profile_help="run the sidecar with every thread under cProfile; writes DIR/requests.prof, "
+                                    "DIR/processor.prof, DIR/other.prof (figures of such a run are not "
+                                    "representative)",
+                       folder_holds="config, logs, databases", strict_when="a target is missed")
     p.add_argument("--switch-interval", type=float, metavar="SECONDS",
                    help="sys.setswitchinterval() in both servers (default: Python's 0.005): how long a thread "
                         "that wants the GIL waits before the running thread is made to let go")
@@ -810,7 +738,7 @@ def main(argv: list[str]) -> int:
     elif args.stages:
         sidecar_argv = [*me, *interval, "--timed-sidecar", str(config), str(work / "stages.json")]
     elif args.sidecar_cmd:
-        sidecar_argv = [part.replace("{config}", str(config)) for part in shlex.split(args.sidecar_cmd)]
+        sidecar_argv = sidecar_cmd_argv(args.sidecar_cmd, config)
     elif args.switch_interval:
         sidecar_argv = [*me, *interval, "--sidecar", str(config)]
     else:
@@ -874,17 +802,7 @@ def main(argv: list[str]) -> int:
     finally:
         if inbox is not None:
             inbox.close()
-        for child in children.values():
-            child.stop()
-        fake.stop()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            if args.db_dir:
-                for path in (db, inbox_of(db)):
-                    for suffix in ("", "-wal", "-shm"):
-                        Path(f"{path}{suffix}").unlink(missing_ok=True)
+        tear_down(work, args.keep, [*children.values(), fake], [*sqlite_files(db), *sqlite_files(inbox_of(db))])
     if not ok:
         return 1
     return 1 if args.strict and not passed else 0

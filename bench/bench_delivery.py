@@ -67,12 +67,10 @@ import json
 import os
 import queue
 import secrets
-import shutil
 import signal
 import sqlite3
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections import defaultdict
@@ -82,8 +80,9 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LISTENING, REPO, Child, console_script, cpu_seconds, machine_lines, memory_kb, own_cpu_seconds  # noqa: E402
-from _common import FakeOpenIMProcess, dump_profiles, figure, package_source, profile_threads, write_summary  # noqa: E402
+from _common import (LISTENING, Child, FakeOpenIMProcess, add_common_options, console_script,  # noqa: E402
+                     cpu_seconds, dump_profiles, figure, machine_lines, memory_kb, own_cpu_seconds, package_source,
+                     profile_threads, tear_down, write_sidecar_config, write_summary_with_checks)
 
 TARGET_RATIO = 0.8
 # bench/run's bar for "memory stays flat": worker peak-RSS bytes per extra queued recipient, 10k -> 100k.
@@ -316,36 +315,10 @@ def run_direct(scenario: Scenario, fake: FakeOpenIMProcess, args: argparse.Names
 # -- the sidecar: intake, then `openim-bizplugin worker` ----------------------------------------------
 def write_config(path: Path, storage_url: str, api_url: str, workers: int, batch_size: int) -> Path:
     """The sidecar's config for this script and bench_replicas.py (SQLite or Redis storage)."""
-    path.write_text(textwrap.dedent(f"""\
-        [server]
-        host = "127.0.0.1"
-        port = 0
-        max_recipients = {USERS}
-
-        [openim]
-        api_url = "{api_url}"
-        secret = "{FAKE_SECRET}"
-        admin_user_id = "{ADMIN}"
-        sender_id = "{ADMIN}"
-
-        [callbacks]
-        token = "bench-callback-token-0123456789"
-
-        [storage]
-        url = "{storage_url}"
-
-        [schemas]
-        dir = "{(REPO / 'schemas').as_posix()}"
-
-        [delivery]
-        workers = {workers}
-        batch_size = {batch_size}
-
-        [clients.{CLIENT_ID}]
-        secrets = ["{SECRET}"]
-        allowed_types = ["*"]
-        """))
-    return path
+    return write_sidecar_config(path, api_url=api_url, openim_secret=FAKE_SECRET, admin=ADMIN,
+                                callback_token="bench-callback-token-0123456789", storage_url=storage_url,
+                                workers=workers, client=CLIENT_ID, client_secret=SECRET,
+                                extra={"server": {"max_recipients": USERS}, "delivery": {"batch_size": batch_size}})
 
 
 def load(scenario: Scenario, config: Path, directory: Path) -> None:
@@ -584,11 +557,10 @@ def summary(path: str, args: argparse.Namespace, phases: list[Phase]) -> None:
                               unit="B/rcpt", target=f"< {RSS_GROWTH_TARGET} B/rcpt" if final else "",
                               passed=growth < RSS_GROWTH_TARGET if final else None))
     problems = [f"{p.scenario.name} {p.side}: {problem}" for p in phases for problem in p.problems]
-    figures.append(figure("delivery checks", "each recipient sent exactly once, rows 'sent'", len(problems),
-                          unit="problems", target="0", passed=not problems))
     sizes = (f"{', '.join(f'{s.name} {s.describe()}' for s in args.scenarios)}; "
              f"{'/'.join(args.sides)} x{args.repeat}, {args.workers} workers")
-    write_summary(path, "delivery", sizes, figures, problems)
+    write_summary_with_checks(path, "delivery", sizes, figures, problems,
+                              "each recipient sent exactly once, rows 'sent'")
 
 
 # -- main ---------------------------------------------------------------------------------------------------
@@ -605,12 +577,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--poll", type=float, default=0.005,
                    help="seconds between completion checks (default 0.005: a custom-mode phase lasts ~0.25 s)")
     p.add_argument("--timeout", type=float, default=300, help="give up on one sidecar phase after this (default 300)")
-    p.add_argument("--profile", metavar="DIR", help="profile every worker (all delivery threads) into DIR/<name>.prof")
-    p.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
-                   help="what --profile measures: each thread's CPU time (default) or wall time")
-    p.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs, databases)")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a scenario misses the target ratio")
-    p.add_argument("--summary-json", metavar="PATH", help="also write the key figures to PATH as JSON (bench/run)")
+    add_common_options(p, profile_help="profile every worker (all delivery threads) into DIR/<name>.prof",
+                       folder_holds="configs, logs, databases", strict_when="a scenario misses the target ratio")
     p.add_argument("--fake-openim", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profiled-worker", nargs=3, metavar=("CONFIG", "OUT", "CLOCK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -666,11 +634,7 @@ def main(argv: list[str]) -> int:
         print(f"\nwhole run {time.monotonic() - began:.0f} s; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     finally:
-        fake.stop()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        tear_down(work, args.keep, [fake])
     if any(p.problems for p in phases):
         return 1
     return 1 if args.strict and not passed else 0

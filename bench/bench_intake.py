@@ -32,26 +32,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
-import shlex
 import signal
 import sqlite3
 import statistics
 import sys
 import tempfile
-import textwrap
-import threading
 import time
 from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPException
+from http.client import HTTPConnection
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (LISTENING, Child, console_script, cpu_seconds, dump_profiles, filesystem_of,  # noqa: E402
-                     fsync_ms, profile_threads, serve_like_the_sidecar)
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (LISTENING, Child, add_common_options, console_script, cpu_seconds, dist_version,  # noqa: E402
+                     dump_profiles, filesystem_of, fsync_ms, generator_cpu_seconds, merged_counts, percentile_ms,
+                     post_once, profile_threads, run_senders, serve_like_the_sidecar, sidecar_cmd_argv, sqlite_files,
+                     tear_down, usable_cpus, write_sidecar_config)
+
 PATH = "/v1/messages"
 CLIENT_ID = "bench"
 SECRET = "bench-secret-0123456789abcdef"
@@ -60,7 +58,7 @@ TARGET_RATIO = 0.5
 
 # -- side B: the bare endpoint ---------------------------------------------------------------
 def bare_server(recipients: int) -> int:
-    """Serve the bare endpoint exactly the way ``openim_bizplugin.server.serve`` serves the app."""
+    """Serve the bare endpoint exactly the way ``openim_bizplugin.web.server.serve`` serves the app."""
     from flask import Flask, jsonify, request
 
     app = Flask("bare")
@@ -92,35 +90,12 @@ def profiled_sidecar(config: str, out: str, clock: str) -> int:
 
 
 def write_config(directory: Path, db_dir: Path) -> Path:
-    config = directory / "bench.toml"
-    config.write_text(textwrap.dedent(f"""\
-        [server]
-        host = "127.0.0.1"
-        port = 0
-
-        [openim]
-        api_url = "http://127.0.0.1:9"
-        secret = "unused-by-this-benchmark"
-        admin_user_id = "imAdmin"
-        sender_id = "imAdmin"
-
-        [callbacks]
-        token = "bench-callback-token-0123456789"
-
-        [storage]
-        url = "sqlite:///{(db_dir / 'bench.db').as_posix()}"
-
-        [schemas]
-        dir = "{(REPO / 'schemas').as_posix()}"
-
-        [delivery]
-        workers = 0  # intake only: nothing is sent to OpenIM during the benchmark
-
-        [clients.{CLIENT_ID}]
-        secrets = ["{SECRET}"]
-        allowed_types = ["*"]
-        """))
-    return config
+    # workers = 0: intake only, nothing is sent to OpenIM during the benchmark
+    return write_sidecar_config(directory / "bench.toml", api_url="http://127.0.0.1:9",
+                                openim_secret="unused-by-this-benchmark", admin="imAdmin",
+                                callback_token="bench-callback-token-0123456789",
+                                storage_url=f"sqlite:///{(db_dir / 'bench.db').as_posix()}", workers=0,
+                                client=CLIENT_ID, client_secret=SECRET)
 
 
 # -- the load generator ------------------------------------------------------------------------
@@ -166,24 +141,19 @@ def drive(host: str, port: int, tag: str, recipients: int, start: float, end: fl
         body = body_for(tag, n, users)
         headers = signature_headers(CLIENT_ID, SECRET, "POST", PATH, body)
         headers["Content-Type"] = "application/json"
-        try:
-            conn.request("POST", PATH, body, headers)
-            response = conn.getresponse()
-            payload = response.read()
-        except (OSError, HTTPException) as exc:
-            conn.close()
-            result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
-            time.sleep(0.01)
+        answer = post_once(conn, PATH, body, headers, result.errors)
+        if answer is None:
             continue
         done = time.monotonic()
-        ok = response.status == 202 and json.loads(payload).get("recipients") == recipients
+        status, payload = answer
+        ok = status == 202 and json.loads(payload).get("recipients") == recipients
         if ok:
             result.accepted_total += 1
-        elif response.status == 202:
+        elif status == 202:
             result.accepted_total += 1
             result.errors["202-bad-body"] = result.errors.get("202-bad-body", 0) + 1
         else:
-            result.errors[response.status] = result.errors.get(response.status, 0) + 1
+            result.errors[status] = result.errors.get(status, 0) + 1
         if began >= start:
             if ok:
                 result.measured += 1
@@ -191,10 +161,6 @@ def drive(host: str, port: int, tag: str, recipients: int, start: float, end: fl
             result.last_done = done
     conn.close()
     return result
-
-
-def _drive_in_process(queue, *args) -> None:  # type: ignore[no-untyped-def]
-    queue.put(drive(*args))
 
 
 def process_usage(pid: int) -> tuple[int, float]:
@@ -206,12 +172,6 @@ def process_usage(pid: int) -> tuple[int, float]:
         return -1, float("nan")
     rss_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
     return fds, rss_kb / 1024
-
-
-def generator_cpu_seconds() -> float:
-    """CPU seconds of this process and its reaped children (the process generator)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 @dataclass
@@ -235,10 +195,7 @@ class Round:
         return cpu / self.all_requests * 1000 if self.all_requests else float("nan")
 
     def pct(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+        return percentile_ms(self.latencies, q)
 
 
 def run_round(side: str, server: Child, args: argparse.Namespace, round_no: int) -> Round:
@@ -248,30 +205,8 @@ def run_round(side: str, server: Child, args: argparse.Namespace, round_no: int)
     server_cpu, generator_cpu = cpu_seconds(server.proc.pid), generator_cpu_seconds()
     jobs = [(*server.host_port, f"{side}{round_no}w{i}p{os.getpid()}", args.recipients, start, end, go)
             for i in range(args.concurrency)]
-    if args.generator == "process":
-        ctx = multiprocessing.get_context("fork")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_drive_in_process, args=(queue, *job)) for job in jobs]
-        for p in procs:
-            p.start()
-        results = [queue.get() for _ in procs]
-        for p in procs:
-            p.join()
-    else:
-        results = [WorkerResult() for _ in jobs]
-
-        def target(i: int) -> None:
-            results[i] = drive(*jobs[i])
-
-        threads = [threading.Thread(target=target, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    errors: dict = {}
-    for r in results:
-        for k, v in r.errors.items():
-            errors[k] = errors.get(k, 0) + v
+    results = run_senders(drive, jobs, args.generator, WorkerResult)
+    errors = merged_counts(r.errors for r in results)
     finished = max((r.last_done for r in results), default=end)
     return Round(side, sum(r.measured for r in results), max(finished, end) - start,
                  [x for r in results for x in r.latencies], sum(r.accepted_total for r in results), errors,
@@ -281,23 +216,11 @@ def run_round(side: str, server: Child, args: argparse.Namespace, round_no: int)
 
 # -- context and reporting -----------------------------------------------------------------------
 def print_context(args: argparse.Namespace, db_dir: Path) -> None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def dist(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "?"
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
     print("machine")
-    print(f"  cpus            {os.cpu_count()} (usable by this process: {usable}); "
+    print(f"  cpus            {os.cpu_count()} (usable by this process: {usable_cpus()}); "
           "servers and load generator share them")
     print(f"  python          {platform.python_version()} ({platform.python_implementation()})")
-    print(f"  flask/werkzeug  {dist('flask')} / {dist('werkzeug')}")
+    print(f"  flask/werkzeug  {dist_version('flask')} / {dist_version('werkzeug')}")
     print(f"  sqlite          {sqlite3.sqlite_version}; journal_mode=WAL, synchronous=FULL "
           "(every 202 waits for an fsync of the WAL)")
     print(f"  load average    {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min) at start")
@@ -393,19 +316,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", default="BABAB", help="order of rounds, A=sidecar B=bare (default BABAB)")
     p.add_argument("--generator", choices=("thread", "process"), default="thread",
                    help="load generator workers: threads of this process or processes (default thread)")
-    p.add_argument("--db-dir", help="folder for the sidecar's SQLite file (default: a temp folder)")
-    p.add_argument("--sidecar-cmd", metavar="CMD",
-                   help="start side A with this shell-split command instead of `openim-bizplugin serve -c "
-                        "{config}` (e.g. another checkout or a patched build); {config} is replaced, and the "
-                        "command must print the sidecar's `listening on http://HOST:PORT` line")
-    p.add_argument("--profile", metavar="OUT.prof",
-                   help="run the sidecar under cProfile (all request threads) and write stats here; "
-                        "the figures of such a run are not representative")
-    p.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
-                   help="what --profile measures: each thread's CPU time (default) or wall time")
-    p.add_argument("--keep", action="store_true", help="keep the temp folder (config, logs, database)")
-    p.add_argument("--strict", action="store_true", help="exit 1 when the target ratio is missed")
-    p.add_argument("--summary-json", metavar="PATH", help="also write the key figures to PATH as JSON (bench/run)")
+    add_common_options(p, db_files="SQLite file", profile_metavar="OUT.prof",
+                       profile_help="run the sidecar under cProfile (all request threads) and write stats here; "
+                                    "the figures of such a run are not representative",
+                       folder_holds="config, logs, database", strict_when="the target ratio is missed")
     p.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profiled-sidecar", nargs=3, metavar=("CONFIG", "OUT", "CLOCK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -437,7 +351,7 @@ def main(argv: list[str]) -> int:
         sidecar_argv = [sys.executable, str(Path(__file__).resolve()), "--profiled-sidecar", str(config),
                         str(Path(args.profile).resolve()), args.profile_clock]
     elif args.sidecar_cmd:
-        sidecar_argv = [part.replace("{config}", str(config)) for part in shlex.split(args.sidecar_cmd)]
+        sidecar_argv = sidecar_cmd_argv(args.sidecar_cmd, config)
     else:
         sidecar_argv = [console_script(), "serve", "-c", str(config)]
     servers: dict[str, Child] = {}
@@ -468,16 +382,7 @@ def main(argv: list[str]) -> int:
         if args.summary_json:
             write_summary(args.summary_json, args, rounds, accepted, stored, durable)
     finally:
-        for server in servers.values():
-            server.stop()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            for name in ("bench.db", "bench.db-wal", "bench.db-shm"):
-                (db_dir / name).unlink(missing_ok=True)
-            for child in work.iterdir():
-                child.unlink()
-            work.rmdir()
+        tear_down(work, args.keep, servers.values(), sqlite_files(db))
     if not durable:
         return 1
     return 1 if args.strict and not ratio >= TARGET_RATIO else 0

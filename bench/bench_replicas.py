@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -74,8 +73,9 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Child, FakeOpenIMProcess, RedisProcess, console_script, cpu_seconds, figure,  # noqa: E402
-                     machine_lines, package_source, usable_cpus, write_summary)
+from _common import (Child, FakeOpenIMProcess, RedisProcess, add_common_options, console_script,  # noqa: E402
+                     cpu_seconds, figure, machine_lines, package_source, tear_down, usable_cpus,
+                     write_summary_with_checks)
 from bench_delivery import (ADMIN, BATCH, CLIENT_ID, DELIVERING, FAKE_SECRET, LISTENING, NOTIFY, PATH,  # noqa: E402
                             SECRET, TYPE, USERS, user_id, write_config)
 
@@ -493,12 +493,12 @@ def summary(path: str, runs: list[Run], latencies: list[Latency], problems: list
         figures.append(figure("replicas", f"high p50 under {args.backlog:,} backlog, {lat.target.label} "
                               f"(max {max(lat.between)} sent between)", p50, unit="ms",
                               baseline=delay_ms, target="overtakes backlog", passed=overtook))
-    figures.append(figure("replicas checks", "each recipient sent exactly once, all 'sent'", len(problems),
-                          unit="problems", target="0", passed=not problems))
     sizes = (f"notification {args.notify:,}, custom {args.custom:,}, replicas {args.replicas}"
              f"{'' if args.no_sqlite else ' + SQLite x1'}, backlog {args.backlog:,}, {args.highs} highs, "
              f"call delay {delay_ms:g} ms")
-    write_summary(path, "replicas", sizes, figures, [f"{where}: {problem}" for where, problem in problems])
+    write_summary_with_checks(path, "replicas", sizes, figures,
+                              [f"{where}: {problem}" for where, problem in problems],
+                              "each recipient sent exactly once, all 'sent'")
 
 
 # -- main -----------------------------------------------------------------------------------------------------
@@ -519,8 +519,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="redis-server's AOF appendfsync (no = no AOF); default always, like SQLite's FULL")
     p.add_argument("--poll", type=float, default=0.02, help="seconds between completion checks (default 0.02)")
     p.add_argument("--timeout", type=float, default=300, help="give up on one phase after this (default 300)")
-    p.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs, databases)")
-    p.add_argument("--summary-json", metavar="PATH", help="also write the key figures to PATH as JSON (bench/run)")
+    add_common_options(p, folder_holds="configs, logs, databases")
     p.add_argument("--fake-openim", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.replica_counts = [int(n) for n in args.replicas.split(",") if n]
@@ -577,12 +576,7 @@ def main(argv: list[str]) -> int:
         print(f"\nwhole run {time.monotonic() - began:.0f} s; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     finally:
-        fake.stop()
-        redis.stop()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        tear_down(work, args.keep, [fake, redis])
     return 1 if problems else 0
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, console_script  # noqa: E402
+from _common import REPO, console_script, write_sidecar_config  # noqa: E402
 
 from openim_bizplugin.signing import signature_headers  # noqa: E402
 from openim_bizplugin.testing import FakeOpenIM  # noqa: E402
@@ -54,34 +54,13 @@ def write_config(folder: Path, openim_url: str) -> Path:
     for toml in catalogue.glob("*/type.toml"):
         toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
                                 if not line.startswith("rate_limit ")))
-    path = folder / "soak.toml"
-    path.write_text(f"""
-[server]
-host = "127.0.0.1"
-port = 0
-[openim]
-api_url = "{openim_url}"
-secret = "openIM123"
-admin_user_id = "imAdmin"
-sender_id = "imAdmin"
-timeout_seconds = 1
-[callbacks]
-token = "soak-callback-token-0123456789"
-[storage]
-url = "sqlite:///{folder / 'soak.db'}"
-[schemas]
-dir = "{catalogue}"
-[delivery]
-workers = 2
-lease_seconds = 2
-backoff_base_seconds = 0.05
-backoff_max_seconds = 0.5
-max_attempts = 50
-[clients.soak]
-secrets = ["{SECRET}"]
-allowed_types = ["*"]
-""")
-    return path
+    return write_sidecar_config(folder / "soak.toml", api_url=openim_url, openim_secret="openIM123", admin="imAdmin",
+                                callback_token="soak-callback-token-0123456789",
+                                storage_url=f"sqlite:///{folder / 'soak.db'}", workers=2, client="soak",
+                                client_secret=SECRET, schemas=catalogue,
+                                extra={"openim": {"timeout_seconds": 1},
+                                       "delivery": {"lease_seconds": 2, "backoff_base_seconds": 0.05,
+                                                    "backoff_max_seconds": 0.5, "max_attempts": 50}})
 
 
 class Server:

@@ -51,14 +51,16 @@ def init_folder(directory: Path) -> tuple[Path, Path]:
     text = render_config(CONFIG_TEMPLATE.read_text(encoding="utf-8"))
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(EXAMPLE_SCHEMAS, schemas, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+        schemas.mkdir()  # from here on the folder is ours to remove again
         try:
+            shutil.copytree(EXAMPLE_SCHEMAS, schemas, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(".*", "__pycache__"))
             _write_private(config, text)
         except OSError:
             shutil.rmtree(schemas, ignore_errors=True)  # all or nothing
             raise
     except OSError as exc:
-        raise InitError(f"{exc.filename or directory}: {exc.strerror}") from None
+        raise InitError(f"{exc.filename or directory}: {exc.strerror or exc}") from None
     return config, schemas
 
 

@@ -159,3 +159,12 @@ def test_init_into_a_file_is_one_clear_line(tmp_path):
 def test_init_config_is_readable_by_its_owner_only(tmp_path):
     init(tmp_path)
     assert (tmp_path / "config.toml").stat().st_mode & 0o777 == 0o600
+
+
+def test_init_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    def refuse(path, text):  # as a read-only folder does, but root may write anywhere
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr("openim_bizplugin.scaffold._write_private", refuse)
+    code, _, err = init(tmp_path)
+    assert code == 1 and err.strip() == f"openim-bizplugin: init: {tmp_path / 'config.toml'}: Permission denied"
+    assert list(tmp_path.iterdir()) == []

@@ -161,7 +161,7 @@ def test_from_an_empty_folder_demo_init_check_serve_and_init_again(installed, tm
     check = _run(installed, folder, "schemas", "check", "-c", "config.toml")
     assert check.returncode == 0 and "all valid" in check.stdout, check.stdout + check.stderr
     with _serving(installed, folder) as url:
-        assert requests.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
+        assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
 
     before = _snapshot(folder)
     again = _run(installed, folder, "init")

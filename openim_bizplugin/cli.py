@@ -62,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--public-url", help="how OpenIM reaches this sidecar (default: server address)")
 
     demo = command("demo", "run the fake OpenIM and a sidecar, send each type, show what apps receive")
-    demo.add_argument("--schemas", help="catalogue folder (default: the config's schemas.dir, else ./schemas)")
+    demo.add_argument("--schemas", help="catalogue folder (default: the config's schemas.dir with -c, "
+                      "else the example catalogue shipped with the package)")
+
+    init = command("init", "write DIR/config.toml with fresh secrets and DIR/schemas/ with the example types")
+    init.add_argument("dir", nargs="?", default=".", help="folder to write into (default: the current one)")
 
     keygen = command("keygen", "print a new random secret for [clients.<id>] secrets", config=False)
     keygen.add_argument("--bytes", type=int, default=32, help="random bytes (default 32)")
@@ -177,17 +181,29 @@ def _doctor(args: argparse.Namespace, stdout: TextIO) -> int:
 
 def _demo(args: argparse.Namespace, stdout: TextIO) -> int:
     from .demo import run_demo
+    from .scaffold import EXAMPLE_SCHEMAS
 
     if args.schemas:
         schemas = Path(args.schemas)
     elif args.config or os.environ.get(CONFIG_ENV):
         schemas = _config(args).schemas_dir
     else:
-        schemas = Path("schemas")
+        schemas = EXAMPLE_SCHEMAS
     if not schemas.is_dir():
         raise CommandError(f"no catalogue at {schemas}: pass --schemas DIR or -c CONFIG")
     logs.setup(logging.WARNING)  # the demo tells its own story on stdout; only trouble goes to stderr
     return run_demo(schemas.resolve(), stdout)
+
+
+def _init(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .scaffold import InitError, init_folder, next_steps
+
+    try:
+        config, schemas = init_folder(Path(args.dir))
+    except InitError as exc:
+        raise CommandError(f"init: {exc}") from None
+    print(next_steps(config, schemas), file=stdout)
+    return EXIT_OK
 
 
 def _keygen(args: argparse.Namespace, stdout: TextIO) -> int:
@@ -277,5 +293,5 @@ def _print_json(value: Any, stdout: TextIO) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False), file=stdout)
 
 
-_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "doctor": _doctor, "demo": _demo, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
+_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "doctor": _doctor, "demo": _demo, "init": _init, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
              "send": _send, "status": _status}

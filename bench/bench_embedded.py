@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What mounting costs: OpenIM callbacks and a host's own route, through WSGI in this process.
 
 Requirement (issue 19): under a prefix, OpenIM's callbacks keep their fast path

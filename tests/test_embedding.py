@@ -228,8 +228,8 @@ def test_send_refuses_what_the_api_refuses_with_the_same_problem(host, signed, c
     _app, biz = host
     type_, version, data, options = REFUSED[case]
     client = options.get("client", "crm")
-    response = signed.request("POST", "/biz/v1/messages", json.dumps(_api_body(type_, version, data, **options)).encode(),
-                              as_client=client)
+    raw = json.dumps(_api_body(type_, version, data, **options)).encode()
+    response = signed.request("POST", "/biz/v1/messages", raw, as_client=client)
     problem = response.get_json()
     with pytest.raises(BizError) as refused:
         biz.send(type_, version, data, **{"client": client, **options})

@@ -37,8 +37,9 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
 def plugin_app(config: Config, svc: Services) -> Flask:
     """The plugin's own Flask app: every surface, answering problems in its own JSON.
 
-    A host never serves its paths through its own Flask app (see :class:`~.plugin.BizPlugin`),
-    so the host's error pages, JSON provider, session and templates stay the host's.
+    A host app hands the plugin's paths to this app instead of routing them itself (see
+    :class:`~.plugin.BizPlugin`), so the host's error pages, JSON provider, session and templates
+    stay the host's.
     """
     app = Flask(__name__)
     app.json.sort_keys = False

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -60,6 +60,8 @@ class BizClient:
     def __init__(self, base_url: str, client_id: str, secret: str, *, timeout: float = 10.0,
                  session: requests.Session | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # signed as the request line has it: with the base URL's path (a mount prefix such as /biz)
+        self._base_path = urlsplit(self.base_url).path
         self.client_id = client_id
         self._secret = secret
         self.timeout = timeout
@@ -89,7 +91,7 @@ class BizClient:
         return self._call("GET", "/v1/types")["types"]
 
     def _call(self, method: str, path: str, body: bytes = b"") -> dict[str, Any]:
-        headers = signature_headers(self.client_id, self._secret, method, path, body)
+        headers = signature_headers(self.client_id, self._secret, method, self._base_path + path, body)
         if body:
             headers["Content-Type"] = "application/json"
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,25 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     return parse_config(data, path.resolve())
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> Config:
+    """Check and resolve config *data* shaped like the TOML file (``{"openim": {...}, ...}``).
+
+    Relative paths resolve against the current directory, as there is no file.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: must be a TOML file path or a mapping, not {type(data).__name__}")
+    return parse_config(_plain(data), Path.cwd().resolve() / "<mapping>")
+
+
+def _plain(value: Any) -> Any:
+    """*value* with every mapping a dict and every tuple a list, as ``tomllib`` returns them."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def parse_config(data: dict[str, Any], path: Path) -> Config:

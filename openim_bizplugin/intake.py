@@ -43,7 +43,14 @@ def accept_message(services: Services, verified: VerifiedRequest, raw: bytes,
     if earlier is not None:
         return _answer_for(services, earlier, verified.client_id)
     _require_json(content_type)
-    client = services.config.clients[verified.client_id]
+    return accept_body(services, verified.client_id, raw, header_key, replay)
+
+
+def accept_body(services: Services, client_id: str, raw: bytes, header_key: str | None = None,
+                replay: ReplayKey | None = None) -> Answer:
+    """Check the JSON body *raw* as *client_id*'s message and store it: what a signed
+    request and an in-process send both go through (*replay* is None for the latter)."""
+    client = services.config.clients[client_id]
     request = parse_envelope(
         loads(raw), client_id=client.client_id, allowed_types=client.allowed_types,
         catalog=services.catalog, max_recipients=services.config.server.max_recipients,

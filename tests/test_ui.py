@@ -108,8 +108,9 @@ def test_the_right_token_opens_a_session_cookie_that_scripts_cannot_read(side):
     assert cookie.startswith(f"{COOKIE_NAME}=")
     assert {"HttpOnly", "SameSite=Strict", "Path=/ui"} <= {part.strip() for part in cookie.split(";")}
     assert "Expires=" in cookie and "Secure" not in cookie  # served over plain HTTP here
-    assert TOKEN not in cookie and side.app.secret_key != TOKEN.encode()
-    assert side.app.secret_key == hmac.new(TOKEN.encode(), b"openim-bizplugin ui session v1",
+    key = side.app.extensions["bizplugin.mount"].flask.secret_key  # the plugin's own app's, not the host's
+    assert TOKEN not in cookie and key != TOKEN.encode() and side.app.secret_key is None
+    assert key == hmac.new(TOKEN.encode(), b"openim-bizplugin ui session v1",
                                            hashlib.sha256).digest() == session_key(TOKEN)
     assert "Queue depth" in page_text(client)
 

@@ -48,11 +48,17 @@ def post_message() -> Any:
 @bp.get("/messages/<message_id>")
 def get_message(message_id: str) -> Any:
     verified = _verified(b"")
-    record = services().store.get_message(message_id)
+    return jsonify(message_document(services(), message_id, verified.client_id))
+
+
+def message_document(svc: Services, message_id: str, client_id: str | None) -> dict[str, Any]:
+    """The JSON of ``GET /v1/messages/<id>`` as *client_id* reads it (None: whoever sent it)."""
+    record = svc.store.get_message(message_id)
     # Another client's message is answered exactly like a missing one.
-    if record is None or record.client != verified.client_id:
-        raise NotFound(f"no message {message_id[:64]!r} for client {verified.client_id!r}")
-    return jsonify(message_view(record))
+    if record is None or (client_id is not None and record.client != client_id):
+        owner = f" for client {client_id!r}" if client_id is not None else ""
+        raise NotFound(f"no message {message_id[:64]!r}{owner}")
+    return message_view(record)
 
 
 @bp.get("/types")

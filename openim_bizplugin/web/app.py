@@ -1,4 +1,4 @@
-"""The application factory: build the services once, register the surfaces."""
+"""The application factories: the plugin's own app (every surface) and the standalone sidecar."""
 
 from __future__ import annotations
 
@@ -21,11 +21,28 @@ PROBLEM_JSON = "application/problem+json"
 
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.time,
-               services: Services | None = None) -> Flask:
-    """A Flask app serving *config*; raises ConfigError when it cannot start."""
+               services: Services | None = None, background: bool = False) -> Flask:
+    """The standalone sidecar (what ``serve`` runs): a bare Flask app with :class:`~.plugin.BizPlugin`
+    mounted at its root. Raises ConfigError when it cannot start.
+
+    *background* as for BizPlugin; off by default, as ``serve`` and ``worker`` start it themselves.
+    """
+    from .plugin import BizPlugin  # the plugin builds its own app with plugin_app() below
+
+    app = Flask(__name__)
+    BizPlugin(app, config=config, clock=clock, services=services, background=background)
+    return app
+
+
+def plugin_app(config: Config, svc: Services) -> Flask:
+    """The plugin's own Flask app: every surface, answering problems in its own JSON.
+
+    A host app hands the plugin's paths to this app instead of routing them itself (see
+    :class:`~.plugin.BizPlugin`), so the host's error pages, JSON provider, session and templates
+    stay the host's.
+    """
     app = Flask(__name__)
     app.json.sort_keys = False
-    svc = services or Services.build(config, clock=clock)
     app.extensions["bizplugin"] = svc
     app.extensions["bizplugin.openapi"] = build_openapi(svc.catalog)
     app.extensions[metrics.EXTENSION] = metrics.install(svc)  # one registry per app, shared by its workers
@@ -43,7 +60,10 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
 
 
 def _openapi() -> Any:
-    return current_app.extensions["bizplugin.openapi"]
+    document = current_app.extensions["bizplugin.openapi"]
+    if request.script_root:  # mounted under a prefix: the paths start there
+        document = {**document, "servers": [{"url": request.script_root}]}
+    return document
 
 
 def _render(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = command("demo", "run the fake OpenIM and a sidecar, send each type, show what apps receive")
     demo.add_argument("--schemas", help="catalogue folder (default: the config's schemas.dir, else ./schemas)")
 
-    keygen = command("keygen", "print a new random secret for [clients.<id>] secrets", config=False)
+    keygen = command("keygen", "print a new random secret for [clients.<id>] secrets")  # -c accepted, ignored
     keygen.add_argument("--bytes", type=int, default=32, help="random bytes (default 32)")
 
     schemas = command("schemas", "work with the type catalogue", config=False)
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     docs = schema_commands.add_parser("docs", help="write a browsable catalogue of the types (Markdown or HTML)")
     docs.add_argument("-c", "--config", help="config file (default: $BIZPLUGIN_CONFIG)")
     docs.add_argument("--dir", help="catalogue folder (default: the config's schemas.dir)")
-    docs.add_argument("--out", required=True, help="file to write, or - for standard output")
+    docs.add_argument("--out", default="-", help="file to write (.md or .html), or - for standard output (default)")
     docs.add_argument("--format", choices=("markdown", "html"),
                       help="default: html when --out ends in .html or .htm, else markdown")
 

@@ -69,6 +69,13 @@ def test_keygen_prints_a_fresh_urlsafe_secret_each_time():
     assert secrets[0] != secrets[1]
 
 
+def test_keygen_accepts_and_ignores_a_config_like_every_command(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIZPLUGIN_CONFIG", str(tmp_path / "missing.toml"))
+    for argv in (["-c", str(config)], ["--config", str(tmp_path / "missing.toml")], []):
+        code, out, err = cli("keygen", *argv)
+        assert (code, err) == (0, "") and re.fullmatch(r"[A-Za-z0-9_-]{43,}", one_line(out))
+
+
 # --- sign -------------------------------------------------------------------------------
 
 

@@ -96,6 +96,7 @@ class Config:
     subscribers: tuple[SubscriberConfig, ...] = ()
     ui_token: str | None = None
     callback_retention_seconds: int = 3_600  # processed callbacks (and their dedupe keys) kept this long
+    ui_secure_cookie: bool = False  # the operator page's cookie is Secure even over plain HTTP (TLS ends at a proxy)
 
 
 class _Section:
@@ -221,9 +222,10 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     ui_token = ui.secret("token", None)
     if ui_token is not None and len(ui_token) < 16:
         raise ui.fail("token", "must be at least 16 characters (it guards the operator page)")
+    ui_secure_cookie = ui.bool("secure_cookie", False)
     ui.done()
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
-                  clients, subscribers, ui_token, callback_retention_seconds)
+                  clients, subscribers, ui_token, callback_retention_seconds, ui_secure_cookie)
 
 
 def _required_table(data: dict[str, Any], name: str) -> Any:

@@ -46,6 +46,7 @@ def _error(tmp_path, overrides) -> str:
     ({"clients": {"crm": {"secrets": ["x" * 20], "allowed_types": ["*"], "rate_limit": "fast"}}},
      "clients.crm.rate_limit"),
     ({"ui": {"token": "env:BIZ_TEST_UNSET_VARIABLE"}}, "BIZ_TEST_UNSET_VARIABLE"),
+    ({"ui": {"token": "x" * 20, "secure_cookie": "yes"}}, "ui.secure_cookie: must be true or false"),
     ({"openim": {"secret": "env:BIZ_TEST_UNSET_VARIABLE"}}, "openim.secret: environment variable"),
 ])
 def test_bad_values_name_the_key(tmp_path, monkeypatch, overrides, named):

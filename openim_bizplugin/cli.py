@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("--method", required=True)
     sign.add_argument("--path", required=True, help="path and query as sent, e.g. /v1/messages")
     sign.add_argument("--body-file", help="file holding the body, or - for stdin (default: empty)")
+    sign.add_argument("--idempotency-key", help="sent as the Idempotency-Key header: signed, and printed too")
 
     send = command("send", "sign and post a message, print the answer")
     send.add_argument("--client", required=True)
@@ -231,7 +232,7 @@ def _sign(args: argparse.Namespace, stdout: TextIO) -> int:
     config = _config(args)
     body = _read_body_arg(args.body_file)
     headers = signature_headers(args.client, _client_secret(config, args.client), args.method.upper(),
-                                args.path, body)
+                                args.path, body, idempotency_key=args.idempotency_key)
     for name, value in headers.items():
         print(f"{name}: {value}", file=stdout)
     return EXIT_OK

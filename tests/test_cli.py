@@ -104,6 +104,20 @@ def test_signed_headers_are_accepted_by_the_server(server):
     assert requests.get(server.url + "/v1/types", headers=headers, timeout=10).status_code == 200
 
 
+def test_sign_with_an_idempotency_key_prints_the_header_it_signed(server, tmp_path):
+    body_file = tmp_path / "body.json"
+    body_file.write_bytes(BODY)
+    code, out, _ = cli("sign", "-c", str(server.config_path), "--client", "crm", "--method", "POST",
+                       "--path", "/v1/messages", "--body-file", str(body_file), "--idempotency-key", "cli-key-1")
+    assert code == 0
+    headers = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert list(headers) == ["X-Biz-Client", "X-Biz-Signature", "Idempotency-Key"]
+    assert headers["Idempotency-Key"] == "cli-key-1"
+    headers["Content-Type"] = "application/json"
+    first = requests.post(server.url + "/v1/messages", data=BODY, headers=headers, timeout=10)
+    assert first.status_code == 202, first.text
+
+
 def test_sign_with_an_unknown_client_fails_with_one_line(config):
     code, out, err = cli("sign", "-c", str(config), "--client", "nobody", "--method", "GET",
                          "--path", "/v1/types")

@@ -121,5 +121,5 @@ def test_serve_refuses_to_start_with_such_a_token_in_one_line(tmp_path):
                           stdin=subprocess.DEVNULL)
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "openim-bizplugin: config error: callbacks.token: must be URL-path safe: only A-Z a-z 0-9 . _ ~ -"
-        " (it is one segment of the callback URL in OpenIM's webhooks.yml)"]
+        ("openim-bizplugin: config error: callbacks.token: must be URL-path safe: only A-Z a-z 0-9 . _ ~ -"
+         " (it is one segment of the callback URL in OpenIM's webhooks.yml)")]

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     init = command("init", "write DIR/config.toml with fresh secrets and DIR/schemas/ with the example types")
     init.add_argument("dir", nargs="?", default=".", help="folder to write into (default: the current one)")
 
-    keygen = command("keygen", "print a new random secret for [clients.<id>] secrets", config=False)
+    keygen = command("keygen", "print a new random secret for [clients.<id>] secrets")  # -c accepted, ignored
     keygen.add_argument("--bytes", type=int, default=32, help="random bytes (default 32)")
 
     schemas = command("schemas", "work with the type catalogue", config=False)
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     docs = schema_commands.add_parser("docs", help="write a browsable catalogue of the types (Markdown or HTML)")
     docs.add_argument("-c", "--config", help="config file (default: $BIZPLUGIN_CONFIG)")
     docs.add_argument("--dir", help="catalogue folder (default: the config's schemas.dir)")
-    docs.add_argument("--out", required=True, help="file to write, or - for standard output")
+    docs.add_argument("--out", default="-", help="file to write (.md or .html), or - for standard output (default)")
     docs.add_argument("--format", choices=("markdown", "html"),
                       help="default: html when --out ends in .html or .htm, else markdown")
 
@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("--method", required=True)
     sign.add_argument("--path", required=True, help="path and query as sent, e.g. /v1/messages")
     sign.add_argument("--body-file", help="file holding the body, or - for stdin (default: empty)")
+    sign.add_argument("--idempotency-key", help="sent as the Idempotency-Key header: signed, and printed too")
 
     send = command("send", "sign and post a message, print the answer")
     send.add_argument("--client", required=True)
@@ -247,7 +248,7 @@ def _sign(args: argparse.Namespace, stdout: TextIO) -> int:
     config = _config(args)
     body = _read_body_arg(args.body_file)
     headers = signature_headers(args.client, _client_secret(config, args.client), args.method.upper(),
-                                args.path, body)
+                                args.path, body, idempotency_key=args.idempotency_key)
     for name, value in headers.items():
         print(f"{name}: {value}", file=stdout)
     return EXIT_OK

@@ -24,6 +24,9 @@ CONFIG_ENV = "BIZPLUGIN_CONFIG"
 _REQUIRED = object()
 _TABLES = ("server", "openim", "callbacks", "storage", "schemas", "delivery", "clients", "subscribers", "ui")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# RFC 3986 unreserved characters: OpenIM calls url + "/" + command, so the token is one path
+# segment sent as written; "/", "%", "?", "#" or a space would make every callback miss the route.
+_URL_PATH_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Config:
     subscribers: tuple[SubscriberConfig, ...] = ()
     ui_token: str | None = None
     callback_retention_seconds: int = 3_600  # processed callbacks (and their dedupe keys) kept this long
+    ui_secure_cookie: bool = False  # the operator page's cookie is Secure even over plain HTTP (TLS ends at a proxy)
 
 
 class _Section:
@@ -222,6 +226,9 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     callback_token = callbacks.secret("token")
     if len(callback_token) < 16:
         raise callbacks.fail("token", "must be at least 16 characters (it guards the callback URL)")
+    if not _URL_PATH_SAFE.fullmatch(callback_token):
+        raise callbacks.fail("token", "must be URL-path safe: only A-Z a-z 0-9 . _ ~ - (it is one segment of"
+                                      " the callback URL in OpenIM's webhooks.yml)")
     callback_retention_seconds = callbacks.int("retention_seconds", Config.callback_retention_seconds)
     callbacks.done()
     storage = _storage(_Section("storage", data.get("storage", {})), base)
@@ -235,9 +242,10 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     ui_token = ui.secret("token", None)
     if ui_token is not None and len(ui_token) < 16:
         raise ui.fail("token", "must be at least 16 characters (it guards the operator page)")
+    ui_secure_cookie = ui.bool("secure_cookie", False)
     ui.done()
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
-                  clients, subscribers, ui_token, callback_retention_seconds)
+                  clients, subscribers, ui_token, callback_retention_seconds, ui_secure_cookie)
 
 
 def _required_table(data: dict[str, Any], name: str) -> Any:

@@ -4,7 +4,11 @@ A request carries ``X-Biz-Client: <client_id>`` and ``X-Biz-Signature:
 <token>``. The token is an itsdangerous :class:`~itsdangerous.TimestampSigner`
 token over :func:`signed_value` — the hex SHA-256 of
 ``METHOD + " " + PATH_AND_QUERY + "\\n" + RAW_BODY`` — so the body is
-authenticated as raw bytes, before any JSON parsing.
+authenticated as raw bytes, before any JSON parsing. A request that carries an
+``Idempotency-Key`` header signs ``METHOD + " " + PATH_AND_QUERY + " " + KEY +
+"\\n" + RAW_BODY`` instead: the header decides which earlier message a request
+repeats, so whoever can add a header must not be able to choose it. Requests
+without the header sign exactly what they always did.
 
 :class:`RequestVerifier` is framework-free: it takes the two header values,
 the method, the path as sent on the wire and the raw body, and either returns a
@@ -28,19 +32,23 @@ from .errors import ConfigError, Unauthorized
 SALT = "openim-bizplugin"
 CLIENT_HEADER = "X-Biz-Client"
 SIGNATURE_HEADER = "X-Biz-Signature"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 # value.timestamp.signature; "=" is allowed because itsdangerous decodes
 # padded base64 too, and we must not reject what a conforming signer accepts.
 _TOKEN_RE = re.compile(r"[0-9a-f]{64}\.[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+")
 
 
-def signed_value(method: str, path_and_query: str, body: bytes) -> str:
-    """Return the lower-case hex SHA-256 of ``METHOD PATH_AND_QUERY\\nBODY``.
+def signed_value(method: str, path_and_query: str, body: bytes, idempotency_key: str | None = None) -> str:
+    """Return the lower-case hex SHA-256 of ``METHOD PATH_AND_QUERY\\nBODY``, or of
+    ``METHOD PATH_AND_QUERY KEY\\nBODY`` when the request carries an ``Idempotency-Key``.
 
     *path_and_query* is the path plus ``?query`` when there is one, exactly as
-    sent on the wire (still percent-encoded, never decoded).
+    sent on the wire (still percent-encoded, never decoded). A request target
+    holds no space, so the first line reads one way only.
     """
-    head = f"{method.upper()} {path_and_query}\n".encode()
+    key = "" if idempotency_key is None else " " + idempotency_key
+    head = f"{method.upper()} {path_and_query}{key}\n".encode()
     return hashlib.sha256(head + body).hexdigest()
 
 
@@ -63,15 +71,16 @@ class _SignerAt(TimestampSigner):
 
 
 def sign(
-    secret: str, method: str, path_and_query: str, body: bytes, *, now: float | None = None
+    secret: str, method: str, path_and_query: str, body: bytes, *, now: float | None = None,
+    idempotency_key: str | None = None,
 ) -> str:
     """Return the ``X-Biz-Signature`` token for one request.
 
     *now* is unix seconds (truncated to an integer); it defaults to the
-    current time.
+    current time. Pass *idempotency_key* when the request carries that header.
     """
     timestamp = int(time.time() if now is None else now)
-    value = signed_value(method, path_and_query, body)
+    value = signed_value(method, path_and_query, body, idempotency_key)
     return _SignerAt(secret, timestamp).sign(value).decode("ascii")
 
 
@@ -83,12 +92,17 @@ def signature_headers(
     body: bytes,
     *,
     now: float | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, str]:
-    """Return both headers a signed request must carry."""
-    return {
+    """Return both headers a signed request must carry, and the ``Idempotency-Key``
+    header the signature covers when *idempotency_key* is given."""
+    headers = {
         CLIENT_HEADER: client_id,
-        SIGNATURE_HEADER: sign(secret, method, path_and_query, body, now=now),
+        SIGNATURE_HEADER: sign(secret, method, path_and_query, body, now=now, idempotency_key=idempotency_key),
     }
+    if idempotency_key is not None:
+        headers[IDEMPOTENCY_HEADER] = idempotency_key
+    return headers
 
 
 @dataclass(frozen=True)
@@ -140,8 +154,12 @@ class RequestVerifier:
         method: str,
         path_and_query: str,
         body: bytes,
+        idempotency_key: str | None = None,
     ) -> VerifiedRequest:
-        """Return the verified identity of a request, or raise Unauthorized."""
+        """Return the verified identity of a request, or raise Unauthorized.
+
+        *idempotency_key* is the request's ``Idempotency-Key`` header, None when it has none.
+        """
         if not client_id:
             raise Unauthorized(f"Missing {CLIENT_HEADER} header.")
         if not token:
@@ -166,12 +184,9 @@ class RequestVerifier:
             # A validly signed but absurd timestamp (datetime cannot hold it).
             raise Unauthorized(f"Malformed {SIGNATURE_HEADER}: timestamp out of range.") from None
 
-        expected = signed_value(method, path_and_query, body)
+        expected = signed_value(method, path_and_query, body, idempotency_key)
         if not hmac.compare_digest(value, expected.encode("ascii")):
-            raise Unauthorized(
-                "Signature does not match this request: method, path with query "
-                "and raw body must be signed exactly as sent."
-            )
+            raise Unauthorized(_mismatch(value, method, path_and_query, body, idempotency_key))
 
         timestamp = int(signed_at.timestamp())
         age = int(self.clock()) - timestamp
@@ -185,3 +200,14 @@ class RequestVerifier:
                 f"beyond the allowed clock skew of {self.skew} s."
             )
         return VerifiedRequest(client_id, expected, timestamp)
+
+
+def _mismatch(value: bytes, method: str, path_and_query: str, body: bytes, idempotency_key: str | None) -> str:
+    """Why a well-signed token does not fit this request, in words a sender can act on."""
+    if idempotency_key is not None and hmac.compare_digest(
+            value, signed_value(method, path_and_query, body).encode("ascii")):
+        return (f"Signature does not cover the {IDEMPOTENCY_HEADER} header: a request that carries it"
+                f" signs METHOD + \" \" + PATH_AND_QUERY + \" \" + KEY + \"\\n\" + RAW_BODY"
+                f" (README, 'Signing requests'), or put idempotency_key in the body instead.")
+    return ("Signature does not match this request: method, path with query, Idempotency-Key header "
+            "(when sent) and raw body must be signed exactly as sent.")

@@ -82,10 +82,13 @@ class Signed:
         self.client, self.clock = client, clock
 
     def request(self, method: str, path: str, body: bytes | dict | None = None, *, as_client: str = "crm",
-                headers: dict[str, str] | None = None, signed_at: float | None = None) -> Any:
+                headers: dict[str, str] | None = None, signed_at: float | None = None,
+                idempotency_key: str | None = None) -> Any:
+        """Sign and send; *idempotency_key* is sent as the header the signature covers."""
         raw = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
         all_headers = signature_headers(as_client, SECRETS[as_client], method, path, raw,
-                                        now=self.clock() if signed_at is None else signed_at)
+                                        now=self.clock() if signed_at is None else signed_at,
+                                        idempotency_key=idempotency_key)
         if method == "POST":
             all_headers["Content-Type"] = "application/json"
         all_headers.update(headers or {})

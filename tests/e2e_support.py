@@ -207,9 +207,12 @@ def running_server(config_path: Path, *, max_open_files: int | None = None) -> I
 
 def signed_post(base_url: str, body: bytes, *, client: str = "crm", secret: str | None = None,
                 headers: dict[str, str] | None = None, now: float | None = None,
-                content_type: str = "application/json", timeout: float = 10) -> requests.Response:
-    """POST *body* to /v1/messages as *client*, signed exactly as a sender would."""
-    sent = signature_headers(client, secret or SECRETS[client], "POST", "/v1/messages", body, now=now)
+                content_type: str = "application/json", timeout: float = 10,
+                idempotency_key: str | None = None) -> requests.Response:
+    """POST *body* to /v1/messages as *client*, signed exactly as a sender would (with the
+    ``Idempotency-Key`` header the signature covers, when *idempotency_key* is given)."""
+    sent = signature_headers(client, secret or SECRETS[client], "POST", "/v1/messages", body, now=now,
+                             idempotency_key=idempotency_key)
     sent["Content-Type"] = content_type
     sent.update(headers or {})
     return requests.post(base_url + "/v1/messages", data=body, headers=sent, timeout=timeout)

@@ -692,6 +692,47 @@ class StoreContract:
         assert one.try_lock("other", "a", 60_000)
         one.ping()
 
+    # -- the operator page's sessions and sign-in throttle -------------------------------------
+    def test_sessions_are_shared_and_a_sign_out_ends_them_everywhere(self, new_store):
+        one, two = new_store(frozenset()), new_store(frozenset())
+        assert not two.touch_session("s1", T0, T0 + 1_000)  # never opened
+        one.open_session("s1", T0, T0 + 60_000)
+        one.open_session("s2", T0, T0 + 60_000)
+        assert two.touch_session("s1", T0 + 59_999, T0 + 120_000)  # in use: it lasts longer
+        assert one.touch_session("s1", T0 + 100_000, T0 + 160_000)
+        assert not one.touch_session("s2", T0 + 60_000, T0 + 120_000)  # unused until it ended
+        one.open_session("s3", T0 + 100_000, T0 + 160_000)  # also forgets s2
+        two.close_session("s1")
+        assert not one.touch_session("s1", T0 + 100_001, T0 + 200_000)
+        assert one.touch_session("s3", T0 + 100_001, T0 + 200_000)
+        two.close_session("s1")  # again: nothing to end, no error
+
+    def test_failures_are_counted_per_name_in_shared_windows(self, new_store):
+        one, two = new_store(frozenset()), new_store(frozenset())
+        assert one.failures("a", T0) == (0, T0)
+        assert one.count_failure("a", T0, 60_000) == 1
+        assert two.count_failure("a", T0 + 30_000, 60_000) == 2  # the window began at the first
+        assert one.count_failure("b", T0 + 30_000, 60_000) == 1
+        assert two.failures("a", T0 + 59_999) == (2, T0 + 60_000)
+        assert one.failures("a", T0 + 60_000) == (0, T0 + 60_000)  # over
+        assert one.count_failure("a", T0 + 60_000, 60_000) == 1  # a new window
+        assert two.failures("a", T0 + 60_001) == (1, T0 + 120_000)
+        assert one.failures("b", T0 + 60_001) == (1, T0 + 90_000)
+
+    def test_failures_counted_at_once_by_several_replicas_are_all_counted(self, new_store):
+        stores = [new_store(frozenset()) for _ in range(2)]
+        counted: list[int] = []
+
+        def count(store: Any) -> None:
+            counted.extend(store.count_failure("all", T0, 60_000) for _ in range(25))
+
+        threads = [threading.Thread(target=count, args=(stores[i % 2],)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(counted) == list(range(1, 101)) and stores[0].failures("all", T0) == (100, T0 + 60_000)
+
     # -- replicas --------------------------------------------------------------------
     def test_replicas_leasing_concurrently_take_each_recipient_once(self, new_store):
         stores = [new_store(frozenset()), new_store(frozenset())]

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from conftest import message
+from conftest import SECRETS, message
+from openim_bizplugin.signing import signature_headers
 
 
 def _count(store, table: str) -> int:
@@ -152,10 +153,28 @@ def test_recipients_over_the_cap_are_422(signed, config):
 def test_idempotency_key_repeats_first_answer(signed, store):
     first = signed.post(message(idempotency_key="crm-42"))
     again = signed.post(message(idempotency_key="crm-42"))
-    by_header = signed.post(message(), headers={"Idempotency-Key": "crm-42"})
+    by_header = signed.post(message(), idempotency_key="crm-42")
     assert first.status_code == again.status_code == by_header.status_code == 202
     assert first.get_json() == again.get_json() == by_header.get_json()
     assert _count(store, "messages") == 1
+
+
+def test_an_added_idempotency_key_header_cannot_turn_a_new_message_into_an_old_answer(signed, store, clock):
+    """Someone on the path who can add a header (not sign) must not make a signed request answer an
+    earlier message's id and send nothing: the signature covers the header when it is there."""
+    first = signed.post(message(), idempotency_key="crm-daily-prompt")
+    assert first.status_code == 202
+    clock.advance(3600)  # the next day's prompt: the same body, signed afresh, no key
+    raw = json.dumps(message()).encode()
+    sent = signature_headers("crm", SECRETS["crm"], "POST", "/v1/messages", raw, now=clock())
+    sent.update({"Content-Type": "application/json", "Idempotency-Key": "crm-daily-prompt"})  # added on the way
+    hijacked = signed.client.post("/v1/messages", data=raw, headers=sent)
+    assert "Idempotency-Key header" in _problem(hijacked, 401)["detail"]
+    assert _count(store, "messages") == 1
+    del sent["Idempotency-Key"]
+    second = signed.client.post("/v1/messages", data=raw, headers=sent)
+    assert second.status_code == 202 and second.get_json()["id"] != first.get_json()["id"]
+    assert _count(store, "messages") == 2
 
 
 def test_idempotency_key_with_other_body_is_422(signed):

@@ -69,6 +69,13 @@ def test_keygen_prints_a_fresh_urlsafe_secret_each_time():
     assert secrets[0] != secrets[1]
 
 
+def test_keygen_accepts_and_ignores_a_config_like_every_command(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIZPLUGIN_CONFIG", str(tmp_path / "missing.toml"))
+    for argv in (["-c", str(config)], ["--config", str(tmp_path / "missing.toml")], []):
+        code, out, err = cli("keygen", *argv)
+        assert (code, err) == (0, "") and re.fullmatch(r"[A-Za-z0-9_-]{43,}", one_line(out))
+
+
 # --- sign -------------------------------------------------------------------------------
 
 
@@ -95,6 +102,20 @@ def test_signed_headers_are_accepted_by_the_server(server):
     assert code == 0
     headers = verify_headers(out, "GET", "/v1/types", b"")
     assert requests.get(server.url + "/v1/types", headers=headers, timeout=10).status_code == 200
+
+
+def test_sign_with_an_idempotency_key_prints_the_header_it_signed(server, tmp_path):
+    body_file = tmp_path / "body.json"
+    body_file.write_bytes(BODY)
+    code, out, _ = cli("sign", "-c", str(server.config_path), "--client", "crm", "--method", "POST",
+                       "--path", "/v1/messages", "--body-file", str(body_file), "--idempotency-key", "cli-key-1")
+    assert code == 0
+    headers = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert list(headers) == ["X-Biz-Client", "X-Biz-Signature", "Idempotency-Key"]
+    assert headers["Idempotency-Key"] == "cli-key-1"
+    headers["Content-Type"] = "application/json"
+    first = requests.post(server.url + "/v1/messages", data=BODY, headers=headers, timeout=10)
+    assert first.status_code == 202, first.text
 
 
 def test_sign_with_an_unknown_client_fails_with_one_line(config):

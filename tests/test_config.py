@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from conftest import REPO, write_config
+from e2e_support import child_env, command
 from openim_bizplugin.config import config_path, load_config
 from openim_bizplugin.errors import ConfigError
 
@@ -43,6 +46,7 @@ def _error(tmp_path, overrides) -> str:
     ({"clients": {"crm": {"secrets": ["x" * 20], "allowed_types": ["*"], "rate_limit": "fast"}}},
      "clients.crm.rate_limit"),
     ({"ui": {"token": "env:BIZ_TEST_UNSET_VARIABLE"}}, "BIZ_TEST_UNSET_VARIABLE"),
+    ({"ui": {"token": "x" * 20, "secure_cookie": "yes"}}, "ui.secure_cookie: must be true or false"),
     ({"openim": {"secret": "env:BIZ_TEST_UNSET_VARIABLE"}}, "openim.secret: environment variable"),
 ])
 def test_bad_values_name_the_key(tmp_path, monkeypatch, overrides, named):
@@ -93,3 +97,29 @@ def test_config_path_comes_from_flag_or_environment(monkeypatch):
     monkeypatch.setenv("BIZPLUGIN_CONFIG", "/etc/bizplugin.toml")
     assert str(config_path(None)) == "/etc/bizplugin.toml"
     assert str(config_path("mine.toml")) == "mine.toml"
+
+
+# OpenIM posts to url + "/" + command (webhooks.yml's url names the token): a token that is
+# not one plain path segment can never match /openim/callback/<token>/<command>.
+@pytest.mark.parametrize("token", ["callback/token-0123456789", "callback%2Ftoken-0123456789",
+                                   "callback token 0123456789", "callback?token=0123456789",
+                                   "callback#token-0123456789", "callback-tökén-0123456789"])
+def test_a_callback_token_that_is_not_url_path_safe_is_refused(tmp_path, token):
+    message = _error(tmp_path, {"callbacks": {"token": token}})
+    assert message.startswith("callbacks.token: must be URL-path safe") and token not in message
+
+
+def test_every_url_path_safe_character_is_accepted_in_a_callback_token(tmp_path):
+    token = "Az09._~-" * 3
+    assert load_config(write_config(tmp_path, {"callbacks": {"token": token}})).callback_token == token
+
+
+def test_serve_refuses_to_start_with_such_a_token_in_one_line(tmp_path):
+    config = write_config(tmp_path, {"callbacks": {"token": "env:BIZ_TEST_CALLBACK_TOKEN"}})
+    done = subprocess.run([*command(), "serve", "-c", str(config)], capture_output=True, text=True,
+                          timeout=30, env={**child_env(), "BIZ_TEST_CALLBACK_TOKEN": "from/the/environment-0123"},
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        ("openim-bizplugin: config error: callbacks.token: must be URL-path safe: only A-Z a-z 0-9 . _ ~ -"
+         " (it is one segment of the callback URL in OpenIM's webhooks.yml)")]

@@ -148,10 +148,10 @@ def test_idempotency_key_in_body_returns_the_first_answer(server):
 
 
 def test_idempotency_key_header_returns_the_first_answer(server):
-    raw, key = body(), {"Idempotency-Key": "e2e-header-key"}
+    raw, key = body(), "e2e-header-key"
     before = messages(server)
-    first = signed_post(server.url, raw, headers=key, now=time.time() - 5)
-    again = signed_post(server.url, raw, headers=key)  # another signature: not a replay
+    first = signed_post(server.url, raw, idempotency_key=key, now=time.time() - 5)
+    again = signed_post(server.url, raw, idempotency_key=key)  # another signature: not a replay
     assert first.status_code == again.status_code == 202
     assert again.json()["id"] == first.json()["id"]
     assert messages(server) == before + 1

@@ -84,9 +84,9 @@ def test_accepted_rejected_and_queue_depth_by_priority(app, signed):
     assert signed.post(message(to={"users": ["u9"]}, priority="high")).status_code == 202
     assert app.test_client().post("/v1/messages", json=message()).status_code == 401
     keyed = message(data={"fields": ["phone"]})
-    assert signed.post(keyed, headers={"Idempotency-Key": "k1"}).status_code == 202
+    assert signed.post(keyed, idempotency_key="k1").status_code == 202
     signed.clock.advance(1)  # a new signature: not a replay, but the same key
-    assert signed.post(keyed, headers={"Idempotency-Key": "k1"}).status_code == 202
+    assert signed.post(keyed, idempotency_key="k1").status_code == 202
     assert app.test_client().get("/nowhere").status_code == 404
     got = scrape(app)
     assert got.value("bizplugin_messages_accepted_total", client="crm", type="profile.updated") == 3

@@ -28,7 +28,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 class SignedAuth(requests.auth.AuthBase):
-    """Signs the prepared request (method, path with query, raw body) as ``client``."""
+    """Signs the prepared request (method, path with query, Idempotency-Key, raw body) as ``client``."""
 
     def __init__(self, clock: Callable[[], float], client: str = "ops") -> None:
         self.clock, self.client = clock, client
@@ -37,7 +37,8 @@ class SignedAuth(requests.auth.AuthBase):
         body = prepared.body or b""
         body = body.encode() if isinstance(body, str) else body
         prepared.headers.update(signature_headers(self.client, SECRETS[self.client], prepared.method or "GET",
-                                                  prepared.path_url, body, now=self.clock()))
+                                                  prepared.path_url, body, now=self.clock(),
+                                                  idempotency_key=prepared.headers.get("Idempotency-Key")))
         return prepared
 
 

@@ -104,6 +104,42 @@ def test_signature_headers() -> None:
     }
 
 
+# --- the Idempotency-Key header -------------------------------------------------
+
+
+def test_a_request_with_an_idempotency_key_header_signs_the_key_on_the_first_line() -> None:
+    expected = hashlib.sha256(b"POST /v1/messages crm-42\n" + BODY).hexdigest()
+    assert signed_value("POST", PATH, BODY, "crm-42") == expected
+    assert signed_value("POST", PATH, BODY, None) == signed_value("POST", PATH, BODY)  # unchanged without it
+    headers = signature_headers("crm", NEW, "POST", PATH, BODY, now=NOW, idempotency_key="crm-42")
+    assert headers == {"X-Biz-Client": "crm", "X-Biz-Signature": sign(NEW, "POST", PATH, BODY, now=NOW,
+                                                                       idempotency_key="crm-42"),
+                       "Idempotency-Key": "crm-42"}
+
+
+def test_a_signed_idempotency_key_verifies_and_is_part_of_the_replay_identity(verifier: RequestVerifier) -> None:
+    token = sign(NEW, "POST", PATH, BODY, now=NOW, idempotency_key="crm-42")
+    verified = verifier.verify("crm", token, "POST", PATH, BODY, "crm-42")
+    assert verified.signed_value == signed_value("POST", PATH, BODY, "crm-42") != signed_value("POST", PATH, BODY)
+
+
+@pytest.mark.parametrize("signed_key, sent_key", [(None, "older-message-key"), ("crm-42", "older-message-key"),
+                                                  ("crm-42", None), ("crm-42", "crm-42 "), ("crm-42", "")])
+def test_an_idempotency_key_header_the_signature_does_not_cover_is_refused(
+    verifier: RequestVerifier, signed_key: str | None, sent_key: str | None
+) -> None:
+    # whoever can add or change a header must not choose which earlier message a request repeats
+    token = sign(NEW, "POST", PATH, BODY, now=NOW, idempotency_key=signed_key)
+    reject(verifier, "crm", token, "POST", PATH, BODY, sent_key, match="Signature does not")
+
+
+def test_a_sender_that_signed_without_its_idempotency_key_header_is_told_so(verifier: RequestVerifier) -> None:
+    token = sign(NEW, "POST", PATH, BODY, now=NOW)
+    problem = reject(verifier, "crm", token, "POST", PATH, BODY, "crm-42",
+                     match="Signature does not cover the Idempotency-Key header")
+    assert "idempotency_key in the body" in problem.detail
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [

@@ -46,8 +46,16 @@ def fenced(tag: str, after: str = "") -> str:
 
 
 def worked_example() -> dict[str, str]:
-    lines = fenced("text", after="### Worked example").splitlines()
-    pairs = (re.match(r"^(\w[\w ]*?):\s+(.*)$", line) for line in lines)
+    return _pairs(fenced("text", after="### Worked example"))
+
+
+def keyed_example() -> dict[str, str]:
+    """The worked example again, sent with an Idempotency-Key header: its own values, then the rest."""
+    return {**worked_example(), **_pairs(fenced("text", after="with the header `Idempotency-Key"))}
+
+
+def _pairs(block: str) -> dict[str, str]:
+    pairs = (re.match(r"^(\w[\w ]*?):\s+(.*)$", line) for line in block.splitlines())
     return {m.group(1): m.group(2) for m in pairs if m}
 
 
@@ -55,9 +63,11 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def readme_sign(secret: str, method: str, path: str, body: bytes, now: int) -> dict[str, str]:
+def readme_sign(secret: str, method: str, path: str, body: bytes, now: int,
+                key: str | None = None) -> dict[str, str]:
     """SPEC §3 as the README states it, step by step, without itsdangerous."""
-    value = hashlib.sha256(f"{method.upper()} {path}\n".encode() + body).hexdigest()
+    first_line = f"{method.upper()} {path}" + ("" if key is None else f" {key}")
+    value = hashlib.sha256(f"{first_line}\n".encode() + body).hexdigest()
     derived = hmac.new(secret.encode(), b"openim-bizplugin", hashlib.sha256).digest()
     ts_b64 = b64url(now.to_bytes(8, "big").lstrip(b"\0"))
     sig_b64 = b64url(hmac.new(derived, f"{value}.{ts_b64}".encode(), hashlib.sha256).digest())
@@ -94,6 +104,18 @@ def test_worked_example_matches_the_package() -> None:
         "crm", ex["token"], ex["method"], ex["path"], body
     )
     assert result.timestamp == int(ex["timestamp"])
+
+
+def test_keyed_example_matches_independent_implementation_and_the_package() -> None:
+    ex = keyed_example()
+    body, key = ex["body"].encode(), ex["idempotency key"]
+    assert f"hashes `{ex['method']} {ex['path']} {key}`, a newline and the same body" in signing_section()
+    computed = readme_sign(ex["secret"], ex["method"], ex["path"], body, int(ex["timestamp"]), key)
+    assert (ex["value"], ex["token"]) == (computed["value"], computed["token"])
+    assert sign(ex["secret"], ex["method"], ex["path"], body, now=int(ex["timestamp"]), idempotency_key=key) \
+        == ex["token"]
+    verifier = verifier_at(ex["secret"], int(ex["timestamp"]))
+    assert verifier.verify("crm", ex["token"], ex["method"], ex["path"], body, key).client_id == "crm"
 
 
 @pytest.mark.parametrize("now", [*AWKWARD_TIMESTAMPS, 1_764_158_400])
@@ -154,6 +176,16 @@ def test_sh_block_signs_with_the_current_time(tmp_path: Path, fake_curl: Path) -
     assert verifier.verify("crm", token, "POST", "/v1/messages", body).client_id == "crm"
 
 
+def test_sh_biz_sign_function_signs_an_idempotency_key(tmp_path: Path) -> None:
+    ex = keyed_example()
+    (tmp_path / "body.json").write_bytes(ex["body"].encode())
+    calls = (f"biz_sign POST /v1/messages body.json '{ex['idempotency key']}'\n"
+             "biz_sign POST /v1/messages body.json\n")
+    tokens = run_sh(tmp_path, fenced("sh") + "\n" + calls, CURL=":", BIZ_SECRET=ex["secret"],
+                    BIZ_NOW=ex["timestamp"], BIZ_CLIENT="crm")
+    assert tokens == [ex["token"], worked_example()["token"]]
+
+
 def test_sh_biz_sign_function_with_awkward_inputs(tmp_path: Path) -> None:
     path = "/v1/messages/abc?x=1&y=%20"
     calls = "\n".join(f"BIZ_NOW={now} biz_sign get '{path}' /dev/null" for now in AWKWARD_TIMESTAMPS)
@@ -178,15 +210,17 @@ const secret = process.env.BIZ_SECRET;
 const body = fs.readFileSync("body.json");
 console.log(bizSign(secret, "post", "/v1/messages", body, Number(process.env.BIZ_NOW) + 0.5));
 console.log(bizSign(secret, "POST", "/v1/messages", body));
+console.log(bizSign(secret, "POST", "/v1/messages", body, Number(process.env.BIZ_NOW), process.env.BIZ_KEY));
 """
     program = tmp_path / "sign.js"
     program.write_text(fenced("js") + driver)
     done = subprocess.run(
         ["node", str(program)], cwd=tmp_path, capture_output=True, text=True, timeout=30,
-        env={"PATH": os.environ.get("PATH", ""), "BIZ_SECRET": ex["secret"], "BIZ_NOW": ex["timestamp"]},
+        env={"PATH": os.environ.get("PATH", ""), "BIZ_SECRET": ex["secret"], "BIZ_NOW": ex["timestamp"],
+             "BIZ_KEY": keyed_example()["idempotency key"]},
     )
     assert done.returncode == 0, done.stderr
-    pinned, current = done.stdout.split()
-    assert pinned == ex["token"]
+    pinned, current, keyed = done.stdout.split()
+    assert pinned == ex["token"] and keyed == keyed_example()["token"]
     verifier = verifier_at(ex["secret"], time.time())
     assert verifier.verify("crm", current, "POST", "/v1/messages", ex["body"].encode()).client_id == "crm"

@@ -22,7 +22,8 @@ from test_delivery import USERS, Sidecar
 from openim_bizplugin.web.app import create_app
 from openim_bizplugin.config import load_config
 from openim_bizplugin.testing import FakeOpenIM
-from openim_bizplugin.web.ui import COOKIE_NAME, session_key
+from openim_bizplugin.web.ui import (COOKIE_NAME, SESSION_HOURS, SIGN_IN_FAILURES_IN_ALL,
+                                     SIGN_IN_FAILURES_PER_ADDRESS, SIGN_IN_WINDOW_MS, session_key)
 
 TOKEN = "operator-token-0123456789abcdef"
 EVIL = '<script>alert("pwned")</script>&amp;'  # a user id an API client may send: any string
@@ -119,6 +120,16 @@ def test_over_https_the_cookie_is_also_secure(side):
     client = side.app.test_client()
     cookie = client.post("/ui/login", data={"token": TOKEN}, base_url="https://ops.example").headers["Set-Cookie"]
     assert "Secure" in {part.strip() for part in cookie.split(";")}
+
+
+def test_behind_a_proxy_that_ends_tls_secure_cookie_marks_it_secure(tmp_path, clock):
+    config = load_config(write_config(tmp_path, {"ui": {"token": TOKEN, "secure_cookie": True}}))
+    app = create_app(config, clock=clock)
+    try:
+        cookie = sign_in(app.test_client()).headers["Set-Cookie"]  # plain HTTP from the proxy
+        assert "Secure" in {part.strip() for part in cookie.split(";")}
+    finally:
+        app.extensions["bizplugin"].close()
 
 
 def test_behind_a_path_prefix_the_cookie_follows_the_page(side):
@@ -223,6 +234,82 @@ def test_sign_out_needs_the_csrf_token_and_ends_the_session(side):
     assert "Queue depth" in page_text(client)
     signed_out = client.post("/ui/logout", data={"csrf": csrf_of(client.get("/ui"))})
     assert signed_out.status_code == 303 and 'name="token"' in page_text(client)
+
+
+def copy_of(source: Any, app: Any) -> Any:
+    """Another browser (on *app*) holding a copy of *source*'s session cookie."""
+    copy = app.test_client()
+    copy.set_cookie(COOKIE_NAME, source.get_cookie(COOKIE_NAME, path="/ui").value, path="/ui")
+    return copy
+
+
+@pytest.fixture
+def other_process(side, clock):
+    """A second app on the same store, as another worker process or replica would be."""
+    app = create_app(dataclasses.replace(side.services.config, ui_token=TOKEN), clock=clock)
+    yield app
+    app.extensions["bizplugin"].close()
+
+
+def test_after_sign_out_a_copied_cookie_opens_nothing_in_any_process(side, other_process):
+    client = side.app.test_client()
+    sign_in(client)
+    here, elsewhere = copy_of(client, side.app), copy_of(client, other_process)
+    assert "Queue depth" in page_text(here) and "Queue depth" in page_text(elsewhere)  # one session, shared
+    csrf = csrf_of(client.get("/ui"))
+    assert client.post("/ui/logout", data={"csrf": csrf}).status_code == 303
+    for copy in (here, elsewhere):
+        assert 'name="token"' in page_text(copy)
+        assert copy.post("/ui/dlq/m1/replay", data={"csrf": csrf}).status_code == 403
+    signed_out_elsewhere = other_process.test_client()
+    sign_in(signed_out_elsewhere)
+    copy = copy_of(signed_out_elsewhere, side.app)
+    signed_out_elsewhere.post("/ui/logout", data={"csrf": csrf_of(signed_out_elsewhere.get("/ui"))})
+    assert 'name="token"' in page_text(copy)
+
+
+def test_a_session_ends_after_hours_without_use_and_lasts_while_used(side, clock):
+    used, idle = side.app.test_client(), side.app.test_client()
+    sign_in(used), sign_in(idle)
+    for _ in range(3):
+        clock.advance(SESSION_HOURS * 3600 * 0.75)
+        assert "Queue depth" in page_text(used)
+    assert 'name="token"' in page_text(idle)
+
+
+def failed_sign_in(client: Any, address: str) -> Any:
+    return client.post("/ui/login", data={"token": "a-wrong-guess-of-the-token"}, environ_base={"REMOTE_ADDR": address})
+
+
+def right_sign_in(client: Any, address: str) -> Any:
+    return client.post("/ui/login", data={"token": TOKEN}, environ_base={"REMOTE_ADDR": address})
+
+
+def test_failed_sign_ins_are_throttled_per_address_in_every_process(side, other_process, clock):
+    client, elsewhere = side.app.test_client(), other_process.test_client()
+    for n in range(SIGN_IN_FAILURES_PER_ADDRESS):
+        assert failed_sign_in(client if n % 2 else elsewhere, "203.0.113.7").status_code == 401
+    for app_client in (client, elsewhere):
+        refused = right_sign_in(app_client, "203.0.113.7")  # even the right token: no more tries for now
+        assert refused.status_code == 429 and "Set-Cookie" not in refused.headers
+        assert int(refused.headers["Retry-After"]) == SIGN_IN_WINDOW_MS // 1000
+        assert "Too many failed sign-ins" in refused.get_data(as_text=True)
+    assert right_sign_in(client, "198.51.100.1").status_code == 303  # another operator is not locked out
+    clock.advance(SIGN_IN_WINDOW_MS / 1000)
+    assert right_sign_in(side.app.test_client(), "203.0.113.7").status_code == 303
+
+
+def test_an_ipv6_client_counts_by_its_64_and_all_addresses_share_a_ceiling(side, clock):
+    client = side.app.test_client()
+    for n in range(SIGN_IN_FAILURES_PER_ADDRESS):
+        failed_sign_in(client, f"2001:db8:0:1::{n + 1:x}")
+    assert right_sign_in(client, "2001:db8:0:1:ffff::1").status_code == 429  # the same /64
+    assert right_sign_in(client, "2001:db8:0:2::1").status_code == 303
+    for n in range(SIGN_IN_FAILURES_PER_ADDRESS, SIGN_IN_FAILURES_IN_ALL):
+        assert failed_sign_in(client, f"192.0.2.{n}").status_code == 401
+    assert right_sign_in(side.app.test_client(), "198.51.100.1").status_code == 429  # guessers on many addresses
+    clock.advance(SIGN_IN_WINDOW_MS / 1000)
+    assert right_sign_in(side.app.test_client(), "198.51.100.1").status_code == 303
 
 
 def test_storage_trouble_is_an_error_page_not_a_traceback(side):

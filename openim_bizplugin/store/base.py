@@ -404,6 +404,24 @@ class Store(Protocol):
     def presence_counts(self) -> PresenceCounts:
         """Users whose last presence report says online (on any platform), and the others known."""
 
+    # -- the operator page's sessions and sign-in throttle, the same for every process (see ui) --
+    def open_session(self, session_id: str, now_ms: int, expires_ms: int) -> None:
+        """Keep a session open until *expires_ms* (and forget sessions that ended by *now_ms*)."""
+
+    def touch_session(self, session_id: str, now_ms: int, expires_ms: int) -> bool:
+        """Whether the session is open at *now_ms*; when it is, it now lasts until *expires_ms*."""
+
+    def close_session(self, session_id: str) -> None:
+        """End a session at once, for every process and replica."""
+
+    def count_failure(self, name: str, now_ms: int, window_ms: int) -> int:
+        """Count one failure under *name*; returns the failures in its window, which starts at the
+        first failure and lasts *window_ms* (then counting starts again)."""
+
+    def failures(self, name: str, now_ms: int) -> tuple[int, int]:
+        """The failures counted under *name* in its current window and when the window ends,
+        ``(0, now_ms)`` when there is none."""
+
     # -- after sending: callbacks, presence, receipts, events (see sqlite_tracking) --
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
         """Keep a callback for processing; False when (command, natural_key) was seen."""

@@ -32,6 +32,7 @@ integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
     cursor:<name>      hash    a subscriber's position; cursors: set of names
     cb:<id> cb:pending cb:done cb:seq cb:seen:<n>:<command>:<key>   the callback inbox
     token:<name>       hash    shared credentials; lock:<name>: SET NX PX locks
+    session:<id> failures:<name>   the operator page's sessions and sign-in throttle (redis_sessions)
 
 One sorted set holds all work, as SQLite's one ``recipients_due`` index does:
 a lease moves a member's score to its lease expiry, so work whose worker died
@@ -75,6 +76,7 @@ from .base import (
     recipient_data,
 )
 from .redis_errors import translated
+from .redis_sessions import RedisSessionsMixin
 from .redis_tracking import RedisTrackingMixin
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ def durability_plan(version: str, appendonly: str | None, appendfsync: str | Non
                    " of accepted messages (use appendfsync always, or Redis 7.2+ for WAITAOF)")
 
 
-class RedisStore(RedisTrackingMixin):
+class RedisStore(RedisTrackingMixin, RedisSessionsMixin):
     """Redis implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     @translated

@@ -44,6 +44,7 @@ from .base import (
     recipient_data,
 )
 from .sqlite_file import SqliteFile
+from .sqlite_sessions import SessionsMixin
 from .sqlite_tracking import TrackingMixin
 
 SCHEMA_VERSION = 7  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases;
@@ -384,7 +385,7 @@ def _outcome_row(item: WorkItem, outcome: Outcome) -> tuple:
             int(outcome.uncounted and item.counted), item.message_id, item.seq, item.operation_id, item.lease_owner)
 
 
-class SqliteStore(TrackingMixin):
+class SqliteStore(TrackingMixin, SessionsMixin):
     """SQLite implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset(),

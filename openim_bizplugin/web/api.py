@@ -28,7 +28,7 @@ def _verified(body: bytes) -> VerifiedRequest:
     svc = services()
     verified = svc.verifier.verify(
         request.headers.get("X-Biz-Client"), request.headers.get("X-Biz-Signature"),
-        request.method, path_and_query(request.environ), body)
+        request.method, path_and_query(request.environ), body, request.headers.get("Idempotency-Key"))
     svc.limiter.check(verified.client_id)
     return verified
 

@@ -50,7 +50,7 @@ def plugin_app(config: Config, svc: Services) -> Flask:
     app.register_blueprint(ops.bp)
     app.register_blueprint(metrics.bp)
     if config.ui_token:  # the operator page; without [ui] token it does not exist (a plain 404)
-        ui.init_app(app, config.ui_token)  # also the session key (from the token) and cookie flags
+        ui.init_app(app, config.ui_token, secure_cookie=config.ui_secure_cookie)  # session key, cookie flags
     app.add_url_rule("/openapi.json", "openapi", _openapi)
     app.wsgi_app = callbacks.CallbackEndpoint(app.wsgi_app, svc, app.extensions[metrics.EXTENSION])  # type: ignore[method-assign]
     app.register_error_handler(BizError, _problem_response)

@@ -118,6 +118,8 @@ def build_openapi(catalog: Catalog) -> dict[str, Any]:
             "/v1/messages": {"post": {
                 "operationId": "sendMessage", "security": signed,
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                "description": "Covered by X-Biz-Signature when sent (README, 'Signing"
+                                               " requests'); or put idempotency_key in the body.",
                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/MessageRequest"}}}},

@@ -4,11 +4,20 @@ Off unless ``[ui] token`` is set: then this blueprint is not registered at all
 and ``/ui`` is a 404 like any unknown path. The page asks once for the token
 in a form (compared in constant time) and then keeps Flask's signed session
 cookie: HttpOnly, SameSite=Strict, scoped to ``/ui``, Secure when served over
-HTTPS, ending after SESSION_HOURS without use. Its signing key is derived from
-the token, so changing the token signs every operator out. Every
+HTTPS or when ``[ui] secure_cookie`` says so (behind a proxy that ends TLS).
+Its signing key is derived from the token, so changing the token signs every
+operator out. The cookie names a session kept in the store, shared by every
+process and replica: signing out ends it there, so a copy of the cookie stops
+working too, and so does a session unused for SESSION_HOURS. Every
 state-changing request (a dead-letter replay, signing out) is a POST carrying
 the session's CSRF token; signing in needs none, since it needs the operator
 token, which a forging site does not have.
+
+Failed sign-ins are counted in the store per client address (an IPv6 client by
+its /64, which one host usually holds whole) and for all addresses together;
+over either limit, sign-in is refused with 429 until the window ends, whatever
+the token. Per address, so one guesser does not lock out every operator; in
+all, so guessers on many addresses get no more tries than that.
 
 Templates autoescape everything: recipient ids, errors and types are data an
 API client chose. The page shows no secret, no envelope payload and no receipt
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
 from dataclasses import dataclass
@@ -39,18 +49,23 @@ log = logging.getLogger(__name__)
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates")
 
 SESSION_HOURS = 8
+SESSION_MS = SESSION_HOURS * 3_600_000
 COOKIE_NAME = "bizplugin_ui"
+SIGN_IN_WINDOW_MS = 600_000  # failed sign-ins are counted in windows of 10 minutes
+SIGN_IN_FAILURES_PER_ADDRESS = 10
+SIGN_IN_FAILURES_IN_ALL = 100
 SHOWN_MESSAGES, SHOWN_RECIPIENTS, SHOWN_FAILURES, SHOWN_DEAD_LETTERS = 20, 50, 50, 50
 # no scripts at all; the one stylesheet is inline in the template
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; form-action 'self';"
                            " frame-ancestors 'none'; base-uri 'none'")
 
 
-def init_app(app: Flask, token: str) -> None:
-    """Turn the operator page on for *app*, guarded by *token*."""
+def init_app(app: Flask, token: str, *, secure_cookie: bool = False) -> None:
+    """Turn the operator page on for *app*, guarded by *token*; *secure_cookie* marks the
+    cookie Secure also when the request came over plain HTTP (from a proxy that ended TLS)."""
     app.secret_key = session_key(token)
     app.config.update(SESSION_COOKIE_NAME=COOKIE_NAME, SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
-                      PERMANENT_SESSION_LIFETIME=timedelta(hours=SESSION_HOURS))
+                      SESSION_COOKIE_SECURE=secure_cookie, PERMANENT_SESSION_LIFETIME=timedelta(hours=SESSION_HOURS))
     app.session_interface = _SessionInterface()
     app.extensions["bizplugin.ui_token_digest"] = _digest(token)
     app.register_blueprint(bp)
@@ -68,7 +83,7 @@ def _digest(text: str) -> bytes:
 
 class _SessionInterface(SecureCookieSessionInterface):
     """Flask's signed-cookie session, sent only to the page (also when mounted under a path
-    prefix) and marked Secure whenever the page is served over HTTPS."""
+    prefix) and marked Secure whenever the page is served over HTTPS or SESSION_COOKIE_SECURE."""
 
     def get_cookie_path(self, app: Flask) -> str:
         return request.script_root + (bp.url_prefix or "")
@@ -104,8 +119,50 @@ def _now_ms() -> int:
     return int(_services().clock() * 1000)
 
 
+def _session_id(token: str) -> str:
+    """What the store knows a session by: a digest, so a copy of the store opens no session."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def _signed_in() -> bool:
-    return session.get("operator") is True and bool(session.get("csrf"))
+    """A signed cookie naming a session the store still holds (used now: it lasts longer)."""
+    if not (session.get("operator") is True and session.get("csrf") and isinstance(session.get("sid"), str)):
+        return False
+    now_ms = _now_ms()
+    return _services().store.touch_session(_session_id(session["sid"]), now_ms, now_ms + SESSION_MS)
+
+
+def _address_key() -> str:
+    """Whose failed sign-ins these are: the client address, an IPv6 one by its /64."""
+    address = request.remote_addr or "unknown"
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:  # ::ffff:192.0.2.1 is that IPv4 client
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+def _sign_in_refused_until() -> int | None:
+    """When sign-in opens again for this address, if too many sign-ins failed lately."""
+    store, now_ms = _services().store, _now_ms()
+    # checked before the token and counted after it: requests racing past the check at once
+    # may go a few over a limit, never more than the server's concurrent requests
+    for name, limit in ((f"ui-sign-in:{_address_key()}", SIGN_IN_FAILURES_PER_ADDRESS),
+                        ("ui-sign-in:*", SIGN_IN_FAILURES_IN_ALL)):
+        failures, ends_ms = store.failures(name, now_ms)
+        if failures >= limit:
+            return ends_ms
+    return None
+
+
+def _count_failed_sign_in() -> None:
+    store, now_ms = _services().store, _now_ms()
+    store.count_failure(f"ui-sign-in:{_address_key()}", now_ms, SIGN_IN_WINDOW_MS)
+    store.count_failure("ui-sign-in:*", now_ms, SIGN_IN_WINDOW_MS)
 
 
 def _require_post_rights() -> None:
@@ -126,14 +183,24 @@ def overview() -> Any:
 
 @bp.post("/login")
 def login() -> Any:
+    refused_until = _sign_in_refused_until()
+    if refused_until is not None:
+        wait_s = max(-(-(refused_until - _now_ms()) // 1000), 1)
+        log.warning("operator page: sign-in throttled for %s", request.remote_addr,
+                    extra={"event": "ui.sign_in_throttled", "remote": request.remote_addr})
+        error = f"Too many failed sign-ins. Try again in {-(-wait_s // 60)} minute(s)."
+        return render_template("ui/login.html", error=error), 429, {"Retry-After": str(wait_s)}
     expected = current_app.extensions["bizplugin.ui_token_digest"]
     if not hmac.compare_digest(_digest(request.form.get("token", "")), expected):
+        _count_failed_sign_in()
         log.warning("operator page: sign-in refused (wrong token) from %s", request.remote_addr,
                     extra={"event": "ui.sign_in_refused", "remote": request.remote_addr})
         return render_template("ui/login.html", error="That is not the operator token."), 401
+    session_token, now_ms = secrets.token_urlsafe(32), _now_ms()
+    _services().store.open_session(_session_id(session_token), now_ms, now_ms + SESSION_MS)
     session.clear()
     session.permanent = True  # the cookie ends after SESSION_HOURS, not only when the browser closes
-    session.update(operator=True, csrf=secrets.token_urlsafe(32))
+    session.update(operator=True, csrf=secrets.token_urlsafe(32), sid=session_token)
     log.info("operator page: signed in from %s", request.remote_addr,
              extra={"event": "ui.signed_in", "remote": request.remote_addr})
     return redirect(url_for("ui.overview"), 303)
@@ -142,6 +209,7 @@ def login() -> Any:
 @bp.post("/logout")
 def logout() -> Any:
     _require_post_rights()
+    _services().store.close_session(_session_id(session["sid"]))  # in every process: copies of the cookie too
     session.clear()
     return redirect(url_for("ui.overview"), 303)
 

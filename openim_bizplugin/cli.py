@@ -58,8 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("message_id", nargs="?", help="one message")
     which.add_argument("--all", action="store_true", help="every dead letter")
 
-    doctor = command("doctor", "check config, OpenIM admin token and sender; print webhooks.yml lines")
-    doctor.add_argument("--public-url", help="how OpenIM reaches this sidecar (default: server address)")
+    doctor = command("doctor", "check config, OpenIM, sender account and the callback URL")
+    doctor.add_argument("--public-url", help="how OpenIM reaches this sidecar (default: server address); "
+                        "also posts a harmless callback there to check the URL end to end")
+    doctor.add_argument("--from", dest="from_file", metavar="FILE",
+                        help="OpenIM's webhooks.yml: check that it points at this sidecar")
+
+    webhooks = command("webhooks", "print OpenIM's webhooks.yml with the sidecar's keys changed in place")
+    webhooks.add_argument("--from", dest="from_file", metavar="FILE", required=True,
+                          help="the webhooks.yml OpenIM reads now (config/webhooks.yml)")
+    webhooks.add_argument("--public-url", help="how OpenIM reaches this sidecar (default: server address)")
 
     demo = command("demo", "run the fake OpenIM and a sidecar, send each type, show what apps receive")
     demo.add_argument("--schemas", help="catalogue folder (default: the config's schemas.dir with -c, "
@@ -116,6 +124,7 @@ def run(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     except SystemExit as exc:  # argparse already printed usage and one error line
         return EXIT_USAGE if exc.code else EXIT_OK
     handler = _HANDLERS[args.command]
+    args.stderr = stderr  # for commands whose standard output is data (webhooks): their notes
     try:
         return handler(args, stdout)
     except ConfigError as exc:
@@ -177,7 +186,24 @@ def _dlq(args: argparse.Namespace, stdout: TextIO) -> int:
 def _doctor(args: argparse.Namespace, stdout: TextIO) -> int:
     from .doctor import run_doctor
 
-    return EXIT_OK if run_doctor(_config(args), stdout, args.public_url) else EXIT_FAILED
+    ok = run_doctor(_config(args), stdout, args.public_url, args.from_file)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _webhooks(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .webhooks import WebhooksFileError, edit_webhooks, read_webhooks
+
+    config = _config(args)
+    try:
+        edited = edit_webhooks(read_webhooks(args.from_file), config, args.public_url, name=args.from_file)
+    except WebhooksFileError as exc:
+        raise CommandError(str(exc)) from None
+    stdout.write(edited.text)
+    summary = ", ".join(edited.changed) if edited.changed else "nothing: it already points at this sidecar"
+    print(f"openim-bizplugin: changed {summary}", file=args.stderr)
+    for note in edited.notes:
+        print(f"openim-bizplugin: note: {note}", file=args.stderr)
+    return EXIT_OK
 
 
 def _demo(args: argparse.Namespace, stdout: TextIO) -> int:
@@ -294,5 +320,6 @@ def _print_json(value: Any, stdout: TextIO) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False), file=stdout)
 
 
-_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "doctor": _doctor, "demo": _demo, "init": _init, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
+_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "doctor": _doctor, "webhooks": _webhooks, "demo": _demo,
+             "init": _init, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
              "send": _send, "status": _status}

@@ -48,6 +48,7 @@ class OpenIMConfig:
     sender_id: str
     timeout_seconds: float = 10.0
     check_recipients: bool = False
+    token_recheck_seconds: float = 5.0  # while OpenIM refuses the admin token, ask again this often
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,7 @@ def _openim(s: _Section) -> OpenIMConfig:
         sender_id=s.str("sender_id"),
         timeout_seconds=s.float("timeout_seconds", 10.0),
         check_recipients=s.bool("check_recipients", False),
+        token_recheck_seconds=s.float("token_recheck_seconds", 5.0),
     )
     s.done()
     return cfg

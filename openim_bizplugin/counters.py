@@ -9,11 +9,16 @@ What is counted (all counters end in ``_total`` on the wire)::
     bizplugin_recipients_retried{type}              an attempt failed and will be tried again
     bizplugin_recipients_held{type}                 held while the user is offline (offline = "hold")
     bizplugin_recipients_skipped{type}              skipped: the user was offline (offline = "drop")
+    bizplugin_recipients_waiting{type}              put back without spending an attempt: OpenIM
+                                                    refused the admin token (see the gauge below)
     bizplugin_recipients_throttled{type,policy}     over the type's rate limit: policy "delay" or "drop"
     bizplugin_callbacks_received{command,result}    OpenIM callbacks: stored, duplicate, ignored, ...
     bizplugin_callbacks_processed{command,result}   stored callbacks applied ("applied") or not ("error")
     bizplugin_openim_request_duration_seconds{endpoint,err_code}   histogram, one HTTP attempt each
     bizplugin_queue_depth{priority}                 gauge: recipients with work left, read at scrape time
+    bizplugin_openim_admin_token_refused{err_code}  gauge: 1 while OpenIM refuses this process the admin
+                                                    token (1002 wrong secret, 1001 not an admin user id,
+                                                    1004 admin user missing); delivery waits meanwhile
 
 Each app has its own registry, not prometheus-client's global default, so
 several apps in one process (tests, the demo) never collide. Within a process
@@ -32,7 +37,7 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .errors import StorageUnavailable
@@ -48,6 +53,7 @@ _RECIPIENT_COUNTERS = (
     ("retried", "Attempts that failed and will be tried again"),
     ("held", "Recipients held while the user is offline (offline = hold)"),
     ("skipped", "Recipients skipped because the user was offline (offline = drop)"),
+    ("waiting", "Recipients put back without spending an attempt: OpenIM refused the admin token"),
 )
 
 
@@ -72,6 +78,9 @@ class Metrics:
         self._openim = Histogram("bizplugin_openim_request_duration_seconds", "One HTTP attempt to OpenIM's REST "
                                  "API, by endpoint and errCode (http-<status> without an OpenIM answer, network "
                                  "without any)", ["endpoint", "err_code"], registry=r)
+        self._token_refused = Gauge("bizplugin_openim_admin_token_refused", "1 while OpenIM refuses this process "
+                                    "the admin token, by errCode (1002 wrong secret, 1001 not an admin user id, "
+                                    "1004 admin user missing): delivery waits", ["err_code"], registry=r)
         if store is not None:
             r.register(QueueDepth(store))
 
@@ -102,6 +111,12 @@ class Metrics:
     def openim_call(self, endpoint: str, err_code: str, seconds: float) -> None:
         self._openim.labels(endpoint, err_code).observe(seconds)
 
+    def admin_token_refused(self, err_code: int | None) -> None:
+        """OpenIM refuses the admin token with *err_code*, or (None) grants it again."""
+        self._token_refused.clear()  # one refusal at a time: the gauge names the current one
+        if err_code is not None:
+            self._token_refused.labels(str(err_code)).set(1)
+
     def exposition(self) -> bytes:
         """The Prometheus text of this registry, as ``GET /metrics`` answers it."""
         return generate_latest(self.registry)
@@ -131,6 +146,9 @@ class _Discard(Metrics):
     def openim_call(self, endpoint: str, err_code: str, seconds: float) -> None:
         pass
 
+    def admin_token_refused(self, err_code: int | None) -> None:
+        pass
+
     def exposition(self) -> bytes:
         return b""
 
@@ -141,7 +159,7 @@ DISCARD: Metrics = _Discard()
 def _outcome_kind(item: WorkItem, outcome: Outcome) -> tuple[str, str]:
     """Which counter an outcome adds to: a retry carries its error, a rate-limit delay does not."""
     if outcome.status == "queued":
-        kind = "retried" if outcome.error else "throttled:delay"
+        kind = ("waiting" if outcome.uncounted else "retried") if outcome.error else "throttled:delay"
     elif outcome.status == "throttled":
         kind = "throttled:drop"
     else:

@@ -1,47 +1,48 @@
-"""``openim-bizplugin doctor``: is this sidecar ready to talk to OpenIM?
+"""``openim-bizplugin doctor``: is this sidecar ready to talk to OpenIM, and OpenIM to it?
 
-Checks the config, the catalogue and the store, obtains an OpenIM admin
-token, checks that the sender account exists, and prints the
-``webhooks.yml`` lines that point OpenIM's callbacks at this sidecar.
+Checks the config, the catalogue and the store; asks OpenIM itself for an
+admin call (bounded: a hung OpenIM is a failure after a few seconds, and a
+cached token proves nothing); checks that the sender account exists; with
+``--from``, that OpenIM's ``webhooks.yml`` points at this sidecar; with
+``--public-url``, that a callback posted to that URL reaches this sidecar
+(OpenIM takes a 404 for "continue" and logs success, so a wrong URL or token
+would lose every callback without a trace). Without ``--from`` it prints the
+sidecar's ``webhooks.yml`` keys, to be changed where they stand.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TextIO
+
+import requests
 
 from .config import Config
 from .errors import BizError
 from .openim.client import OpenIMError
 from .services import Services
 from .store import shown_url
+from .webhooks import WebhooksFileError, callback_url, edit_webhooks, fragment, read_webhooks
 
-# The callbacks the sidecar understands (SPEC §6); before-hooks stay off: they
-# block OpenIM's sending whenever the sidecar is down (failedContinue is ignored).
-_AFTER_HOOKS = ("afterSendSingleMsg", "afterSendGroupMsg", "afterMsgSaveDB", "afterSingleMsgRead",
-                "afterGroupMsgRead", "afterUserOnline", "afterUserOffline")
-
-
-def webhooks_yml(config: Config, public_url: str | None = None) -> str:
-    """The fragment of OpenIM's ``config/webhooks.yml`` for this sidecar."""
-    base = public_url or f"http://{config.server.host}:{config.server.port}"
-    lines = [f"url: {base.rstrip('/')}/openim/callback/{config.callback_token}"]
-    for hook in _AFTER_HOOKS:
-        lines += [f"{hook}:", "  enable: true", "  timeout: 5"]
-        if hook == "afterSendSingleMsg":
-            # only receipts sent to the sender account matter; keeps chat traffic away
-            lines.append(f"  attentionIds: [{config.openim.sender_id}]")
-    return "\n".join(lines)
+# OpenIM posts <url>/<callbackCommand>; the sidecar answers a command it does not know
+# with "continue" and stores nothing, so this one is harmless
+PROBE_COMMAND = "callbackBizpluginDoctorCommand"
+PROBE_TIMEOUT_SECONDS = 3.0
 
 
-def run_doctor(config: Config, out: TextIO, public_url: str | None = None) -> bool:
+class CheckFailed(Exception):
+    """One check failed; the message says why in one line."""
+
+
+def run_doctor(config: Config, out: TextIO, public_url: str | None = None, webhooks_file: str | None = None) -> bool:
     """Print one line per check; True when every check passed."""
     ok = True
 
-    def check(name: str, action) -> None:
+    def check(name: str, action: Callable[[], str]) -> None:
         nonlocal ok
         try:
             print(f"ok    {name}: {action()}", file=out)
-        except (OpenIMError, BizError, OSError) as exc:
+        except (CheckFailed, OpenIMError, BizError, OSError, WebhooksFileError) as exc:
             ok = False
             print(f"FAIL  {name}: {exc}", file=out)
 
@@ -51,18 +52,66 @@ def run_doctor(config: Config, out: TextIO, public_url: str | None = None) -> bo
         types = services.catalog.types()
         print(f"ok    schemas: {len(types)} types in {config.schemas_dir}", file=out)
         check("storage", lambda: (services.store.ping(), shown_url(config.storage.url))[1])
-        check("OpenIM admin token", lambda: (services.openim.admin_token(),
-                                             f"obtained from {config.openim.api_url} as {config.openim.admin_user_id}")[1])
-        check("sender account", lambda: _sender_exists(services, config.openim.sender_id))
+        status = services.openim_readiness.check()  # OpenIM itself, not a token kept from earlier
+        check("OpenIM admin token", lambda: _openim(status.ok, status.detail, config))
+        if status.sender_registered is not None:
+            check("sender account", lambda: _sender(status.sender_registered, config.openim.sender_id))
     finally:
         services.close()
-    print("\n# Paste into OpenIM's config/webhooks.yml (keep the URL secret: it holds the callback token)",
-          file=out)
-    print(webhooks_yml(config, public_url), file=out)
+    if webhooks_file is not None:
+        check("webhooks.yml", lambda: _webhooks_file(config, public_url, webhooks_file))
+    if public_url is not None:
+        check("callback URL", lambda: _callback_reaches_sidecar(config, public_url))
+    if webhooks_file is None:
+        print("\n# Set these keys in OpenIM's config/webhooks.yml where they stand: do NOT append them.\n"
+              "# The stock file already has every one of them, and OpenIM refuses to start when a key\n"
+              "# appears twice. `openim-bizplugin webhooks -c CONFIG --from webhooks.yml` prints the\n"
+              "# whole file with them changed. Keep the URL secret: it holds the callback token.", file=out)
+        print(fragment(config, public_url), file=out)
     return ok
 
 
-def _sender_exists(services: Services, sender_id: str) -> str:
-    if not services.openim.account_check([sender_id]).get(sender_id):
-        raise OSError(f"{sender_id!r} is not a registered OpenIM user; register it or change openim.sender_id")
+def _openim(ok: bool, detail: str, config: Config) -> str:
+    if not ok:
+        raise CheckFailed(detail)
+    return f"OpenIM at {config.openim.api_url} accepted an admin call as {config.openim.admin_user_id} just now"
+
+
+def _sender(registered: bool, sender_id: str) -> str:
+    if not registered:
+        raise CheckFailed(f"{sender_id!r} is not a registered OpenIM user; register it or change openim.sender_id")
     return f"{sender_id!r} is registered"
+
+
+def _webhooks_file(config: Config, public_url: str | None, path: str) -> str:
+    edited = edit_webhooks(read_webhooks(path), config, public_url, name=path)
+    if edited.changed:
+        raise CheckFailed(f"{path} differs in {', '.join(edited.changed)}: `openim-bizplugin webhooks -c "
+                          f"{config.path} --from {path}` prints it with them changed")
+    return f"{path} points at this sidecar with the hooks it uses"
+
+
+def _callback_reaches_sidecar(config: Config, public_url: str) -> str:
+    """Post a harmless callback where OpenIM will, and check that this sidecar answered it."""
+    url = callback_url(config, public_url)
+    shown = url.replace(config.callback_token, "***")  # the token is a secret
+    try:
+        response = requests.post(f"{url}/{PROBE_COMMAND}", json={"callbackCommand": PROBE_COMMAND},
+                                 headers={"operationID": "bizplugin-doctor"}, timeout=PROBE_TIMEOUT_SECONDS,
+                                 allow_redirects=False)
+    except requests.RequestException as exc:
+        raise CheckFailed(f"no answer from {shown} ({type(exc).__name__}); is the sidecar running there, "
+                          "and does this host reach it as OpenIM does?") from None
+    if response.status_code == 404:
+        raise CheckFailed(f"{shown} answered 404: no sidecar with this [callbacks] token there. OpenIM takes a "
+                          "404 for 'continue' and logs success, so every callback would be lost silently")
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    continued = isinstance(answer, dict) and (answer.get("actionCode"), answer.get("errCode"),
+                                              answer.get("nextCode")) == (0, 0, 0)
+    if response.status_code != 200 or not continued:
+        raise CheckFailed(f"{shown} answered HTTP {response.status_code} without the sidecar's 'continue': "
+                          "something else answers there")
+    return f"{shown} reaches this sidecar (it answered a test callback with 'continue')"

@@ -15,6 +15,7 @@ from .catalog.registry import Catalog
 from .config import Config
 from .delivery.engine import DeliveryEngine, build_engine
 from .openim.client import OpenIMClient
+from .openim.readiness import OpenIMReadiness
 from .ratelimit import ClientRateLimiter
 from .signing import RequestVerifier
 from .store import open_store
@@ -40,6 +41,7 @@ class Services:
     subscribers: SubscriberDispatcher
     callbacks: CallbackProcessor
     clock: Callable[[], float]
+    openim_readiness: OpenIMReadiness  # OpenIM asked itself, bounded: /readyz and doctor
 
     @classmethod
     def build(cls, config: Config, *, clock: Callable[[], float] = time.time) -> Services:
@@ -54,14 +56,17 @@ class Services:
         store = open_store(config.storage, frozenset(e for s in config.subscribers for e in s.events),
                            config.delivery.batch_size)
         owner = process_owner()
-        openim = OpenIMClient(config.openim, store, clock=clock, owner=owner)
+        openim = OpenIMClient(config.openim, store, clock=clock, owner=owner,
+                              refusal_recheck_seconds=config.openim.token_recheck_seconds)
         subscribers = SubscriberDispatcher(config, store, owner=owner)
         engine = build_engine(config, store, openim, clock, owner, on_events=subscribers.wake)
         # processed callbacks emit events and may release held recipients
         callbacks = CallbackProcessor(config, store, clock, on_change=subscribers.wake,
                                       on_online=engine.wake)
         limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
-        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock)
+        readiness = OpenIMReadiness(openim, config.openim.sender_id, clock=clock)
+        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock,
+                   readiness)
 
     def start_background(self) -> None:
         """Run delivery workers and event dispatch in this process (serve, worker)."""

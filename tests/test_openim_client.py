@@ -460,14 +460,56 @@ def test_refresh_lock_is_released(rsps, client, store):
     assert store.locks == {}
 
 
-def test_wrong_secret_is_permanent_and_does_not_leak(rsps, client):
+def test_wrong_secret_is_a_refusal_of_the_deployment_and_does_not_leak(rsps, client):
     rsps.post(API + "/auth/get_admin_token", json=envelope(code=1002, msg="NoPermissionError", dlt="secret invalid"))
     with pytest.raises(OpenIMError) as info:
         client.send_msg(send_id="b", content={"data": "x"}, recv_id="u", operation_id="o")
     err = info.value
-    assert err.endpoint == "/auth/get_admin_token" and err.err_code == 1002 and not err.retryable
+    assert err.endpoint == "/auth/get_admin_token" and err.err_code == 1002
+    assert err.token_refused and err.retryable and not err.outcome_unknown  # not the message's fault
     assert "/auth/get_admin_token" in str(err) and SECRET not in str(err) and SECRET not in repr(err.args)
     assert not calls_to(rsps, "/msg/send_msg")
+
+
+REFUSALS = [(1002, "NoPermissionError", "secret invalid"),
+            (1001, "ArgsError", "userID is error., userID=imAdmin, adminUserID=[ops]"),
+            (1004, "RecordNotFoundError", "user not found")]
+
+
+@pytest.mark.parametrize("code, msg, dlt", REFUSALS)
+def test_a_refusal_is_asked_again_only_after_the_recheck_interval(rsps, client, clock, code, msg, dlt):
+    rsps.post(API + "/auth/get_admin_token", json=envelope(code=code, msg=msg, dlt=dlt))
+    for _ in range(5):  # delivery rounds and probes in the meantime cost OpenIM nothing
+        with pytest.raises(OpenIMError) as info:
+            client.admin_token()
+        assert info.value.token_refused and info.value.err_code == code
+    assert len(calls_to(rsps, "/auth/get_admin_token")) == 1
+    clock.now += 5.0  # refusal_recheck_seconds
+    rsps.replace(responses.POST, API + "/auth/get_admin_token",
+                 json=envelope({"token": TOKEN, "expireTimeSeconds": 90 * DAY}))
+    assert client.admin_token() == TOKEN
+    assert len(calls_to(rsps, "/auth/get_admin_token")) == 2
+
+
+def test_other_token_failures_are_no_refusal(rsps, client):
+    rsps.post(API + "/auth/get_admin_token", json=envelope(code=500, msg="ServerInternalError", dlt="redis down"))
+    with pytest.raises(OpenIMError) as info:
+        client.admin_token()
+    assert not info.value.token_refused
+
+
+def test_a_token_refused_after_a_secret_change_is_never_offered_again(rsps, client, store, clock):
+    seed(store)  # the token of the old secret, valid for 90 days by its own claims
+    rsps.post(API + "/msg/send_msg", json=envelope(code=1505, msg="signature is invalid"))
+    rsps.post(API + "/auth/get_admin_token", json=envelope(code=1002, msg="NoPermissionError", dlt="secret invalid"))
+    with pytest.raises(OpenIMError) as info:
+        client.send_msg(send_id="b", content={"data": "x"}, recv_id="u", operation_id="o")
+    assert info.value.token_refused
+    with pytest.raises(OpenIMError):  # not the dead token from memory or the store: the refusal
+        client.admin_token()
+    store.save_token(TOKEN_NAME, TOKEN2, int((NOW + DAY) * 1000))  # a replica with the new secret got one
+    assert client.admin_token() == TOKEN2
+    assert len(calls_to(rsps, "/auth/get_admin_token")) == 1
 
 
 def test_echoed_secret_is_scrubbed(rsps, client):

@@ -45,3 +45,45 @@ def test_readyz_answers_within_a_few_seconds_when_openim_hangs(side, fake):
     ready = side.app.test_client().get("/readyz")
     assert time.monotonic() - started < 5
     assert ready.status_code == 503 and "no answer" in ready.get_json()["checks"]["openim"]
+
+
+def test_readyz_asks_openim_itself_not_the_token_it_holds(side, fake, clock):
+    client = side.app.test_client()
+    assert client.get("/readyz").status_code == 200  # the admin token is held from now on (90 days)
+    fake.refuse_connections()  # OpenIM goes down
+    clock.advance(3)  # past the few seconds an answer is reused
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "/user/account_check" in ready.get_json()["checks"]["openim"]
+    fake.accept_connections()
+    clock.advance(3)
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_with_a_held_token_answers_within_a_few_seconds_when_openim_hangs(side, fake, clock):
+    client = side.app.test_client()
+    assert client.get("/readyz").status_code == 200
+    fake.delay_next("/user/account_check", 8, times=3)
+    clock.advance(3)
+    started = time.monotonic()
+    ready = client.get("/readyz")
+    assert time.monotonic() - started < 5
+    assert ready.status_code == 503 and "no answer from OpenIM" in ready.get_json()["checks"]["openim"]
+
+
+def test_readyz_reuses_an_answer_for_a_few_seconds_only(side, fake, clock):
+    client = side.app.test_client()
+    for _ in range(5):  # a probe storm costs OpenIM one call
+        assert client.get("/readyz").status_code == 200
+    assert len(fake.calls_to("/user/account_check")) == 1
+    clock.advance(2.5)
+    assert client.get("/readyz").status_code == 200
+    assert len(fake.calls_to("/user/account_check")) == 2
+
+
+def test_readyz_says_openim_refuses_the_admin_token(side, fake):
+    fake.change_secret("changed-on-openim")
+    ready = side.app.test_client().get("/readyz")
+    assert ready.status_code == 503
+    detail = ready.get_json()["checks"]["openim"]
+    assert detail.startswith("OpenIM refuses the admin token") and "1002" in detail and "secret invalid" in detail
+    assert "changed-on-openim" not in detail and "openIM123" not in detail

@@ -65,7 +65,8 @@ class DeliveryEngine:
         holds the lease (renewing it when less than one OpenIM timeout is
         left), so a slow round never sends what another worker has taken over.
         """
-        self._warm_token()
+        if not self._warm_token():
+            return 0
         lease_ms = int(self.config.delivery.lease_seconds * 1000)
         items = self.store.lease(self._now_ms(), self.config.delivery.batch_size, lease_ms, self.owner,
                                  self.sender.openim.new_operation_id,
@@ -112,13 +113,15 @@ class DeliveryEngine:
         self._last_preempt_check_ms = now_ms
         return self.store.higher_due(rank, now_ms)
 
-    def _warm_token(self) -> None:
-        # Fetch (or wait for) the admin token before leasing, so a slow token
-        # refresh never eats into the leases; failures surface on the calls.
+    def _warm_token(self) -> bool:
+        """Fetch (or wait for) the admin token before leasing, so a slow token refresh never
+        eats into the leases; other failures surface on the calls. False while OpenIM refuses
+        the token: nothing can be sent, so nothing is leased (and no attempt spent)."""
         try:
             self.sender.openim.admin_token()
-        except OpenIMError:
-            pass
+        except OpenIMError as error:
+            return not error.token_refused
+        return True
 
     def _record(self, results: Results) -> None:
         if not results:
@@ -134,6 +137,9 @@ class DeliveryEngine:
         """Turn a failed attempt into a retry or a final failure."""
         settings = self.config.delivery
         text = str(error)
+        if error.token_refused:  # the deployment's state, not this recipient's: wait, spend nothing
+            return Outcome.waiting(f"waiting: OpenIM refuses the admin token ({text})",
+                                   self._now_ms() + int(self.config.openim.token_recheck_seconds * 1000))
         if not error.retryable:
             return Outcome.failed(text, f"OpenIM refused it (errCode {error.err_code})")
         if item.attempts >= settings.max_attempts:

@@ -15,6 +15,9 @@ once after refreshing the admin token.
      │                           errCode 500 (not content validation), 90000-range
      ├── retryable = False       HTTP 400 bind errors, 1001, 1002, 1004, 11xx, 12xx,
      │                           1302/1303, 1402/1403, validation 500s, any other code
+     ├── token_refused = True    /auth/get_admin_token answered 1001, 1002 or 1004 (wrong
+     │                           secret, unknown admin user): the deployment's state, not
+     │                           the call's; asked again every refusal_recheck_seconds
      └── outcome_unknown = True  the request may have reached OpenIM and no answer came:
                                  read timeout, connection dropped after sending, 5xx
                                  without an OpenIM envelope, internal errCode 500.
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 TOKEN_NAME = "openim.admin_token"
 REFRESH_LOCK = "openim.admin_token.refresh"
 TOKEN_ERRORS = frozenset(range(1501, 1508))
+# get_admin_token: 1002 "secret invalid", 1001 "userID is error." (not an admin), 1004 "user not found"
+TOKEN_REFUSALS = frozenset({1001, 1002, 1004})
 MAX_IDS = 1000  # OpenIM caps ID arrays at 1,000
 CUSTOM = 110
 SINGLE_CHAT, GROUP_CHAT = 1, 3
@@ -76,6 +81,7 @@ class OpenIMError(Exception):
         self.endpoint, self.operation_id = endpoint, operation_id
         self.err_code, self.err_msg, self.err_dlt = err_code, err_msg, err_dlt
         self.http_status, self.retryable, self.outcome_unknown = http_status, retryable, outcome_unknown
+        self.token_refused = False  # OpenIM refuses the admin token: nothing was sent
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -221,7 +227,7 @@ class OpenIMClient:
                  clock: Callable[[], float] = time.time, refresh_margin_seconds: float = 3600,
                  owner: str | None = None, connect_timeout_seconds: float = 5.0,
                  lock_wait_seconds: float = 5.0, lock_poll_seconds: float = 0.1,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 refusal_recheck_seconds: float = 5.0, sleep: Callable[[float], None] = time.sleep) -> None:
         self._config, self._tokens, self._clock, self._sleep = config, tokens, clock, sleep
         self._session = session or _session_for(config.api_url)
         if session is None:  # one pool shared by every worker thread
@@ -235,6 +241,9 @@ class OpenIMClient:
         self._lock_ttl_ms = int((sum(self._timeout) + 5) * 1000)
         self._lock = threading.Lock()
         self._token: _Token | None = None
+        self._dead: str | None = None  # the last token OpenIM refused: never offered again
+        self._refusal: tuple[OpenIMError, float] | None = None  # OpenIM's last refusal and when
+        self._refusal_recheck = refusal_recheck_seconds
         self._op_tag, self._op_counter = secrets.token_hex(3), itertools.count()
         self.metrics: Metrics = DISCARD  # the app's, once metrics.install() hands it over
 
@@ -352,15 +361,24 @@ class OpenIMClient:
         return self._refresh(failed=None)
 
     def _usable(self, token: _Token | None, failed: str | None) -> TypeGuard[_Token]:
-        return (token is not None and token.value != failed
+        return (token is not None and token.value not in (failed, self._dead)
                 and token.expires_ms - int(self._clock() * 1000) > self._margin_ms)
 
     def _refresh(self, failed: str | None) -> str:
-        """A token other than *failed* and not near expiry: adopt one another worker made, or fetch one."""
+        """A token other than *failed* and not near expiry: adopt one another worker made, or fetch one.
+
+        While OpenIM refuses to grant one (a wrong secret, an unknown admin user), its
+        refusal is raised again without asking for refusal_recheck_seconds: delivery
+        rounds and probes then cost OpenIM nothing. A token another process obtained
+        meanwhile (a replica with the new secret) is adopted all the same.
+        """
         with self._lock:
+            if failed is not None:
+                self._dead = failed
             for candidate in (self._token, self._stored()):
                 if self._usable(candidate, failed):
                     return self._adopt(candidate)
+            self._raise_recent_refusal()
             if self._tokens.try_lock(REFRESH_LOCK, self._owner, self._lock_ttl_ms):
                 try:
                     stored = self._stored()  # another process may have saved one since we looked
@@ -392,6 +410,8 @@ class OpenIMClient:
                               operation_id, None).data
         except OpenIMError as exc:
             exc.outcome_unknown = False  # the call the token was for was never made
+            if exc.err_code in TOKEN_REFUSALS:
+                self._refused(exc)
             raise
         value = data.get("token") if isinstance(data, dict) else None
         lifetime = data.get("expireTimeSeconds") if isinstance(data, dict) else None
@@ -403,7 +423,35 @@ class OpenIMClient:
         log.info("obtained a new OpenIM admin token for %s (operationID %s, valid %d s)",
                  self._config.admin_user_id, operation_id, lifetime,
                  extra={"event": "openim.token", "operation_id": operation_id})
+        if self._refusal is not None:
+            log.warning("OpenIM grants the admin token again: delivery resumes",
+                        extra={"event": "openim.token_granted", "operation_id": operation_id})
+            self._refusal = None
+            self.metrics.admin_token_refused(None)
         return self._adopt(token)
+
+    def _refused(self, exc: OpenIMError) -> None:
+        """OpenIM refuses the admin token: remember it, and say so once (log, metric)."""
+        exc.token_refused, exc.retryable = True, True
+        if self._refusal is None:
+            log.warning("OpenIM refuses the admin token for %s (%s): delivery waits without spending attempts "
+                        "until it grants one; check [openim] secret and admin_user_id against OpenIM's share.yml",
+                        self._config.admin_user_id, exc, extra={"event": "openim.token_refused_deployment",
+                                                                "operation_id": exc.operation_id,
+                                                                "err_code": exc.err_code})
+        self._refusal = (exc, self._clock())
+        self.metrics.admin_token_refused(exc.err_code)
+
+    def _raise_recent_refusal(self) -> None:
+        if self._refusal is None:
+            return
+        refusal, at = self._refusal
+        if self._clock() - at < self._refusal_recheck:
+            again = OpenIMError(endpoint=refusal.endpoint, operation_id=refusal.operation_id,
+                                err_code=refusal.err_code, err_msg=refusal.err_msg, err_dlt=refusal.err_dlt,
+                                http_status=refusal.http_status, retryable=True)
+            again.token_refused = True
+            raise again
 
     # -- messages ------------------------------------------------------------------
     def send_business_notification(self, *, send_user_id: str, key: str, data: str, recv_user_id: str | None = None,

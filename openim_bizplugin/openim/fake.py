@@ -26,6 +26,9 @@ Run your own integration tests against it::
             im.refuse_connections()        # OpenIM down: connection refused on the same port
             im.accept_connections()        # ... and back
 
+            im.change_secret("n3w")        # share.yml secret changed: old tokens 1505, get_admin_token 1002
+            im.set_admin_user_ids(["ops"]) # imAdminUser.userIDs changed: get_admin_token 1001 for others
+
             receipt = im.receipt_message("u1001", "imAdmin", {"id": "m1", "status": "done"})
             status, reply = im.post_callback("http://127.0.0.1:8080/openim/callback/TOKEN",
                                              "callbackAfterSendSingleMsgCommand",
@@ -611,6 +614,25 @@ class FakeOpenIM:
         with self._lock:
             self._faults["/" + endpoint.lstrip("/")].extend([fault] * times)
 
+    def change_secret(self, secret: str) -> None:
+        """OpenIM restarted with another ``share.yml`` secret: tokens signed with the old one answer
+        1505 (signature is invalid), and ``get_admin_token`` with the old secret answers 1002."""
+        with self._lock:
+            self.secret = secret
+
+    def set_admin_user_ids(self, user_ids: Sequence[str]) -> None:
+        """OpenIM restarted with another ``imAdminUser.userIDs``; the new admins are created as at
+        start. ``get_admin_token`` for an id not listed answers 1001 "userID is error."."""
+        with self._lock:
+            self.admin_user_ids = tuple(user_ids)
+        self._add_users(self.admin_user_ids, level=2)
+
+    def remove_users(self, *user_ids: str) -> None:
+        """Delete user records (an admin without one gets 1004 "user not found" from get_admin_token)."""
+        with self._lock:
+            for user_id in user_ids:
+                self._users.pop(user_id, None)
+
     def expire_tokens(self) -> None:
         """Every token issued so far answers 1501 TokenExpiredError from now on."""
         with self._lock:
@@ -702,6 +724,8 @@ class FakeOpenIM:
         if body["userID"] not in self.admin_user_ids:
             admins = "[" + " ".join(self.admin_user_ids) + "]"
             raise _OpenIMError(1001, f"userID is error., userID={body['userID']}, adminUserID={admins}")
+        if body["userID"] not in self._users:      # CheckUser: the admin's user record must exist
+            raise _OpenIMError(1004, "user not found")
         if self.flavor == "main":     # CreateToken moves the user's older admin tokens to a 5-minute key
             for state in self._tokens.values():
                 if state.user_id == body["userID"] and state.platform_id == ADMIN_PLATFORM_ID \

@@ -226,6 +226,11 @@ class Outcome:
     def deferred(cls, reason: str, next_attempt_ms: int) -> Outcome:
         return cls("queued", reason=reason, next_attempt_ms=next_attempt_ms, uncounted=True)
 
+    @classmethod
+    def waiting(cls, error: str, next_attempt_ms: int) -> Outcome:
+        """Nothing was sent for a reason of the deployment's (OpenIM refuses the admin token): no attempt spent."""
+        return cls("queued", error=error, next_attempt_ms=next_attempt_ms, uncounted=True)
+
 
 @dataclass(frozen=True)
 class DeadLetter:

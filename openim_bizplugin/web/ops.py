@@ -1,8 +1,10 @@
 """Operations endpoints: ``/healthz`` (alive) and ``/readyz`` (able to work).
 
-Ready means the store answers and an OpenIM admin token can be had. The
-token check runs in a helper thread with a bound, so ``/readyz`` answers
-within a few seconds even when OpenIM hangs (orchestrators time out probes).
+Ready means the store answers and OpenIM answers an admin call now (see
+:mod:`~openim_bizplugin.openim.readiness`: asked of OpenIM itself at most a
+few seconds ago, never judged from a cached token). Both checks have a
+bound, so ``/readyz`` answers within a few seconds even when OpenIM hangs
+(orchestrators time out probes).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def healthz() -> Any:
 @bp.get("/readyz")
 def readyz() -> Any:
     services = current_app.extensions["bizplugin"]
-    checks = {"storage": _check(services.store.ping), "openim": _check(services.openim.admin_token)}
+    checks = {"storage": _check(services.store.ping), "openim": services.openim_readiness.check().detail}
     ready = all(result == "ok" for result in checks.values())
     return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503
 

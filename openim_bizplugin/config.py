@@ -93,6 +93,8 @@ class Config:
     subscribers: tuple[SubscriberConfig, ...] = ()
     ui_token: str | None = None
     callback_retention_seconds: int = 3_600  # processed callbacks (and their dedupe keys) kept this long
+    callback_spool_dir: Path | None = None  # None: beside the SQLite file, or a temp folder for Redis
+    callback_spool_max_bytes: int = 64 * 1024 * 1024  # per process
 
 
 class _Section:
@@ -203,6 +205,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     if len(callback_token) < 16:
         raise callbacks.fail("token", "must be at least 16 characters (it guards the callback URL)")
     callback_retention_seconds = callbacks.int("retention_seconds", Config.callback_retention_seconds)
+    spool_dir = callbacks.str("spool_dir", None)
+    spool_max_bytes = callbacks.int("spool_max_bytes", Config.callback_spool_max_bytes, minimum=64 * 1024)
     callbacks.done()
     storage = _storage(_Section("storage", data.get("storage", {})), base)
     schemas = _Section("schemas", data.get("schemas", {}))
@@ -217,7 +221,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         raise ui.fail("token", "must be at least 16 characters (it guards the operator page)")
     ui.done()
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
-                  clients, subscribers, ui_token, callback_retention_seconds)
+                  clients, subscribers, ui_token, callback_retention_seconds,
+                  base / spool_dir if spool_dir else None, spool_max_bytes)
 
 
 def _required_table(data: dict[str, Any], name: str) -> Any:

@@ -6,7 +6,7 @@ msggateway, push, user, group, friend) has one ``webhook.Client`` whose
 ``AsyncPost`` pushes the post onto a ``memamq.MemoryQueue`` of **100 slots
 served by 2 workers** (``webhookWorkerCount``, ``webhookBufferSize``). When
 every slot is taken, ``Push`` **blocks the caller** — ``SendMsg`` of the msg
-RPC, msgtransfer's consumer, the gateway's connection handling — for up to
+RPC, msgtransfer's consumer, the gateway's online-status reporting — for up to
 **3 s** (``pushWait``) and then drops the callback (``ErrFull``, ignored by
 ``AsyncPost``). A worker posts with the hook's ``timeout`` from
 ``webhooks.yml`` (seconds, 5 in the stock file) as a context deadline; a

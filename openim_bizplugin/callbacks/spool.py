@@ -162,6 +162,7 @@ class CallbackSpool:
         """Keep one callback without waiting: ``stored`` or ``duplicate`` (the inbox took it at
         once) or ``spooled``. Raises :class:`SpoolFull`, or StorageUnavailable when the spool
         file cannot be written (the callback is lost)."""
+        self.start()  # a process that receives callbacks drains them, and replays spools left by others
         try:
             return "stored" if self.store.record_callback_now(command, key, body, received_ms) else "duplicate"
         except StorageUnavailable:  # busy (another writer holds the inbox) or failing: the spool keeps it
@@ -214,6 +215,8 @@ class CallbackSpool:
     # -- draining ----------------------------------------------------------------------
     def start(self) -> None:
         """Drain in a thread of this process (once; also after a fork)."""
+        if self._started:  # the usual case, on every callback: no lock
+            return
         with self._lock:
             if self._started or self._closed:
                 return

@@ -54,6 +54,14 @@ prints p50/p99 per stage, writer-lock waits and COMMITs by kind of thread;
 ``--worker-process`` moves it to ``openim-bizplugin worker``;
 ``--switch-interval`` sets the GIL switch interval of both servers.
 
+``--locked N`` adds a phase after the rounds (or instead of them, with
+``--rounds ""``): N callbacks posted by 2 senders (OpenIM's two webhook
+workers) while this process holds the write lock of the sidecar's main file
+and inbox (``BEGIN IMMEDIATE``, another process as far as the sidecar is
+concerned); it prints the answer latency, how many callbacks reached the
+inbox while the lock was held, and how long after the release until all were
+stored and applied.
+
 This prints figures; it is not a test and exits 0 unless the run itself broke
 (a missing row, a wrong answer: exit 1). ``--strict`` also exits 1 when a
 target is missed.
@@ -517,6 +525,78 @@ def run_round(side: str, child: Child, calls: list[Call], args: argparse.Namespa
     return result
 
 
+# -- answers while another process holds the store's write lock --------------------------------------
+@dataclass
+class LockedRun:
+    callbacks: int
+    ok: int
+    latencies: list
+    errors: dict
+    stored_while_locked: int       # rows the inbox gained before the lock was released (expected: 0)
+    stored: int                    # rows it gained in all (expected: callbacks)
+    stored_seconds: float          # from the release until the inbox held every callback
+    applied_seconds: float         # from the release until the processor had applied them all
+
+
+def locked_round(child: Child, calls: list[Call], db: Path, inbox: Inbox, args: argparse.Namespace) -> LockedRun:
+    """Post *calls* with 2 senders (OpenIM's two webhook workers) while this process holds the write lock of
+    the sidecar's main file and inbox; then release it and time how long until the inbox holds them all and
+    the processor has applied them."""
+    host, port = child.host_port
+    rows_before = inbox.counts()[0]
+    lockers = [sqlite3.connect(path, timeout=30, isolation_level=None) for path in (db, inbox_of(db))]
+    try:
+        for locker in lockers:
+            locker.execute("BEGIN IMMEDIATE")
+        results = post_all(host, port, calls, 2, args.generator)
+        stored_while_locked = inbox.counts()[0] - rows_before
+    finally:
+        for locker in lockers:
+            if locker.in_transaction:
+                locker.execute("ROLLBACK")
+            locker.close()
+    released = time.monotonic()
+    deadline = released + args.drain_timeout
+    stored_seconds = applied_seconds = float("inf")
+    while time.monotonic() < deadline:
+        rows, done, _ = inbox.counts()
+        now = time.monotonic() - released
+        if rows - rows_before >= len(calls) and stored_seconds == float("inf"):
+            stored_seconds = now
+        if stored_seconds != float("inf") and (done == rows or not args.delivery_workers):
+            applied_seconds = now if args.delivery_workers else float("nan")
+            break
+        time.sleep(args.poll)
+    errors: dict = {}
+    for r in results:
+        for k, v in r.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    return LockedRun(len(calls), sum(r.ok for r in results), [x for r in results for x in r.latencies], errors,
+                     stored_while_locked, inbox.counts()[0] - rows_before, stored_seconds, applied_seconds)
+
+
+def print_locked(run: LockedRun, args: argparse.Namespace) -> None:
+    errors = ", ".join(f"{k}: {v}" for k, v in run.errors.items()) or "none"
+    print(f"\nwhile this process held the write lock of the sidecar's main file and inbox (BEGIN IMMEDIATE): "
+          f"{run.callbacks} callbacks, 2 senders")
+    print(f"  answered {run.ok}/{run.callbacks} with the continue JSON before the lock was released; errors: {errors}")
+    print(f"  answer latency p50 {percentile_ms(run.latencies, 0.5):.2f} ms, p99 {percentile_ms(run.latencies, 0.99):.2f}"
+          f" ms, max {max(run.latencies, default=float('nan')) * 1000:.1f} ms")
+    print(f"  in the inbox while locked: {run.stored_while_locked}; after the release: {run.stored} stored, all in "
+          f"{run.stored_seconds:.2f} s" + (f", applied in {run.applied_seconds:.2f} s" if args.delivery_workers
+                                           else " (processor off)"))
+
+
+def locked_figures(run: LockedRun, rounds: list[Round]) -> list[dict]:
+    free = [x for r in rounds if r.side == "A" and r.concurrency == 2 for x in r.latencies]
+    lost = run.callbacks - run.stored
+    return [figure("callbacks", "p99 answer while the store is locked, 2 senders (baseline: unlocked p99)",
+                   percentile_ms(run.latencies, 0.99), unit="ms", baseline=percentile_ms(free, 0.99) if free else None),
+            figure("callbacks", "stored after the lock was released", run.stored_seconds, unit="s"),
+            figure("callbacks checks", "callbacks answered while locked and not stored after", lost,
+                   unit="callbacks", target="0", passed=lost == 0 and run.ok == run.callbacks)]
+
+
 # -- reporting -----------------------------------------------------------------------------------------
 NAMES = {"A": "A sidecar (store)", "B": "B bare Flask"}
 
@@ -583,7 +663,7 @@ def report(rounds: list[Round]) -> bool:
     return passed
 
 
-def report_storage(rounds: list[Round], expected: int, warmup: int, inbox: Inbox | None) -> bool:
+def report_storage(rounds: list[Round], expected: int, warmup: int, inbox: Inbox | None, locked: int = 0) -> bool:
     a = [r for r in rounds if r.side == "A"]
     if not a or inbox is None:
         return True
@@ -599,19 +679,21 @@ def report_storage(rounds: list[Round], expected: int, warmup: int, inbox: Inbox
         good = good and r.stored == expected and (not processing or (r.drain_seconds != float("inf")
                                                                       and r.failed == 0))
     rows, done, failed = inbox.counts()
-    total = expected * len(a) + warmup
+    total = expected * len(a) + warmup + locked
     good = good and rows == total and (not processing or (done == rows and not failed))
-    print(f"inbox: {rows} rows (expected {total}: {len(a)} bursts x {expected} + {warmup} warm-up), "
-          f"{done} done, {failed} with a processing error: {'OK' if good else 'MISMATCH'}"
+    print(f"inbox: {rows} rows (expected {total}: {len(a)} bursts x {expected} + {warmup} warm-up"
+          + (f" + {locked} posted while locked" if locked else "")
+          + f"), {done} done, {failed} with a processing error: {'OK' if good else 'MISMATCH'}"
           + ("" if processing else " (processor off: only the rows are checked)"))
     print("(applied/s overall = callbacks / (burst seconds + drain seconds): the processor's pace while and after "
           "intake runs;\n drain cpu = server CPU per callback after the burst, i.e. processor work)")
     return good
 
 
-def summary(path: str, args: argparse.Namespace, rounds: list[Round], stored_ok: bool, answers_ok: bool) -> None:
+def summary(path: str, args: argparse.Namespace, rounds: list[Round], stored_ok: bool, answers_ok: bool,
+            locked: LockedRun | None = None) -> None:
     """The key figures as JSON for bench/run (--summary-json)."""
-    figures = []
+    figures = locked_figures(locked, rounds) if locked else []
     for conc in sorted({r.concurrency for r in rounds}):
         a = [r for r in rounds if r.concurrency == conc and r.side == "A"]
         b = [r for r in rounds if r.concurrency == conc and r.side == "B"]
@@ -661,6 +743,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stages", action="store_true",
                    help="run the sidecar with wall-clock timers around the stages of an answer (wrappers set up "
                         "by this script, not package code) and print p50/p99 per stage")
+    p.add_argument("--locked", type=int, default=0, metavar="N",
+                   help="also post N callbacks while this process holds the sidecar's store write lock, and "
+                        "print their answer latency and how long until they are stored (default 0: off)")
     add_common_options(p, db_files="SQLite files",
                        profile_help="run the sidecar with every thread under cProfile; writes DIR/requests.prof, "
                                     "DIR/processor.prof, DIR/other.prof (figures of such a run are not "
@@ -678,9 +763,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
         p.error("--concurrency takes numbers, e.g. 2,8")
-    if not args.rounds or not set(args.rounds) <= {"A", "B"}:
+    if (not args.rounds and not args.locked) or not set(args.rounds) <= {"A", "B"}:
         p.error("--rounds takes letters A and B, e.g. BABA")
-    if args.callbacks < 1 or min(args.concurrency) < 1 or args.warmup < 0 or args.delivery_workers < 0:
+    if args.callbacks < 1 or min(args.concurrency) < 1 or args.warmup < 0 or args.delivery_workers < 0 \
+            or args.locked < 0:
         p.error("--callbacks and --concurrency must be positive")
     if args.worker_process and not args.delivery_workers:
         p.error("--worker-process needs --delivery-workers of at least 1")
@@ -724,10 +810,11 @@ def main(argv: list[str]) -> int:
         for call in calls:
             calls_per_command[call.command] = calls_per_command.get(call.command, 0) + 1
     sizes = [len(c.body) for calls in bursts.values() for c in calls]
-    print(f"burst content ({len(bursts)} bursts): "
-          + ", ".join(f"{k.removeprefix('callback').removesuffix('Command')} {v / len(bursts):.0f}"
-                      for k, v in sorted(calls_per_command.items(), key=lambda kv: -kv[1]))
-          + f" per burst; body {statistics.mean(sizes):.0f} bytes on average")
+    if bursts:  # none with --rounds "" (only --locked)
+        print(f"burst content ({len(bursts)} bursts): "
+              + ", ".join(f"{k.removeprefix('callback').removesuffix('Command')} {v / len(bursts):.0f}"
+                          for k, v in sorted(calls_per_command.items(), key=lambda kv: -kv[1]))
+              + f" per burst; body {statistics.mean(sizes):.0f} bytes on average")
 
     me = [sys.executable, str(Path(__file__).resolve())]
     interval = ["--switch-interval", str(args.switch_interval)] if args.switch_interval else []
@@ -748,8 +835,9 @@ def main(argv: list[str]) -> int:
     rounds: list[Round] = []
     ok = True
     try:
-        children["B"] = Child.start("bare server", [*me, *interval, "--bare-server"], LISTENING, work / "bare.log",
-                                    cwd=work)
+        if "B" in args.rounds:
+            children["B"] = Child.start("bare server", [*me, *interval, "--bare-server"], LISTENING,
+                                        work / "bare.log", cwd=work)
         children["A"] = Child.start("sidecar", sidecar_argv, LISTENING, work / "sidecar.log", cwd=work)
         if args.worker_process:  # the processor (and delivery) in a process of its own, on the same files
             worker_config = write_config(work, db, fake.url, args.delivery_workers, "worker.toml")
@@ -762,7 +850,7 @@ def main(argv: list[str]) -> int:
             return (inbox, children.get("W")) if side == "A" else (None, None)
 
         for side in "BA":  # warm-up: imports, first connections, SQLite pages
-            if args.warmup:
+            if args.warmup and side in children:
                 run_round(side, children[side], warm[side], args, 2, *sidecar_checks(side))
         for conc in args.concurrency:
             for i, side in enumerate(args.rounds):
@@ -772,16 +860,20 @@ def main(argv: list[str]) -> int:
                            if side == "A" and args.delivery_workers else "")
                 print(f"  concurrency {conc} round {i + 1}/{len(args.rounds)} {side}: {r.rate:.0f} acks/s, "
                       f"p99 {r.pct(0.99):.2f} ms{drained}", file=sys.stderr)
+        locked = None
+        if args.locked:
+            locked = locked_round(children["A"], maker.burst(args.locked), db, inbox, args)
+            print_locked(locked, args)
         memory_after = memory_kb(children["A"].pid)
         print()
         passed = report(rounds)
-        stored_ok = report_storage(rounds, args.callbacks, args.warmup, inbox)
+        stored_ok = report_storage(rounds, args.callbacks, args.warmup, inbox, args.locked)
         answers_ok = all(r.ok == r.callbacks and not r.errors for r in rounds)
         ok = stored_ok and answers_ok
         if not answers_ok:
             print("PROBLEM: some callbacks were not answered 200 with the continue JSON (see errors above)")
         if args.summary_json:
-            summary(args.summary_json, args, rounds, stored_ok, answers_ok)
+            summary(args.summary_json, args, rounds, stored_ok, answers_ok, locked)
         print(f"\nsidecar process: resident {memory_before.get('VmRSS', 0) / 1024:.0f} -> "
               f"{memory_after.get('VmRSS', 0) / 1024:.0f} MB (peak {memory_after.get('VmHWM', 0) / 1024:.0f} MB) "
               f"after {sum(r.callbacks for r in rounds if r.side == 'A') + args.warmup} callbacks")

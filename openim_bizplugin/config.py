@@ -99,6 +99,8 @@ class Config:
     ui_token: str | None = None
     callback_retention_seconds: int = 3_600  # processed callbacks (and their dedupe keys) kept this long
     ui_secure_cookie: bool = False  # the operator page's cookie is Secure even over plain HTTP (TLS ends at a proxy)
+    callback_spool_dir: Path | None = None  # None: beside the SQLite file, or a temp folder for Redis
+    callback_spool_max_bytes: int = 64 * 1024 * 1024  # per process
 
 
 class _Section:
@@ -231,6 +233,8 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         raise callbacks.fail("token", "must be URL-path safe: only A-Z a-z 0-9 . _ ~ - (it is one segment of"
                                       " the callback URL in OpenIM's webhooks.yml)")
     callback_retention_seconds = callbacks.int("retention_seconds", Config.callback_retention_seconds)
+    spool_dir = callbacks.str("spool_dir", None)
+    spool_max_bytes = callbacks.int("spool_max_bytes", Config.callback_spool_max_bytes, minimum=64 * 1024)
     callbacks.done()
     storage = _storage(_Section("storage", data.get("storage", {})), base)
     schemas = _Section("schemas", data.get("schemas", {}))
@@ -246,7 +250,9 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     ui_secure_cookie = ui.bool("secure_cookie", False)
     ui.done()
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
-                  clients, subscribers, ui_token, callback_retention_seconds, ui_secure_cookie)
+                  clients, subscribers, ui_token, callback_retention_seconds, ui_secure_cookie,
+                  callback_spool_dir=base / spool_dir if spool_dir else None,
+                  callback_spool_max_bytes=spool_max_bytes)
 
 
 def _required_table(data: dict[str, Any], name: str) -> Any:

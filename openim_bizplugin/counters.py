@@ -12,7 +12,7 @@ What is counted (all counters end in ``_total`` on the wire)::
     bizplugin_recipients_waiting{type}              put back without spending an attempt: OpenIM
                                                     refused the admin token (see the gauge below)
     bizplugin_recipients_throttled{type,policy}     over the type's rate limit: policy "delay" or "drop"
-    bizplugin_callbacks_received{command,result}    OpenIM callbacks: stored, duplicate, ignored, ...
+    bizplugin_callbacks_received{command,result}    OpenIM callbacks: stored, duplicate, spooled, spool-full, ...
     bizplugin_callbacks_processed{command,result}   stored callbacks applied ("applied") or not ("error")
     bizplugin_openim_request_duration_seconds{endpoint,err_code}   histogram, one HTTP attempt each
     bizplugin_queue_depth{priority}                 gauge: recipients with work left, read at scrape time

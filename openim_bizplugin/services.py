@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .callbacks.processing import CallbackProcessor
+from .callbacks.spool import CallbackSpool, default_spool_dir
 from .callbacks.subscribers import SubscriberDispatcher
 from .catalog.registry import Catalog
 from .config import Config
@@ -40,6 +41,7 @@ class Services:
     engine: DeliveryEngine
     subscribers: SubscriberDispatcher
     callbacks: CallbackProcessor
+    spool: CallbackSpool  # callbacks answered while the store could not take them at once
     clock: Callable[[], float]
     openim_readiness: OpenIMReadiness  # OpenIM asked itself, bounded: /readyz and doctor
 
@@ -63,15 +65,18 @@ class Services:
         # processed callbacks emit events and may release held recipients
         callbacks = CallbackProcessor(config, store, clock, on_change=subscribers.wake,
                                       on_online=engine.wake)
+        spool = CallbackSpool(config.callback_spool_dir or default_spool_dir(config.storage), store,
+                              max_bytes=config.callback_spool_max_bytes, on_stored=callbacks.wake)
         limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
         readiness = OpenIMReadiness(openim, config.openim.sender_id, clock=clock)
-        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock,
+        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, spool, clock,
                    readiness)
 
     def start_background(self) -> None:
         """Run delivery workers and event dispatch in this process (serve, worker)."""
         self.engine.start(max(self.config.delivery.workers, 1))
         self.callbacks.start(1)
+        self.spool.start()  # also replays the spools of processes that ended
         if self.config.subscribers:
             self.subscribers.start()
 
@@ -79,4 +84,5 @@ class Services:
         self.engine.stop()
         self.callbacks.stop()
         self.subscribers.stop()
+        self.spool.close()
         self.store.close()

@@ -532,6 +532,13 @@ class StoreContract:
         assert store.pending_callbacks(0) == [] and store.pending_callbacks(1) == [pending[1]]
         assert not store.record_callback("cmdA", "k1", "{}", T0 + 4)  # finished ones stay seen
 
+    def test_a_batch_of_callbacks_is_stored_once_each_in_order(self, store):
+        batch = [("cmdA", "k1", '{"n":1}', T0), ("cmdA", "k2", '{"n":2}', T0 + 1), ("cmdA", "k1", "{}", T0 + 2)]
+        assert store.record_callbacks(batch) == 2  # a spool replayed twice adds nothing the second time
+        assert store.record_callbacks(batch[:1]) == 0 and store.record_callbacks([]) == 0
+        assert [(c.command, c.body, c.received_ms) for c in store.pending_callbacks(10)] == [
+            ("cmdA", '{"n":1}', T0), ("cmdA", '{"n":2}', T0 + 1)]
+
     def test_pruning_forgets_old_processed_callbacks_only(self, store):
         for n in range(4):
             store.record_callback("cmdA", f"k{n}", f'{{"n":{n}}}', T0 + n * 10)

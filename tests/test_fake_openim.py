@@ -516,13 +516,15 @@ def test_stop_closes_the_port() -> None:
 class Receiver:
     """A tiny webhook receiver on loopback that records what it was sent."""
 
-    def __init__(self, reply: bytes = json.dumps(ALLOW).encode()) -> None:
+    def __init__(self, reply: bytes = json.dumps(ALLOW).encode(), gate: threading.Event | None = None) -> None:
         received: list[dict[str, Any]] = []
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append({"path": self.path, "headers": self.headers, "body": body})
+                if gate is not None:  # a receiver that answers once the test lets it (bounded)
+                    gate.wait(30)
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
@@ -630,3 +632,50 @@ def test_receipt_message_is_a_users_custom_message(fake: FakeOpenIM) -> None:
         (100, 1, 110, 1)
     assert (payload["sendID"], payload["recvID"], payload["status"]) == ("u1001", "imAdmin", 1)
     assert fake.after_msg_save_db(receipt, 3)["status"] == 2
+
+
+# ── the after-hook transport: 2 workers, 100 slots, a blocking push, a timeout per hook ─────
+def wait_until(condition: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_after_hooks_hold_100_behind_2_workers_and_then_block_and_drop(fake: FakeOpenIM) -> None:
+    gate = threading.Event()
+    server = Receiver(gate=gate)
+    try:
+        hooks = fake.after_hooks(server.url, push_wait=0.2)
+        payloads = [fake.user_online(f"u{n}", 1, seq=n) for n in range(103)]
+        assert hooks.push("callbackAfterUserOnlineCommand", payloads[0])
+        assert hooks.push("callbackAfterUserOnlineCommand", payloads[1])
+        wait_until(lambda: len(server.received) == 2)  # both workers wait for the receiver's answer
+        assert all(hooks.push("callbackAfterUserOnlineCommand", p) for p in payloads[2:102])
+        assert (hooks.depth, hooks.blocked, hooks.dropped) == (100, 0, 0)
+        # the 103rd caller finds every slot taken: it waits push_wait (3 s in OpenIM), then the hook is lost
+        assert not hooks.push("callbackAfterUserOnlineCommand", payloads[102])
+        assert (hooks.pushed, hooks.blocked, hooks.dropped) == (102, 1, 1)
+        gate.set()
+        assert hooks.join()
+        assert [(r.status, r.reply) for r in hooks.results] == [(200, ALLOW)] * 102
+        assert sorted(json.loads(r["body"])["userID"] for r in server.received) == sorted(
+            p["userID"] for p in payloads[:102])
+        hooks.close()
+    finally:
+        gate.set()
+        server.close()
+
+
+def test_after_hooks_give_up_on_a_receiver_slower_than_the_hook_timeout(fake: FakeOpenIM) -> None:
+    gate = threading.Event()
+    server = Receiver(gate=gate)
+    try:
+        hooks = fake.after_hooks(server.url, timeout=0.2)
+        assert hooks.push("callbackAfterUserOfflineCommand", fake.user_offline("u1"))
+        assert hooks.join()
+        [result] = hooks.results
+        assert (result.status, result.error) == (None, "ReadTimeout")  # logged by OpenIM, never retried
+    finally:
+        gate.set()
+        server.close()

@@ -6,7 +6,7 @@ loopback, because Flask's test client hands the app a body and headers that
 never were on a wire. "Stores nothing" is counted in the database, not
 inferred from the answer. The fault tests break the storage under a running
 app: a trigger that refuses the write, a file size limit (the disk is full),
-a Redis that went away, a callback inbox locked by another process.
+a Redis that went away (callbacks while storage is locked: test_callback_spool.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from werkzeug.serving import make_server
 
 from conftest import REPO, SECRETS, Signed, message, write_config
 from openim_bizplugin.web.app import create_app
-from openim_bizplugin.web.callbacks import CONTINUE, INBOX_WAIT_SECONDS
+from openim_bizplugin.web.callbacks import CONTINUE
 from openim_bizplugin.catalog.bounded import VALIDATION_BUDGET, BoundedValidator, pattern_degree
 from openim_bizplugin.catalog.registry import Catalog
 from openim_bizplugin.config import load_config
@@ -603,34 +603,3 @@ def test_redis_gone_is_503(tmp_path, clock):
         app.extensions["bizplugin"].close()
     finally:
         server.stop()
-
-
-# -- callbacks while storage stalls ---------------------------------------------------------------
-
-
-def test_callbacks_are_answered_while_the_inbox_is_locked(app, store):
-    body = json.dumps({"callbackCommand": "callbackAfterSendSingleMsgCommand", "serverMsgID": "s1",
-                       "sendID": "imAdmin", "recvID": "u1", "sessionType": 1, "contentType": 2101,
-                       "sendTime": 1795694400000, "clientMsgID": "c1"}).encode()
-    locker = sqlite3.connect(store._inbox.path, timeout=1, isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")  # another process holding the inbox's write lock
-    try:
-        with served(app) as port:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            started = time.monotonic()
-            conn.request("POST", f"{CALLBACK}/callbackAfterSendSingleMsgCommand", body=body,
-                         headers={"Content-Type": "application/json", "operationID": "op-stall"})
-            response = conn.getresponse()
-            took = time.monotonic() - started
-            assert (response.status, json.loads(response.read())) == (200, CONTINUE)
-            conn.close()
-            assert took < INBOX_WAIT_SECONDS + 1.0, took  # busy_timeout alone would hold it 30 s
-            locker.execute("COMMIT")  # the stall ends: the write that was still waiting lands
-            deadline = time.monotonic() + 10
-            while inbox_rows(store) == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert inbox_rows(store) == 1
-    finally:
-        if locker.in_transaction:
-            locker.execute("ROLLBACK")
-        locker.close()

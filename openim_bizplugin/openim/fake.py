@@ -10,7 +10,9 @@ and error texts of each endpoint, gzip when the client accepts it. Every
 request is recorded (:attr:`FakeOpenIM.calls`), every message OpenIM accepted
 too (:attr:`FakeOpenIM.delivered`). Faults are injected per endpoint and
 consumed in order; :meth:`FakeOpenIM.post_callback` posts webhooks shaped
-like OpenIM's. ``flavor="v3.8.3"`` reproduces the newest tag where it differs.
+like OpenIM's, and :meth:`FakeOpenIM.after_hooks` posts them through OpenIM's
+after-hook queue (2 workers, 100 slots, a caller blocked while it is full;
+:mod:`.fake_hooks`). ``flavor="v3.8.3"`` reproduces the newest tag where it differs.
 
 Run your own integration tests against it::
 
@@ -66,6 +68,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
+
+from .fake_hooks import AfterHookQueue
 
 __all__ = ["Call", "Delivery", "FakeOpenIM"]
 
@@ -499,6 +503,7 @@ class FakeOpenIM:
         self._send_status: dict[str, float] = {}
         self._faults: defaultdict[str, deque[_Fault]] = defaultdict(deque)
         self._callback_seq = itertools.count(1)
+        self._hook_queues: list[AfterHookQueue] = []
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._routes: dict[str, Callable[[_Req], Any]] = {
@@ -554,6 +559,9 @@ class FakeOpenIM:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
+        queues, self._hook_queues = self._hook_queues, []
+        for hooks in queues:
+            hooks.close()
         self.stop()
 
     # ── state ──────────────────────────────────────────────────────────────────
@@ -903,6 +911,15 @@ class FakeOpenIM:
             return response.status_code, response.json()
         except ValueError:
             return response.status_code, None      # OpenIM would log 90007 DataError
+
+    def after_hooks(self, webhook_url: str, **options: Any) -> AfterHookQueue:
+        """OpenIM's after-hook transport posting to *webhook_url* through :meth:`post_callback`:
+        ``push(command, payload)`` where OpenIM fires the hook (options: ``workers``, ``slots``,
+        ``push_wait``, ``timeout``; OpenIM's values by default). Stopped when a ``with`` block
+        of the fake ends, or by the queue's ``close()``."""
+        hooks = AfterHookQueue(self.post_callback, webhook_url, **options)
+        self._hook_queues.append(hooks)
+        return hooks
 
     def _common_callback(self, delivery: Delivery, command: str, seq: int, status: int) -> dict[str, Any]:
         """CommonCallbackReq; notifications (1000-5000) carry "" because OpenIM proto-decodes JSON."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -430,6 +430,10 @@ class Store(Protocol):
     # -- after sending: callbacks, presence, receipts, events (see sqlite_tracking) --
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
         """Keep a callback for processing; False when (command, natural_key) was seen."""
+
+    def record_callbacks(self, callbacks: Sequence[tuple[str, str, str, int]]) -> int:
+        """:meth:`record_callback` for each (command, natural_key, body, received_ms), in one
+        write; returns how many were new."""
 
     def record_callback_now(self, command: str, natural_key: str, body: str, received_ms: int,
                             wait_seconds: float = 0.0) -> bool:

@@ -9,6 +9,7 @@ did not happen. Mixed into :class:`.redis.RedisStore`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import StorageBusy
@@ -179,10 +180,18 @@ class RedisTrackingMixin:
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
         return bool(self._run("record_callback", command, natural_key, body, received_ms))
 
+    @translated
+    def record_callbacks(self, callbacks: Sequence[tuple[str, str, str, int]]) -> int:
+        pipe = self._redis.pipeline(transaction=False)  # one round trip; each script is atomic on its own
+        for callback in callbacks:
+            self._run("record_callback", *callback, client=pipe)
+        return sum(1 for new_id in pipe.execute() if int(new_id))
+
     def record_callback_now(self, command: str, natural_key: str, body: str, received_ms: int,
                             wait_seconds: float = 0.0) -> bool:
-        # a Redis call cannot tell beforehand whether it will wait (socket timeout 30 s)
-        raise StorageBusy("Redis writes always take the bounded path")
+        # a Redis call cannot tell beforehand whether it will wait (socket timeout 30 s, a failover, a
+        # slow AOF fsync): every callback goes through the spool, drained in pipelined batches
+        raise StorageBusy("Redis callback writes always go through the spool")
 
     @translated
     def pending_callbacks(self, limit: int) -> list[CallbackRecord]:

@@ -13,6 +13,7 @@ import itertools
 import json
 import secrets
 import sqlite3
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -62,6 +63,10 @@ class TrackingMixin:
     def record_callback(self, command: str, natural_key: str, body: str, received_ms: int) -> bool:
         with self._inbox.write() as db:
             return db.execute(_RECORD_CALLBACK, (command, natural_key, body, received_ms)).rowcount == 1
+
+    def record_callbacks(self, callbacks: Sequence[tuple[str, str, str, int]]) -> int:
+        with self._inbox.write() as db:
+            return sum(db.execute(_RECORD_CALLBACK, callback).rowcount for callback in callbacks)
 
     def record_callback_now(self, command: str, natural_key: str, body: str, received_ms: int,
                             wait_seconds: float = 0.0) -> bool:

@@ -23,6 +23,7 @@ CONFIG_ENV = "BIZPLUGIN_CONFIG"
 _REQUIRED = object()
 _TABLES = ("server", "openim", "callbacks", "storage", "schemas", "delivery", "clients", "subscribers", "ui")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+OPENIM_VERSIONS = ("auto", "3.8", "main")  # [openim] version: see openim/release.py
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class OpenIMConfig:
     sender_id: str
     timeout_seconds: float = 10.0
     check_recipients: bool = False
+    version: str = "auto"  # which OpenIM API: "auto" (probed at start), "3.8" or "main" (openim/release.py)
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,10 @@ def _openim(s: _Section) -> OpenIMConfig:
         sender_id=s.str("sender_id"),
         timeout_seconds=s.float("timeout_seconds", 10.0),
         check_recipients=s.bool("check_recipients", False),
+        version=s.str("version", "auto"),
     )
+    if cfg.version not in OPENIM_VERSIONS:
+        raise s.fail("version", 'must be "auto", "3.8" or "main"')
     s.done()
     return cfg
 

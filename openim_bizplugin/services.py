@@ -15,6 +15,7 @@ from .catalog.registry import Catalog
 from .config import Config
 from .delivery.engine import DeliveryEngine, build_engine
 from .openim.client import OpenIMClient
+from .openim.release import OpenIMRelease
 from .ratelimit import ClientRateLimiter
 from .signing import RequestVerifier
 from .store import open_store
@@ -36,6 +37,7 @@ class Services:
     limiter: ClientRateLimiter
     store: Store
     openim: OpenIMClient
+    release: OpenIMRelease  # which OpenIM API: configured, or probed once (doctor and /readyz show it)
     engine: DeliveryEngine
     subscribers: SubscriberDispatcher
     callbacks: CallbackProcessor
@@ -56,12 +58,13 @@ class Services:
         owner = process_owner()
         openim = OpenIMClient(config.openim, store, clock=clock, owner=owner)
         subscribers = SubscriberDispatcher(config, store, owner=owner)
-        engine = build_engine(config, store, openim, clock, owner, on_events=subscribers.wake)
+        release = OpenIMRelease(openim, config.openim.version, config.openim.sender_id, clock=clock)
+        engine = build_engine(config, store, openim, release, clock, owner, on_events=subscribers.wake)
         # processed callbacks emit events and may release held recipients
         callbacks = CallbackProcessor(config, store, clock, on_change=subscribers.wake,
                                       on_online=engine.wake)
         limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
-        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock)
+        return cls(config, catalog, verifier, limiter, store, openim, release, engine, subscribers, callbacks, clock)
 
     def start_background(self) -> None:
         """Run delivery workers and event dispatch in this process (serve, worker)."""

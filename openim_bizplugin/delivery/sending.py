@@ -193,19 +193,24 @@ class Sender:
         self._settle_refused(refused, decide, results)
 
     def _settle_refused(self, items: list[WorkItem], decide: Decide, results: Results) -> None:
-        """OpenIM swallows per-user batch errors: unknown users fail, the rest retry."""
-        if not items:
+        """OpenIM swallows per-user batch errors (``failedUserIDs`` names no reason), so each
+        refused user is sent once more alone with ``send_msg``, whose answer says why: an unknown
+        user (1004) or one who does not accept messages (1001 "message is not sent") fails for
+        good, as with send_msg; a passing fault is retried. The first retryable answer ends the
+        one-by-one sends: the rest are retried later instead of each waiting for it too."""
+        for n, item in enumerate(items):
+            alone = dataclasses.replace(item, operation_id=self.openim.new_operation_id(item.message_id))
+            try:
+                self._record(results, item, self._sent(self._send_custom(alone)))
+                continue
+            except OpenIMError as error:
+                self._record(results, item, decide(item, error))
+                if not error.retryable:
+                    continue
+            for rest in items[n + 1:]:
+                self._record(results, rest, decide(rest, OpenIMError.batch_refusal("/msg/batch_send_msg",
+                                                                                  rest.operation_id)))
             return
-        try:
-            registered = self.openim.account_check([i.target for i in items])
-        except OpenIMError:
-            registered = {}
-        for item in items:
-            if registered.get(item.target) is False:
-                outcome = Outcome.failed("user is not registered in OpenIM", "unknown user (batch_send_msg refused it)")
-            else:
-                outcome = decide(item, OpenIMError.batch_refusal("/msg/batch_send_msg", item.operation_id))
-            self._record(results, item, outcome)
 
     # -- bookkeeping -----------------------------------------------------------------
     def _sent(self, result: SendResult) -> Outcome:

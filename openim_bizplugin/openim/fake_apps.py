@@ -145,17 +145,23 @@ class Apps:
             for device in self._devices.get(user_id, {}).values():
                 if device.reached_by_push:
                     self._push(device, conversation, msg, seq)
+        if seq:  # the sending app knows its own message: its seq is no gap, and it raises nothing
+            for device in self._devices.get(msg.send_id, {}).values():
+                if device.connected and msg.send_id not in recipients:
+                    self._push(device, conversation, None, seq)
 
-    def _push(self, device: _Device, conversation: str, msg: Message, seq: int) -> None:
-        """pushTriggerAndSync: raise the next seq; pull a gap first."""
+    def _push(self, device: _Device, conversation: str, msg: Message | None, seq: int) -> None:
+        """pushTriggerAndSync: raise the next seq; after a gap, pull up to it (*msg* None: the
+        device's own message, raised by nobody)."""
         synced = device.synced.get(conversation, 0)
-        if seq == 0:
+        if seq == 0 and msg is not None:
             device.received.append(msg)
-        elif seq == synced + 1:
+        elif seq == synced + 1 and msg is not None:
             device.received.append(msg)
+        elif seq > synced + 1:
+            self._pull(device, conversation, synced + 1, seq if msg is not None else seq - 1, GAP_PULL)
+        if seq > synced:
             device.synced[conversation] = seq
-        elif seq > synced:
-            self._pull(device, conversation, synced + 1, seq, GAP_PULL)
 
     def _sync(self, device: _Device, pull: int) -> None:
         """doConnected / doWakeupDataSync: GetMaxSeq, then pull what is newer than synced."""

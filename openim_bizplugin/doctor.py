@@ -1,7 +1,8 @@
 """``openim-bizplugin doctor``: is this sidecar ready to talk to OpenIM?
 
 Checks the config, the catalogue and the store, obtains an OpenIM admin
-token, checks that the sender account exists, and prints the
+token, checks that the sender account exists, shows which OpenIM release it
+talks to (configured, or probed: see openim/release.py), and prints the
 ``webhooks.yml`` lines that point OpenIM's callbacks at this sidecar.
 """
 
@@ -54,12 +55,24 @@ def run_doctor(config: Config, out: TextIO, public_url: str | None = None) -> bo
         check("OpenIM admin token", lambda: (services.openim.admin_token(),
                                              f"obtained from {config.openim.api_url} as {config.openim.admin_user_id}")[1])
         check("sender account", lambda: _sender_exists(services, config.openim.sender_id))
+        check("OpenIM release", lambda: _release(services))
     finally:
         services.close()
     print("\n# Paste into OpenIM's config/webhooks.yml (keep the URL secret: it holds the callback token)",
           file=out)
     print(webhooks_yml(config, public_url), file=out)
     return ok
+
+
+def _release(services: Services) -> str:
+    """Which OpenIM API this is, and what that means for persistent notifications."""
+    release = services.release
+    if release.get() is None:
+        raise OSError(release.describe())
+    if release.stores_notifications:
+        return f"{release.describe()}: OpenIM stores persistent notifications (reliabilityLevel 2)"
+    return (f"{release.describe()}: OpenIM keeps no business notification for offline apps;"
+            " the sidecar holds persistent ones until the user is online")
 
 
 def _sender_exists(services: Services, sender_id: str) -> str:

@@ -25,10 +25,12 @@ Run your own integration tests against it::
 
     def test_order_paid_reaches_the_app():
         with FakeOpenIM(users=["u1001"], groups={"g_ops": ["u1001"]}) as im:
+            im.connect("u1001", platform_id=1)    # the user's iPhone app is connected
             im.fail_next("/msg/send_business_notification", err_code=1501)  # one expired token
             my_service.notify(openim_url=im.url, secret=im.secret, user="u1001")
             [sent] = im.deliveries_to(user="u1001")
             assert sent.key == "order.paid" and sent.reliability_level == 2
+            assert im.received_by("u1001") == [sent]    # what the app's listener got
 
             im.refuse_connections()        # OpenIM down: connection refused on the same port
             im.accept_connections()        # ... and back

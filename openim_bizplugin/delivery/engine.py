@@ -264,7 +264,8 @@ class _Lease:
 
 
 def build_engine(config: Config, store: Store, openim: OpenIMClient, release: OpenIMRelease,
-                 clock: Callable[[], float], owner: str, on_events: Callable[[], None] = lambda: None) -> DeliveryEngine:
+                 clock: Callable[[], float], owner: str,
+                 on_events: Callable[[], None] = lambda: None) -> DeliveryEngine:
     """The engine with its sender, as serve and worker run it."""
     return DeliveryEngine(config, store, Sender(config, openim, store, release, clock), clock, owner,
                           on_events=on_events)

@@ -47,7 +47,8 @@ class OfflinePolicy:
         if not waiting:
             return items
         try:
-            online = self._online({i.target for i in waiting}, near_end={i.target for i in waiting if self._near_end(i)},
+            online = self._online({i.target for i in waiting},
+                                  near_end={i.target for i in waiting if self._near_end(i)},
                                   online_only={i.target for i in waiting if self._online_only(i)})
         except OpenIMError as error:
             for item in waiting:

@@ -201,16 +201,16 @@ class Sender:
         for n, item in enumerate(items):
             alone = dataclasses.replace(item, operation_id=self.openim.new_operation_id(item.message_id))
             try:
-                self._record(results, item, self._sent(self._send_custom(alone)))
-                continue
+                outcome = self._sent(self._send_custom(alone))
             except OpenIMError as error:
-                self._record(results, item, decide(item, error))
-                if not error.retryable:
-                    continue
-            for rest in items[n + 1:]:
-                self._record(results, rest, decide(rest, OpenIMError.batch_refusal("/msg/batch_send_msg",
-                                                                                  rest.operation_id)))
-            return
+                outcome = decide(item, error)
+                if error.retryable:
+                    self._record(results, item, outcome)
+                    for rest in items[n + 1:]:
+                        refusal = OpenIMError.batch_refusal("/msg/batch_send_msg", rest.operation_id)
+                        self._record(results, rest, decide(rest, refusal))
+                    return
+            self._record(results, item, outcome)
 
     # -- bookkeeping -----------------------------------------------------------------
     def _sent(self, result: SendResult) -> Outcome:

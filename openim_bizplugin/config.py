@@ -27,6 +27,7 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # RFC 3986 unreserved characters: OpenIM calls url + "/" + command, so the token is one path
 # segment sent as written; "/", "%", "?", "#" or a space would make every callback miss the route.
 _URL_PATH_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
+OPENIM_VERSIONS = ("auto", "3.8", "main")  # [openim] version: see openim/release.py
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class OpenIMConfig:
     timeout_seconds: float = 10.0
     check_recipients: bool = False
     token_recheck_seconds: float = 5.0  # while OpenIM refuses the admin token, ask again this often
+    version: str = "auto"  # which OpenIM API: "auto" (probed at start), "3.8" or "main" (openim/release.py)
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,10 @@ def _openim(s: _Section) -> OpenIMConfig:
         timeout_seconds=s.float("timeout_seconds", 10.0),
         check_recipients=s.bool("check_recipients", False),
         token_recheck_seconds=s.float("token_recheck_seconds", 5.0),
+        version=s.str("version", "auto"),
     )
+    if cfg.version not in OPENIM_VERSIONS:
+        raise s.fail("version", 'must be "auto", "3.8" or "main"')
     s.done()
     return cfg
 

@@ -2,7 +2,8 @@
 
 Checks the config, the catalogue and the store; asks OpenIM itself for an
 admin call (bounded: a hung OpenIM is a failure after a few seconds, and a
-cached token proves nothing); checks that the sender account exists; with
+cached token proves nothing); checks that the sender account exists; shows which OpenIM release it talks
+to (configured, or probed: see openim/release.py); with
 ``--from``, that OpenIM's ``webhooks.yml`` points at this sidecar; with
 ``--public-url``, that a callback posted to that URL reaches this sidecar
 (OpenIM takes a 404 for "continue" and logs success, so a wrong URL or token
@@ -56,6 +57,7 @@ def run_doctor(config: Config, out: TextIO, public_url: str | None = None, webho
         check("OpenIM admin token", lambda: _openim(status.ok, status.detail, config))
         if status.sender_registered is not None:
             check("sender account", lambda: _sender(status.sender_registered, config.openim.sender_id))
+        check("OpenIM release", lambda: _release(services))
     finally:
         services.close()
     if webhooks_file is not None:
@@ -81,6 +83,17 @@ def _sender(registered: bool, sender_id: str) -> str:
     if not registered:
         raise CheckFailed(f"{sender_id!r} is not a registered OpenIM user; register it or change openim.sender_id")
     return f"{sender_id!r} is registered"
+
+
+def _release(services: Services) -> str:
+    """Which OpenIM API this is, and what that means for persistent notifications."""
+    release = services.release
+    if release.get() is None:
+        raise CheckFailed(release.describe())
+    if release.stores_notifications:
+        return f"{release.describe()}: OpenIM stores persistent notifications (reliabilityLevel 2)"
+    return (f"{release.describe()}: OpenIM keeps no business notification for offline apps;"
+            " the sidecar holds persistent ones until the user is online")
 
 
 def _webhooks_file(config: Config, public_url: str | None, path: str) -> str:

@@ -17,6 +17,7 @@ from .config import Config
 from .delivery.engine import DeliveryEngine, build_engine
 from .openim.client import OpenIMClient
 from .openim.readiness import OpenIMReadiness
+from .openim.release import OpenIMRelease
 from .ratelimit import ClientRateLimiter
 from .signing import RequestVerifier
 from .store import open_store
@@ -38,6 +39,7 @@ class Services:
     limiter: ClientRateLimiter
     store: Store
     openim: OpenIMClient
+    release: OpenIMRelease  # which OpenIM API: configured, or probed once (doctor and /readyz show it)
     engine: DeliveryEngine
     subscribers: SubscriberDispatcher
     callbacks: CallbackProcessor
@@ -61,7 +63,8 @@ class Services:
         openim = OpenIMClient(config.openim, store, clock=clock, owner=owner,
                               refusal_recheck_seconds=config.openim.token_recheck_seconds)
         subscribers = SubscriberDispatcher(config, store, owner=owner)
-        engine = build_engine(config, store, openim, clock, owner, on_events=subscribers.wake)
+        release = OpenIMRelease(openim, config.openim.version, config.openim.sender_id, clock=clock)
+        engine = build_engine(config, store, openim, release, clock, owner, on_events=subscribers.wake)
         # processed callbacks emit events and may release held recipients
         callbacks = CallbackProcessor(config, store, clock, on_change=subscribers.wake,
                                       on_online=engine.wake)
@@ -69,8 +72,8 @@ class Services:
                               max_bytes=config.callback_spool_max_bytes, on_stored=callbacks.wake)
         limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
         readiness = OpenIMReadiness(openim, config.openim.sender_id, clock=clock)
-        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, spool, clock,
-                   readiness)
+        return cls(config, catalog, verifier, limiter, store, openim, release, engine, subscribers, callbacks, spool,
+                   clock, readiness)
 
     def start_background(self) -> None:
         """Run delivery workers and event dispatch in this process (serve, worker)."""

@@ -25,8 +25,9 @@ SECRETS = {"crm": "crm-test-secret-0000000001", "ops": "ops-test-secret-00000000
 
 BASE_CONFIG: dict[str, Any] = {
     "server": {"host": "127.0.0.1", "port": 0, "max_body_bytes": 65536, "max_recipients": 50},
+    # tests say which OpenIM release they simulate (FakeOpenIM's default flavor), so nothing is probed
     "openim": {"api_url": "http://127.0.0.1:1", "secret": "openIM123", "admin_user_id": "imAdmin",
-               "sender_id": "imAdmin"},
+               "sender_id": "imAdmin", "version": "main"},
     "callbacks": {"token": "test-callback-token-0001"},
     "storage": {"url": "sqlite:///bizplugin.db"},
     "schemas": {"dir": str(REPO / "schemas")},

@@ -66,8 +66,8 @@ def config_tables(db_path: Path, *, schemas_dir: Path = SCHEMAS_DIR,
     return {
         "server": {"host": "127.0.0.1", "port": 0, "max_body_bytes": max_body_bytes},
         # Nothing listens on port 9; delivery workers are off, so nothing calls it.
-        "openim": {"api_url": "http://127.0.0.1:9", "secret": "openIM123",
-                   "admin_user_id": "imAdmin", "sender_id": "imAdmin", "timeout_seconds": 2},
+        "openim": {"api_url": "http://127.0.0.1:9", "secret": "openIM123", "admin_user_id": "imAdmin",
+                   "sender_id": "imAdmin", "timeout_seconds": 2, "version": "main"},  # FakeOpenIM's default
         "callbacks": {"token": CALLBACK_TOKEN},
         "storage": {"url": f"sqlite:///{db_path.resolve()}"},
         "schemas": {"dir": str(schemas_dir.resolve())},

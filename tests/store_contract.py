@@ -558,9 +558,13 @@ class StoreContract:
     def test_callbacks_update_sent_recipients(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
         a, b = self.lease(store)
-        store.complete([(a, Outcome.sent("s1", "c1", T0 + 1)), (b, Outcome.sent("s2", "c2", T0 + 1))], T0 + 1)
+        # one batch_send_msg: one clientMsgID for both users, a serverMsgID each
+        store.complete([(a, Outcome.sent("s1", "c1", T0 + 1)), (b, Outcome.sent("s2", "c1", T0 + 1))], T0 + 1)
         assert (store.confirm_sent("s1", T0 + 2), store.confirm_sent("nope", T0 + 2)) == (1, 0)
-        assert (store.mark_pushed("c1", T0 + 3), store.mark_pushed("nope", T0 + 3)) == (1, 0)
+        # a push callback names its user: only that recipient of the clientMsgID is marked
+        assert (store.mark_pushed("c1", "user", ["u2"], T0 + 3), store.mark_pushed("nope", "user", ["u1"], T0 + 3),
+                store.mark_pushed("c1", "group", ["u1"], T0 + 3), store.mark_pushed("c1", "user", [], T0 + 3)) \
+            == (1, 0, 0, 0)
         assert store.record_saved_seq("s1", "si_u1_admin", 7) == 1
         assert store.record_saved_seq("s2", "si_u2_admin", 7) == 1
         assert store.record_saved_seq("nope", "si_x", 1) == 0
@@ -672,7 +676,7 @@ class StoreContract:
         for user in ("u1", "u3"):
             store.settle_batched("m1", [user])
         assert store.confirm_sent("s-u1", T0 + 2) == 1
-        assert store.mark_pushed("c-u1", T0 + 2) == 1
+        assert store.mark_pushed("c-u1", "user", ["u1"], T0 + 2) == 1
         assert store.record_saved_seq("s-u3", "si_admin_u3", 9) == 1
         assert store.mark_read("si_admin_u3", [9], "u3", T0 + 3) == 1
         receipt = {"id": "m1", "ok": True}

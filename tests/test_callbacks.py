@@ -323,7 +323,9 @@ def test_callbacks_and_receipts_reach_each_user_of_a_custom_fan_out(side):
     side.post("callbackAfterSendSingleMsgCommand", side.fake.after_send_single_msg(receipt))
     assert side.process() == 4
     assert side.recipient_column(first.server_msg_id, "confirmed_ms") is not None
+    assert first.client_msg_id == second.client_msg_id  # OpenIM builds a batch's message once
     assert side.recipient_column(second.server_msg_id, "pushed_ms") is not None
+    assert side.recipient_column(first.server_msg_id, "pushed_ms") is None  # pushed to u1, not to u1001
     side.post("callbackAfterSingleMsgReadCommand", side.fake.single_msg_read("u1001", "si_imAdmin_u1001", [17]))
     side.process()
     recipients = {r["user_id"]: r for r in side.recipients(mid)}
@@ -331,6 +333,27 @@ def test_callbacks_and_receipts_reach_each_user_of_a_custom_fan_out(side):
                                                                        "u2": "acknowledged"}
     assert [recipients[u]["server_msg_id"] for u in ("u1001", "u1")] == [first.server_msg_id, second.server_msg_id]
     assert recipients["u2"]["server_msg_id"] == side.fake.deliveries_to(user="u2")[0].server_msg_id
+
+
+def test_a_group_push_marks_the_group_recipient_only(side):
+    mid = side.send_custom({"groups": ["g_ops"]})
+    [delivery] = side.fake.deliveries_to(group="g_ops")
+    push = fixture("callbackBeforeGroupOnlinePushCommand")
+    side.post(push["callbackCommand"], {**push, "clientMsgID": delivery.client_msg_id, "groupID": "g_other"})
+    side.post(push["callbackCommand"], {**push, "clientMsgID": delivery.client_msg_id, "groupID": "g_ops"})
+    assert side.process() == 2
+    assert all(error is None for *_, error in side.inbox())
+    assert side.recipient_column(delivery.server_msg_id, "pushed_ms") is not None
+    assert side.recipients(mid)[0]["status"] == "sent"
+
+
+def test_a_read_callback_with_null_seqs_is_a_no_op_not_a_failure(side):
+    mid = side.send_custom({"users": ["u1001"]})
+    read = side.fake.single_msg_read("u1001", "si_imAdmin_u1001", [])
+    side.post(read["callbackCommand"], {**read, "Seqs": None})  # the SDK sends nil when nothing is marked
+    assert side.process() == 1
+    assert [error for *_, error in side.inbox()] == [None]
+    assert side.recipients(mid)[0]["status"] == "sent"
 
 
 # -- over real HTTP -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ def test_shipped_example_config_loads_with_documented_defaults():
     assert config.delivery.batch_size <= 1000
     assert set(config.clients) == {"crm", "ops"}
     assert config.callback_retention_seconds == 3600
+    assert config.openim.version == "auto"  # the OpenIM release is probed at start
 
 
 def _error(tmp_path, overrides) -> str:
@@ -36,6 +37,7 @@ def _error(tmp_path, overrides) -> str:
     ({"server": {"prot": 1}}, "server.prot: unknown key"),
     ({"openim": {"api_url": "localhost:10002"}}, "openim.api_url"),
     ({"openim": {"check_recipients": "yes"}}, "openim.check_recipients"),
+    ({"openim": {"version": "3.8.3"}}, 'openim.version: must be "auto", "3.8" or "main"'),
     ({"delivery": {"batch_size": 5000}}, "delivery.batch_size"),
     ({"delivery": {"lease_seconds": 0}}, "delivery.lease_seconds"),
     ({"callbacks": {"token": "short"}}, "callbacks.token"),

@@ -268,9 +268,36 @@ def test_a_custom_fan_out_sends_the_known_users_and_fails_only_the_unknown(sidec
     recipients = {r["user_id"]: r for r in sidecar.recipients(mid)}
     assert {user: r["status"] for user, r in recipients.items()} == {"u1": "sent", "ghost": "failed", "u2": "sent"}
     assert [d.server_msg_id for d in fake.deliveries_to(user="u2")] == [recipients["u2"]["server_msg_id"]]
-    assert "unknown user" in recipients["ghost"]["reason"] and recipients["ghost"]["attempts"] == 1
+    # failedUserIDs gives no reason: sent alone, OpenIM says why
+    assert [c.body["recvID"] for c in fake.calls_to("/msg/send_msg")] == ["ghost"]
+    assert "1004" in recipients["ghost"]["last_error"] and recipients["ghost"]["attempts"] == 1
     assert [d.message_id for d in sidecar.store.dead_letters()] == [mid]
     assert len(fake.deliveries_to(user="u1")) == 1
+
+
+def test_a_user_who_blocks_messages_fails_at_once_inside_a_batch(sidecar, fake):
+    fake.block_messages("u2")  # global receive option 1: OpenIM main answers 1001 "message is not sent"
+    mid = sidecar.send(mode="custom", to={"users": ["u1", "u2", "u3"]})
+    sidecar.drain()
+    recipients = {r["user_id"]: r for r in sidecar.recipients(mid)}
+    assert {user: r["status"] for user, r in recipients.items()} == {"u1": "sent", "u2": "failed", "u3": "sent"}
+    assert recipients["u2"]["attempts"] == 1 and "message is not sent" in recipients["u2"]["last_error"]
+    assert len(fake.calls_to("/msg/batch_send_msg")) == 1 and len(fake.calls_to("/msg/send_msg")) == 1
+
+
+def test_a_passing_fault_on_the_single_send_ends_them_and_the_refused_users_retry(sidecar, fake):
+    for user in ("u2", "u3"):
+        fake.block_messages(user)
+    fake.fail_next("/msg/send_msg", err_code=90004)  # a passing fault: no reason learnt, and no more waits
+    mid = sidecar.send(mode="custom", to={"users": ["u1", "u2", "u3"]})
+    sidecar.engine.step()
+    assert [r["status"] for r in sidecar.recipients(mid)] == ["sent", "queued", "queued"]
+    assert len(fake.calls_to("/msg/send_msg")) == 1
+    for user in ("u2", "u3"):
+        fake.block_messages(user, False)
+    sidecar.drain()
+    assert [r["status"] for r in sidecar.recipients(mid)] == ["sent", "sent", "sent"]
+    assert sorted(d.recv_id for d in fake.delivered) == ["u1", "u2", "u3"]
 
 
 def test_a_custom_fan_out_larger_than_batch_size_goes_in_several_calls(tmp_path, fake, clock):

@@ -267,9 +267,16 @@ def test_users_online(rsps, client):
         {"userID": "u1", "status": 1, "detailPlatformStatus": [
             {"platformID": 1, "connID": "c", "isBackground": False, "token": "user-token"},
             {"platformID": 5, "connID": "d", "isBackground": False, "token": "user-token"}]},
-        {"userID": "u2", "status": 0, "detailPlatformStatus": None}]))
-    assert client.users_online(["u1", "u2", "u3"]) == {"u1": [1, 5], "u2": [], "u3": []}
-    assert body_of(rsps.calls[-1]) == {"userIDs": ["u1", "u2", "u3"]}
+        {"userID": "u2", "status": 0, "detailPlatformStatus": None},
+        # OpenIM's gateway skips online push to an iOS app in the background (hub_server.go pushToUser)
+        {"userID": "u3", "status": 1, "detailPlatformStatus": [
+            {"platformID": 1, "connID": "e", "isBackground": True, "token": "user-token"},
+            {"platformID": 2, "connID": "f", "isBackground": True, "token": "user-token"}]},
+        {"userID": "u4", "status": 1, "detailPlatformStatus": [
+            {"platformID": 1, "connID": "g", "isBackground": True, "token": "user-token"}]}]))
+    assert client.users_online(["u1", "u2", "u3", "u4", "u5"]) == {"u1": [1, 5], "u2": [], "u3": [2], "u4": [],
+                                                                   "u5": []}
+    assert body_of(rsps.calls[-1]) == {"userIDs": ["u1", "u2", "u3", "u4", "u5"]}
 
 
 # -- error classification ---------------------------------------------------------------------

@@ -30,6 +30,16 @@ def test_doctor_checks_openim_and_prints_the_keys_to_change_in_place(tmp_path):
     assert "ok    OpenIM admin token" in out and "ok    sender account" in out
     assert "do NOT append them" in out and "openim-bizplugin webhooks -c CONFIG --from webhooks.yml" in out
     assert "url: http://127.0.0.1:0/openim/callback/test-callback-token-0001" in out
+    assert "ok    OpenIM release: main (configured): OpenIM stores persistent notifications" in out
+
+
+def test_doctor_shows_the_detected_release(tmp_path):
+    with FakeOpenIM(users=["imAdmin"], flavor="v3.8.3") as fake:
+        config = write_config(tmp_path, {"openim": {"api_url": fake.url, "version": "auto"}})
+        code, out, _ = _run("doctor", "-c", str(config))
+        assert fake.delivered == []  # the probe sends nothing
+    assert code == 0, out
+    assert "ok    OpenIM release: 3.8 (detected): OpenIM keeps no business notification" in out
     assert "attentionIds: [imAdmin]" in out
 
 

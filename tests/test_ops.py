@@ -28,6 +28,16 @@ def test_healthz_and_readyz_when_all_is_well(side):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["checks"] == {"storage": "ok", "openim": "ok"}
+    assert ready.get_json()["openim_release"] == "main (configured)"
+
+
+def test_readyz_shows_the_release_it_probed(tmp_path, clock):
+    with FakeOpenIM(users=USERS, flavor="v3.8.3") as fake:
+        sidecar = Sidecar(tmp_path, fake, clock, openim={"version": "auto"})
+        try:
+            assert sidecar.app.test_client().get("/readyz").get_json()["openim_release"] == "3.8 (detected)"
+        finally:
+            sidecar.services.close()
 
 
 def test_readyz_is_503_naming_openim_when_the_token_cannot_be_had(side, fake):

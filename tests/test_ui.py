@@ -173,10 +173,10 @@ def test_the_page_shows_queue_presence_messages_failures_and_dead_letters(side):
     delivered = _details(text, ids["delivered"])
     assert 'class="status st-sent">sent</span>' in delivered and "2 sent" in delivered
     dead = _details(text, ids["dead"])
-    assert "<code>ghost</code>" in dead and "1 failed, 1 sent" in dead and "not registered" in dead
+    assert "<code>ghost</code>" in dead and "1 failed, 1 sent" in dead and "errCode 1004" in dead
     assert 'class="status st-partial">partial</span>' in dead
     failures = _section(text, "failures")
-    assert "<code>ghost</code>" in failures and "not registered" in failures and "<code>u3</code>" not in failures
+    assert "<code>ghost</code>" in failures and "errCode 1004" in failures and "<code>u3</code>" not in failures
     dead_letters = _section(text, "dead-letters")
     assert f'action="/ui/dlq/{ids["dead"]}/replay"' in dead_letters and ">Replay</button>" in dead_letters
     assert TOKEN not in text and side.services.config.openim.secret not in text

@@ -26,7 +26,7 @@ from ..background import BackgroundLoop
 from ..config import Config
 from ..counters import DISCARD, Metrics
 from ..errors import StorageUnavailable
-from ..openim.client import operation_message_id
+from ..openim.client import IOS_PLATFORM, operation_message_id
 from ..store.base import CallbackRecord, Store
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,14 @@ def _message_key(p: dict[str, Any]) -> list[Any]:
 
 
 def _single_read_key(p: dict[str, Any]) -> list[Any]:
-    return [_field(p, "userID"), _field(p, "conversationID"), sorted(_field(p, "Seqs"))]
+    return [_field(p, "userID"), _field(p, "conversationID"), sorted(_read_seqs(p))]
+
+
+def _read_seqs(p: dict[str, Any]) -> list[Any]:
+    """``Seqs`` of a read callback: OpenIM copies the SDK's list, which is nil (``null``)
+    when nothing was marked; a missing key is still not what OpenIM sends."""
+    seqs = p["Seqs"]
+    return [] if seqs is None else seqs
 
 
 def _presence_key(online: bool) -> Callable[[dict[str, Any]], list[Any]]:
@@ -139,9 +146,14 @@ def _settle_batched(ctx: Context, p: dict[str, Any], users: Any) -> None:
     """Users of a custom fan-out whose batch was sent get recipient rows of their own first (SQLite
     keeps a batch's answer on the batch), so updates by serverMsgID/clientMsgID reach them."""
     message_id = envelope_id(p.get("content"))
-    users = [u for u in users if isinstance(u, str) and u != ctx.sender_id] if isinstance(users, list) else []
+    users = _receivers(ctx, users)
     if message_id and users:
         ctx.store.settle_batched(message_id, users)
+
+
+def _receivers(ctx: Context, users: Any) -> list[str]:
+    """The user ids of a callback's list other than the sender account (senderSync adds it)."""
+    return [u for u in users if isinstance(u, str) and u != ctx.sender_id] if isinstance(users, list) else []
 
 
 def after_send_single(ctx: Context, p: dict[str, Any]) -> None:
@@ -220,7 +232,7 @@ def after_msg_save_db(ctx: Context, p: dict[str, Any]) -> None:
 
 def single_msg_read(ctx: Context, p: dict[str, Any]) -> None:
     """A user read these seqs of a conversation (note OpenIM's capitalised ``Seqs``)."""
-    seqs = [s for s in _field(p, "Seqs") if isinstance(s, int) and not isinstance(s, bool)]
+    seqs = [s for s in _read_seqs(p) if isinstance(s, int) and not isinstance(s, bool)]
     if seqs:
         ctx.store.mark_read(_field(p, "conversationID"), seqs, _field(p, "userID"), ctx.now_ms)
 
@@ -233,17 +245,28 @@ def group_msg_read(ctx: Context, p: dict[str, Any]) -> None:
 def _presence(online: bool) -> Handler:
     def handle(ctx: Context, p: dict[str, Any]) -> None:
         # Level reports, unordered: the store keeps the newest seq per user and platform.
-        ctx.store.update_presence(_field(p, "userID"), int(_field(p, "platformID")), online,
-                                  int(_field(p, "seq")), ctx.now_ms)
+        platform = int(_field(p, "platformID"))
+        # OpenIM's online push skips an iOS app in the background: not reachable, so offline here
+        reachable = online and not (platform == IOS_PLATFORM and p.get("isAppBackground") is True)
+        ctx.store.update_presence(_field(p, "userID"), platform, reachable, int(_field(p, "seq")), ctx.now_ms)
     handle.__doc__ = f"A user's platform reported {'online' if online else 'offline'} (ordered by seq)."
     return handle
 
 
 def before_online_push(ctx: Context, p: dict[str, Any]) -> None:
-    """OpenIM is pushing the sidecar's message to online devices (only when the operator enables it)."""
+    """OpenIM is pushing the sidecar's message to a user's online devices (only when the
+    operator enables the hook). Matched on clientMsgID *and* user: batch_send_msg gives every
+    user of one call the same clientMsgID (OpenIM's ``BatchSendMsg`` builds the message once)."""
     if p.get("sendID") == ctx.sender_id:
-        _settle_batched(ctx, p, p.get("userIDList"))
-        ctx.store.mark_pushed(_field(p, "clientMsgID"), ctx.now_ms)
+        users = _receivers(ctx, p.get("userIDList"))
+        _settle_batched(ctx, p, users)
+        ctx.store.mark_pushed(_field(p, "clientMsgID"), "user", users, ctx.now_ms)
+
+
+def before_group_online_push(ctx: Context, p: dict[str, Any]) -> None:
+    """OpenIM is pushing the sidecar's message to a group's online members."""
+    if p.get("sendID") == ctx.sender_id:
+        ctx.store.mark_pushed(_field(p, "clientMsgID"), "group", [_field(p, "groupID")], ctx.now_ms)
 
 
 HANDLERS: dict[str, Handler] = {
@@ -255,7 +278,7 @@ HANDLERS: dict[str, Handler] = {
     "callbackAfterUserOnlineCommand": _presence(True),
     "callbackAfterUserOfflineCommand": _presence(False),
     "callbackBeforeOnlinePushCommand": before_online_push,
-    "callbackBeforeGroupOnlinePushCommand": before_online_push,
+    "callbackBeforeGroupOnlinePushCommand": before_group_online_push,
 }
 
 _KEYS: dict[str, Callable[[dict[str, Any]], list[Any]]] = {

@@ -297,8 +297,10 @@ def default_rows(defaults: TypeDefaults) -> list[tuple[str, str, str]]:
         "drop": "not sent to users who are offline at send time (they end skipped)",
     }[defaults.offline]
     if notification:
-        persistent = ("reliabilityLevel 2: OpenIM stores it and the SDK syncs it after a reconnect (within "
-                      "OpenIM's limits)" if defaults.persistent else "online users only: OpenIM does not store it")
+        persistent = ("reliabilityLevel 2: on OpenIM main OpenIM stores it and the SDK syncs it after a reconnect"
+                      " (within OpenIM's limits); on v3.8.x, which stores no business notification, the sidecar"
+                      " holds it while the user is offline" if defaults.persistent
+                      else "online users only: OpenIM does not store it")
         push_title = push_desc = "not used: OpenIM sends no offline push for business notifications"
     else:
         persistent = "not used: custom messages are always stored in the conversation"

@@ -26,6 +26,7 @@ from ..background import IDLE_POLL_SECONDS, BackgroundLoop
 from ..config import Config
 from ..counters import DISCARD, Metrics
 from ..openim.client import OpenIMClient, OpenIMError
+from ..openim.release import OpenIMRelease
 from ..retry import backoff_seconds
 from ..store.base import PRIORITY_RANK, Outcome, Store, WorkItem
 from .sending import Results, Sender
@@ -114,13 +115,15 @@ class DeliveryEngine:
         return self.store.higher_due(rank, now_ms)
 
     def _warm_token(self) -> bool:
-        """Fetch (or wait for) the admin token before leasing, so a slow token refresh never
-        eats into the leases; other failures surface on the calls. False while OpenIM refuses
-        the token: nothing can be sent, so nothing is leased (and no attempt spent)."""
+        """Fetch (or wait for) the admin token before leasing, and learn which OpenIM release
+        this is (a probe, once), so neither eats into the leases; other failures surface on the
+        calls. False while OpenIM refuses the token: nothing can be sent, so nothing is leased
+        (and no attempt spent)."""
         try:
             self.sender.openim.admin_token()
         except OpenIMError as error:
             return not error.token_refused
+        self.sender.release.get()
         return True
 
     def _record(self, results: Results) -> None:
@@ -267,9 +270,10 @@ class _Lease:
             self.open.pop(id(item), None)
 
 
-def build_engine(config: Config, store: Store, openim: OpenIMClient, clock: Callable[[], float],
-                 owner: str, on_events: Callable[[], None] = lambda: None) -> DeliveryEngine:
+def build_engine(config: Config, store: Store, openim: OpenIMClient, release: OpenIMRelease,
+                 clock: Callable[[], float], owner: str,
+                 on_events: Callable[[], None] = lambda: None) -> DeliveryEngine:
     """The engine with its sender, as serve and worker run it."""
-    return DeliveryEngine(config, store, Sender(config, openim, store, clock), clock, owner,
+    return DeliveryEngine(config, store, Sender(config, openim, store, release, clock), clock, owner,
                           on_events=on_events)
 

@@ -3,9 +3,10 @@
 ``notification`` mode sends ``/msg/send_business_notification`` per user or
 group; ``custom`` mode sends a Custom (110) message with ``/msg/send_msg``,
 or ``/msg/batch_send_msg`` when several users of one message are due
-together. Group business notifications exist only on OpenIM main: on v3.8.3
-the endpoint refuses ``recvGroupID``, and the sender falls back to one
-notification per member (remembered for the rest of the process).
+together. Group business notifications exist only on OpenIM main: on v3.8.x
+(the detected or configured release, see openim/release.py; or learnt from
+the endpoint's refusal of ``recvGroupID``) the sender sends one notification
+per member instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from ..config import Config
 from ..openim.client import OpenIMClient, OpenIMError, SendResult
+from ..openim.release import V38, OpenIMRelease
 from ..store.base import Outcome, Store, WorkItem
 from .offline import OfflinePolicy
 from .throttle import RecipientThrottle
@@ -28,22 +30,17 @@ Decide = Callable[[WorkItem, OpenIMError], Outcome]
 Results = list[tuple[WorkItem, Outcome]]
 
 
-def is_group_notification_unsupported(error: OpenIMError) -> bool:
-    """OpenIM v3.8.3 answers a group business notification with a bind error on recvUserID."""
-    return error.err_code == 1001 and "'RecvUserID' failed on the 'required' tag" in error.err_dlt
-
-
 class Sender:
     """Delivers a batch of leased items and says what became of each."""
 
-    def __init__(self, config: Config, openim: OpenIMClient, store: Store,
+    def __init__(self, config: Config, openim: OpenIMClient, store: Store, release: OpenIMRelease,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.openim = openim
+        self.release = release
         self.clock = clock
-        self.offline = OfflinePolicy(config, store, openim, clock)
+        self.offline = OfflinePolicy(config, store, openim, release, clock)
         self.throttle = RecipientThrottle(store, clock)
-        self.group_notifications_native = True  # until OpenIM says otherwise
 
     def prepare(self, items: list[WorkItem], decide: Decide) -> tuple[Results, list[WorkItem]]:
         """Checks before sending, batched over the round: earlier attempts whose answer
@@ -127,15 +124,13 @@ class Sender:
         try:
             if item.mode == "custom":
                 outcome = self._sent(self._send_custom(item))
-            elif item.kind == "group" and not self.group_notifications_native:
+            elif item.kind == "group" and self.release.get() == V38:
                 outcome = self._notify_members(item)
             else:
                 outcome = self._sent(self._notify(item, item.kind, item.target, item.operation_id))
         except OpenIMError as error:
-            if item.kind == "group" and item.mode == "notification" and is_group_notification_unsupported(error):
-                log.info("OpenIM has no group business notifications (v3.8.3): sending to members instead")
-                self.group_notifications_native = False
-                return self._send_one(item, decide, results)
+            if item.kind == "group" and item.mode == "notification" and self.release.learn(error):
+                return self._send_one(item, decide, results)  # v3.8.x after all: to each member
             outcome = decide(item, error)
         self._record(results, item, outcome)
 
@@ -198,18 +193,23 @@ class Sender:
         self._settle_refused(refused, decide, results)
 
     def _settle_refused(self, items: list[WorkItem], decide: Decide, results: Results) -> None:
-        """OpenIM swallows per-user batch errors: unknown users fail, the rest retry."""
-        if not items:
-            return
-        try:
-            registered = self.openim.account_check([i.target for i in items])
-        except OpenIMError:
-            registered = {}
-        for item in items:
-            if registered.get(item.target) is False:
-                outcome = Outcome.failed("user is not registered in OpenIM", "unknown user (batch_send_msg refused it)")
-            else:
-                outcome = decide(item, OpenIMError.batch_refusal("/msg/batch_send_msg", item.operation_id))
+        """OpenIM swallows per-user batch errors (``failedUserIDs`` names no reason), so each
+        refused user is sent once more alone with ``send_msg``, whose answer says why: an unknown
+        user (1004) or one who does not accept messages (1001 "message is not sent") fails for
+        good, as with send_msg; a passing fault is retried. The first retryable answer ends the
+        one-by-one sends: the rest are retried later instead of each waiting for it too."""
+        for n, item in enumerate(items):
+            alone = dataclasses.replace(item, operation_id=self.openim.new_operation_id(item.message_id))
+            try:
+                outcome = self._sent(self._send_custom(alone))
+            except OpenIMError as error:
+                outcome = decide(item, error)
+                if error.retryable:
+                    self._record(results, item, outcome)
+                    for rest in items[n + 1:]:
+                        refusal = OpenIMError.batch_refusal("/msg/batch_send_msg", rest.operation_id)
+                        self._record(results, rest, decide(rest, refusal))
+                    return
             self._record(results, item, outcome)
 
     # -- bookkeeping -----------------------------------------------------------------

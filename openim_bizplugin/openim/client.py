@@ -61,6 +61,7 @@ MAX_IDS = 1000  # OpenIM caps ID arrays at 1,000
 CUSTOM = 110
 SINGLE_CHAT, GROUP_CHAT = 1, 3
 ADMIN_PLATFORM = 10
+IOS_PLATFORM = 1  # online push skips it while the app is in the background
 _VALIDATION = re.compile(r"Field validation|error\(s\) decoding|mapstructure")
 _HINT = re.compile(r"[^A-Za-z0-9_.]+")
 _DELIVERY_OPERATION = re.compile(r"biz-([0-9a-f]{32})-\d+-")  # new_operation_id(message_id) + f"-{seq}"
@@ -529,7 +530,9 @@ class OpenIMClient:
         return list((data or {}).get("userIDs") or ())
 
     def users_online(self, user_ids: Sequence[str]) -> dict[str, list[int]]:
-        """Connected platform IDs per user (empty list = offline) from every gateway."""
+        """Per user, the platform IDs of the connections online push reaches (empty list =
+        offline), from every gateway. OpenIM's gateway skips iOS connections whose app is in
+        the background (``hub_server.go`` pushToUser), so those are left out."""
         online: dict[str, list[int]] = {}
         for chunk in _chunks(user_ids):
             data = self.call("/user/get_users_online_status", {"userIDs": chunk},
@@ -537,7 +540,8 @@ class OpenIMClient:
             found = {}
             for entry in data or ():  # the answer also holds user tokens: never log it
                 details = entry.get("detailPlatformStatus") or () if entry.get("status") == 1 else ()
-                found[entry.get("userID")] = [d["platformID"] for d in details if isinstance(d, dict)]
+                found[entry.get("userID")] = [d["platformID"] for d in details if isinstance(d, dict)
+                                              and not (d.get("isBackground") and d.get("platformID") == IOS_PLATFORM)]
             online.update({uid: found.get(uid, []) for uid in chunk})
         return online
 

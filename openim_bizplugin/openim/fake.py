@@ -14,16 +14,25 @@ like OpenIM's, and :meth:`FakeOpenIM.after_hooks` posts them through OpenIM's
 after-hook queue (2 workers, 100 slots, a caller blocked while it is full;
 :mod:`.fake_hooks`). ``flavor="v3.8.3"`` reproduces the newest tag where it differs.
 
+What each user's app received is modelled too (:mod:`.fake_apps`): apps
+connect, go to the background and disconnect (:meth:`FakeOpenIM.connect`,
+:meth:`~FakeOpenIM.set_background`, :meth:`~FakeOpenIM.disconnect`); a message
+is pushed to connected apps (not to iOS apps in the background), stored when
+its options say so, and synced when an app reconnects as openim-sdk-core
+does; :meth:`FakeOpenIM.received_by` lists what an app's listeners raised.
+
 Run your own integration tests against it::
 
     from openim_bizplugin.testing import FakeOpenIM
 
     def test_order_paid_reaches_the_app():
         with FakeOpenIM(users=["u1001"], groups={"g_ops": ["u1001"]}) as im:
+            im.connect("u1001", platform_id=1)    # the user's iPhone app is connected
             im.fail_next("/msg/send_business_notification", err_code=1501)  # one expired token
             my_service.notify(openim_url=im.url, secret=im.secret, user="u1001")
             [sent] = im.deliveries_to(user="u1001")
             assert sent.key == "order.paid" and sent.reliability_level == 2
+            assert im.received_by("u1001") == [sent]    # what the app's listener got
 
             im.refuse_connections()        # OpenIM down: connection refused on the same port
             im.accept_connections()        # ... and back
@@ -38,13 +47,16 @@ Run your own integration tests against it::
 
 A 429 from OpenIM's optional rate limiter is ``fail_next(endpoint,
 err_code=429, http_status=429)``; a proxy's 502 is ``fail_next(endpoint,
-http_status=502, body=b"502 Bad Gateway")``. Not modelled: friends, blacklists, mutes,
-receive options, dismissed groups, CORS, webhooks fired by OpenIM itself.
+http_status=502, body=b"502 Bad Gateway")``. A user who does not accept messages
+(global receive option 1) is :meth:`FakeOpenIM.block_messages`. Not modelled:
+friends, blacklists, mutes, per-conversation receive options, dismissed
+groups, CORS, webhooks fired by OpenIM itself.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import hmac
@@ -69,6 +81,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
 
+from .fake_apps import Apps
 from .fake_hooks import AfterHookQueue
 
 __all__ = ["Call", "Delivery", "FakeOpenIM"]
@@ -498,7 +511,7 @@ class FakeOpenIM:
         self._clock, self._lock = clock, threading.RLock()
         self._users: dict[str, dict[str, Any]] = {}
         self._groups: dict[str, list[str]] = {}
-        self._online: dict[str, list[dict[str, Any]]] = {}
+        self.apps = Apps()    # what each user's app received (fake_apps)
         self._tokens: dict[str, _TokenState] = {}
         self._send_status: dict[str, float] = {}
         self._faults: defaultdict[str, deque[_Fault]] = defaultdict(deque)
@@ -583,17 +596,54 @@ class FakeOpenIM:
         self._add_users(user_ids)
 
     def add_group(self, group_id: str, members: Sequence[str]) -> None:
-        """Create (or replace) a group; its members are registered users too, as in OpenIM."""
+        """Create (or replace) a group; its members are registered users too, as in OpenIM, and
+        have its ``sg_`` conversation (the groupCreated notification is sent with isSendMsg)."""
         self._add_users(members)
         with self._lock:
             self._groups[group_id] = list(dict.fromkeys(members))
+            self.apps.join("sg_" + group_id, self._groups[group_id])
 
-    def set_online(self, user_id: str, platform_ids: Sequence[int]) -> None:
-        """Connect *user_id* on these platforms through the gateway; ``[]`` = offline."""
+    def block_messages(self, user_id: str, blocked: bool = True) -> None:
+        """The user's global receive option: 1 (NotReceiveMessage) or back to 0. Chat messages to
+        them fail with 1001 "message is not sent" on main; v3.8.3 answers success with empty ids
+        and sends nothing (its RPC returns nil, nil: derived from the code, not observed)."""
         self._add_users([user_id])
         with self._lock:
-            self._online[user_id] = [{"platformID": platform, "connID": uuid.uuid4().hex, "isBackground": False,
-                                      "token": self._issue_token(user_id, platform)} for platform in platform_ids]
+            self._users[user_id]["globalRecvMsgOpt"] = 1 if blocked else 0
+
+    def connect(self, user_id: str, platform_id: int = 1, *, background: bool = False) -> None:
+        """The user's app logs in on this platform through the gateway and syncs as the SDK does."""
+        self._add_users([user_id])
+        with self._lock:
+            self.apps.connect(user_id, platform_id, self._issue_token(user_id, platform_id), background=background)
+
+    def disconnect(self, user_id: str, platform_id: int | None = None) -> None:
+        """The app on this platform (every platform when None) loses its connection."""
+        with self._lock:
+            for connection in self.apps.connections(user_id):
+                if platform_id in (None, connection["platformID"]):
+                    self.apps.disconnect(user_id, connection["platformID"])
+
+    def set_background(self, user_id: str, platform_id: int = 1, background: bool = True) -> None:
+        """The connected app goes to the background or comes back (OpenIM fires no callback)."""
+        with self._lock:
+            self.apps.set_background(user_id, platform_id, background)
+
+    def set_online(self, user_id: str, platform_ids: Sequence[int]) -> None:
+        """Connected on exactly these platforms (the others disconnect); ``[]`` = offline."""
+        self._add_users([user_id])
+        with self._lock:
+            connected = {c["platformID"] for c in self.apps.connections(user_id)}
+            for platform in connected - set(platform_ids):
+                self.apps.disconnect(user_id, platform)
+            for platform in dict.fromkeys(platform_ids):
+                if platform not in connected:
+                    self.connect(user_id, platform)
+
+    def received_by(self, user_id: str, platform_id: int | None = None) -> list[Delivery]:
+        """What the user's app (on one platform, or all of them) got through its SDK's listeners."""
+        with self._lock:
+            return list(self.apps.received(user_id, platform_id))
 
     def calls_to(self, endpoint: str) -> list[Call]:
         path = "/" + endpoint.lstrip("/")
@@ -824,7 +874,11 @@ class FakeOpenIM:
             raise _OpenIMError(1001, "unknown sessionType")
         delivery = Delivery(**{**draft, "content": dict(draft["content"]), "options": dict(draft["options"]),
                                "server_msg_id": _msg_id(), "send_time": draft.get("send_time") or self._now_ms()})
+        if draft["session_type"] == 1 and self._refused_by_receiver(draft):
+            # v3.8.3's sendMsgSingleChat returns (nil, nil): an empty answer, nothing sent
+            return dataclasses.replace(delivery, server_msg_id="", client_msg_id="", send_time=0)
         self.delivered.append(delivery)
+        self.apps.route(delivery, self._groups[delivery.group_id] if delivery.session_type == 3 else [delivery.recv_id])
         return delivery
 
     def _verify_single(self, draft: Mapping[str, Any]) -> None:
@@ -833,6 +887,16 @@ class FakeOpenIM:
             raise _OpenIMError(1004, "record not found")
         if draft["options"].get("isNotNotification", True) and draft["recv_id"] not in self._users:
             raise _OpenIMError(1004, "userID not found")     # receiver's receive-option lookup
+
+    def _refused_by_receiver(self, draft: Mapping[str, Any]) -> bool:
+        """modifyMessageByUserMessageReceiveOpt: a chat message to a user whose global option is 1
+        is not sent; main says so (1001), v3.8.3 answers success (True: answer empty)."""
+        chat = draft["options"].get("isNotNotification", True)
+        if not chat or self._users.get(draft["recv_id"], {}).get("globalRecvMsgOpt") != 1:
+            return False
+        if self.flavor == "main":
+            raise _OpenIMError(1001, "message is not sent")
+        return True
 
     def _verify_group(self, draft: Mapping[str, Any]) -> None:
         members = self._groups.get(draft["group_id"])
@@ -871,7 +935,7 @@ class FakeOpenIM:
         self._require_admin(req, "only app manager")
         answer = []
         for user_id in body["userIDs"] or []:
-            detail = [dict(d) for d in self._online.get(user_id, [])]
+            detail = self.apps.connections(user_id)
             answer.append({"userID": user_id, "status": 1 if detail else 0,
                            "detailPlatformStatus": detail or None})
         return answer or None
@@ -881,7 +945,7 @@ class FakeOpenIM:
                          lambda b: None if b["userIDs"] else "UserIDs is empty")
         statuses = []
         for user_id in body["userIDs"]:
-            platforms = [d["platformID"] for d in self._online.get(user_id, [])]
+            platforms = [d["platformID"] for d in self.apps.connections(user_id)]
             statuses.append({"userID": user_id, "status": 1 if platforms else 0, "platformIDs": platforms or None})
         return {"statusList": statuses}
 
@@ -980,6 +1044,7 @@ class FakeOpenIM:
                 server_msg_id=_msg_id(), client_msg_id=_msg_id(), send_time=now, create_time=now, msg_from=100,
                 sender_platform_id=1, sender_nickname=nickname, status=1)
             self.delivered.append(delivery)
+            self.apps.route(delivery, [to_user])    # stored: both users now have the si_ conversation
         return delivery
 
 

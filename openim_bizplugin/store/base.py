@@ -463,8 +463,9 @@ class Store(Protocol):
     def record_saved_seq(self, server_msg_id: str, conversation_id: str, msg_seq: int) -> int:
         """OpenIM stored this message at *msg_seq* of *conversation_id*."""
 
-    def mark_pushed(self, client_msg_id: str, now_ms: int) -> int:
-        """OpenIM is pushing this message to online devices."""
+    def mark_pushed(self, client_msg_id: str, kind: str, targets: list[str], now_ms: int) -> int:
+        """OpenIM is pushing this message to these recipients' online devices (kind "user" or
+        "group"): only they are marked, as one batch_send_msg gives all its users one clientMsgID."""
 
     def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
         """The reader read these seqs: their sent recipients become ``read``."""

@@ -44,7 +44,23 @@ end
 return n
 """
 
-# ARGV[4..]: index key suffix ('smid:<id>' or 'cmid:<id>'), field, now. Sets the field once per recipient.
+# ARGV[4..]: client_msg_id, kind, now, then the targets. Sets pushed_ms once on those recipients of the
+# clientMsgID (one batch_send_msg gives all its users the same one).
+MARK_PUSHED = r"""
+local targets, n = {}, 0
+for i = 7, #ARGV do targets[ARGV[i]] = true end
+for _, member in ipairs(redis.call('SMEMBERS', P .. 'cmid:' .. ARGV[4])) do
+  local key = rkey(member)
+  local f = redis.call('HMGET', key, 'kind', 'target')
+  if f[1] == ARGV[5] and targets[f[2]] then
+    redis.call('HSETNX', key, 'pushed_ms', ARGV[6])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV[4..]: index key suffix ('smid:<id>'), field, now. Sets the field once per recipient.
 STAMP_ONCE = r"""
 local members = redis.call('SMEMBERS', P .. ARGV[4])
 for _, member in ipairs(members) do redis.call('HSETNX', rkey(member), ARGV[5], ARGV[6]) end
@@ -161,7 +177,7 @@ return 1
 """
 
 SCRIPTS = {"record_callback": RECORD_CALLBACK, "prune_callbacks": PRUNE_CALLBACKS, "stamp_once": STAMP_ONCE,
-           "saved_seq": SAVED_SEQ, "mark_read": MARK_READ, "acknowledge": ACKNOWLEDGE, "presence": PRESENCE,
+           "mark_pushed": MARK_PUSHED, "saved_seq": SAVED_SEQ, "mark_read": MARK_READ, "acknowledge": ACKNOWLEDGE, "presence": PRESENCE,
            "open_cursor": OPEN_CURSOR, "save_cursor": SAVE_CURSOR}
 
 
@@ -232,8 +248,10 @@ class RedisTrackingMixin:
         return int(self._run("saved_seq", server_msg_id, conversation_id, int(msg_seq)))
 
     @translated
-    def mark_pushed(self, client_msg_id: str, now_ms: int) -> int:
-        return int(self._run("stamp_once", f"cmid:{client_msg_id}", "pushed_ms", now_ms))
+    def mark_pushed(self, client_msg_id: str, kind: str, targets: list[str], now_ms: int) -> int:
+        if not targets:
+            return 0
+        return int(self._run("mark_pushed", client_msg_id, kind, now_ms, *targets))
 
     @translated
     def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:

@@ -133,10 +133,11 @@ class TrackingMixin:
             return db.execute("UPDATE recipients SET conversation_id = ?, msg_seq = ? WHERE server_msg_id = ?",
                               (conversation_id, msg_seq, server_msg_id)).rowcount
 
-    def mark_pushed(self, client_msg_id: str, now_ms: int) -> int:
+    def mark_pushed(self, client_msg_id: str, kind: str, targets: list[str], now_ms: int) -> int:
         with self._write() as db:
-            return db.execute("UPDATE recipients SET pushed_ms = COALESCE(pushed_ms, ?) WHERE client_msg_id = ?",
-                              (now_ms, client_msg_id)).rowcount
+            return db.execute("UPDATE recipients SET pushed_ms = COALESCE(pushed_ms, ?) WHERE client_msg_id = ?"
+                              " AND kind = ? AND target IN (SELECT value FROM json_each(?))",
+                              (now_ms, client_msg_id, kind, json.dumps(targets))).rowcount
 
     def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
         """Sent user recipients in *conversation_id* whose seq *reader* read become ``read``."""

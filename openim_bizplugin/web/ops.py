@@ -31,7 +31,10 @@ def readyz() -> Any:
     services = current_app.extensions["bizplugin"]
     checks = {"storage": _check(services.store.ping), "openim": services.openim_readiness.check().detail}
     ready = all(result == "ok" for result in checks.values())
-    return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503
+    if checks["openim"] == "ok":
+        _check(services.release.get)  # which OpenIM release: probed once per process, then known
+    return jsonify({"status": "ready" if ready else "not ready", "checks": checks,
+                    "openim_release": services.release.describe()}), 200 if ready else 503
 
 
 def _check(action: Any) -> str:

@@ -56,7 +56,7 @@ import redis
 import redis.exceptions as rexc
 
 from ..errors import StorageUnavailable
-from . import redis_scripts, redis_tracking
+from . import redis_retention, redis_scripts, redis_tracking
 from .base import (
     EVENTS_KEPT,
     PRIORITY_RANK,
@@ -75,6 +75,7 @@ from .base import (
     recipient_data,
 )
 from .redis_errors import translated
+from .redis_retention import RedisRetentionMixin
 from .redis_tracking import RedisTrackingMixin
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def durability_plan(version: str, appendonly: str | None, appendfsync: str | Non
                    " of accepted messages (use appendfsync always, or Redis 7.2+ for WAITAOF)")
 
 
-class RedisStore(RedisTrackingMixin):
+class RedisStore(RedisTrackingMixin, RedisRetentionMixin):
     """Redis implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     @translated
@@ -117,7 +118,8 @@ class RedisStore(RedisTrackingMixin):
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
                                            socket_timeout=30, health_check_interval=30)
         self._scripts = {name: self._redis.register_script(redis_scripts.PRELUDE + source)
-                         for name, source in {**redis_scripts.QUEUE, **redis_tracking.SCRIPTS}.items()}
+                         for name, source in {**redis_scripts.QUEUE, **redis_tracking.SCRIPTS,
+                                                **redis_retention.SCRIPTS}.items()}
         self._scripts.update({name: self._redis.register_script(source)
                               for name, source in redis_scripts.STANDALONE.items()})
         self.ping()
@@ -173,13 +175,16 @@ class RedisStore(RedisTrackingMixin):
         message_id = self._redis.get(self._k(f"replay:{replay.text()}"))
         if message_id is None:
             return None
-        count, type_, version = self._redis.hmget(self._k(f"m:{message_id}"), ["recipient_count", "type", "version"])
+        count, type_, version, deleting = self._redis.hmget(self._k(f"m:{message_id}"),
+                                                           ["recipient_count", "type", "version", "deleting"])
+        if count is None or deleting:  # deleted by the retention sweep just now
+            return None
         return Accepted(message_id, int(count), created=False, type=type_, version=int(version))
 
     @translated
     def get_message(self, message_id: str) -> MessageRecord | None:
         m = self._redis.hgetall(self._k(f"m:{message_id}"))
-        if not m:
+        if not m or "deleting" in m:  # the retention sweep is deleting it: gone
             return None
         pipe = self._redis.pipeline(transaction=False)
         for seq in range(int(m["recipient_count"])):
@@ -336,8 +341,8 @@ class RedisStore(RedisTrackingMixin):
         return [found for found in (self._recent(mid, max(recipients, 0)) for mid in ids) if found]
 
     def _recent(self, message_id: str, shown: int) -> RecentMessage | None:
-        fields = self._redis.hmget(self._k(f"m:{message_id}"), _SUMMARY_FIELDS)
-        if fields[0] is None:
+        *fields, deleting = self._redis.hmget(self._k(f"m:{message_id}"), _SUMMARY_FIELDS + ("deleting",))
+        if fields[0] is None or deleting:
             return None
         client, type_, version, mode, priority, offline, created_ms, expires_ms, count = fields
         pipe = self._redis.pipeline(transaction=False)

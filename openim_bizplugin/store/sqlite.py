@@ -44,10 +44,11 @@ from .base import (
     recipient_data,
 )
 from .sqlite_file import SqliteFile
+from .sqlite_retention import RetentionMixin, adopt_incremental_vacuum
 from .sqlite_tracking import TrackingMixin
 
-SCHEMA_VERSION = 7  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases;
-# 7: batch_targets and batches.departed
+SCHEMA_VERSION = 8  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases;
+# 7: batch_targets and batches.departed; 8: retention (messages.finished_ms and dead, sweeping)
 _TYPE_LEASES = """
 CREATE TABLE IF NOT EXISTS type_leases (
     type            TEXT NOT NULL,
@@ -63,7 +64,10 @@ _UPGRADES = {4: ["ALTER TABLE messages ADD COLUMN started_ms INTEGER", "UPDATE m
              6: [_TYPE_LEASES, "INSERT INTO type_leases (type, owner, until_ms) SELECT type, '(before the upgrade)',"
                                " MAX(expires_ms) FROM messages WHERE started_ms IS NOT NULL GROUP BY type"],
              # older batches have no list of users: leasing one reads its recipient rows, as before
-             7: ["ALTER TABLE batches ADD COLUMN departed INTEGER NOT NULL DEFAULT 0"]}
+             7: ["ALTER TABLE batches ADD COLUMN departed INTEGER NOT NULL DEFAULT 0"],
+             # older messages are not known to be finished: the retention walk checks each of them
+             8: ["ALTER TABLE messages ADD COLUMN finished_ms INTEGER",
+                 "ALTER TABLE messages ADD COLUMN dead INTEGER NOT NULL DEFAULT 0"]}
 MAX_BATCH = 500  # delivery.batch_size's default
 # how often a lease also sweeps the queue for recipients past their TTL and ages priorities
 EXPIRY_SWEEP_MS = 1_000
@@ -93,7 +97,11 @@ CREATE TABLE IF NOT EXISTS messages (
     recipient_count INTEGER NOT NULL,
     created_ms      INTEGER NOT NULL,
     expires_ms      INTEGER NOT NULL,
-    started_ms      INTEGER  -- when a worker first leased some of it: it may have been sent since
+    started_ms      INTEGER, -- when a worker first leased some of it: it may have been sent since
+    -- noted by the retention sweep (sqlite_retention): when it had no work left (plus the period of
+    -- its rate limit), and whether some recipient failed (a dead letter, kept longer); NULL: not yet
+    finished_ms     INTEGER,
+    dead            INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_idempotency ON messages (client, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -103,6 +111,16 @@ CREATE INDEX IF NOT EXISTS messages_collapse ON messages (client, collapse_key, 
     WHERE collapse_key IS NOT NULL;
 -- the rate limit's first question: how many messages of a type may have been sent in a window
 CREATE INDEX IF NOT EXISTS messages_started ON messages (type, expires_ms) WHERE started_ms IS NOT NULL;
+-- the retention sweep: messages still to check for work left (walked in rowid order), and the
+-- finished ones by when they finished
+CREATE INDEX IF NOT EXISTS messages_unfinished ON messages (finished_ms) WHERE finished_ms IS NULL;
+CREATE INDEX IF NOT EXISTS messages_finished ON messages (dead, finished_ms) WHERE finished_ms IS NOT NULL;
+-- a message the sweep deleted whose recipient rows are still being deleted, a chunk at a time
+CREATE TABLE IF NOT EXISTS sweeping (
+    message_id      TEXT PRIMARY KEY,
+    type            TEXT NOT NULL,
+    batch_ids       TEXT NOT NULL  -- JSON array: its batches' entries in batch_sends go with its users
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS recipients (
     message_id      TEXT NOT NULL REFERENCES messages (id),
@@ -384,7 +402,7 @@ def _outcome_row(item: WorkItem, outcome: Outcome) -> tuple:
             int(outcome.uncounted and item.counted), item.message_id, item.seq, item.operation_id, item.lease_owner)
 
 
-class SqliteStore(TrackingMixin):
+class SqliteStore(TrackingMixin, RetentionMixin):
     """SQLite implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset(),
@@ -400,6 +418,8 @@ class SqliteStore(TrackingMixin):
         self._inbox = SqliteFile(inbox_path(self.path), synchronous="NORMAL", autocheckpoint=False)
         self._db.migrate(_SCHEMA, SCHEMA_VERSION, _UPGRADES)
         self._inbox.migrate(_INBOX_SCHEMA, SCHEMA_VERSION)
+        for file in (self._db, self._inbox):
+            adopt_incremental_vacuum(file)
         self._write, self._read = self._db.write, self._db.read
         # the delivery queue's own bookkeeping (leases, outcomes) commits without an fsync: on power
         # loss its last commits may be undone, which re-sends at worst; what was accepted stays durable
@@ -849,6 +869,8 @@ class SqliteStore(TrackingMixin):
                     " reason = NULL, check_operation_id = NULL WHERE message_id = ? AND status = 'failed'",
                     (now_ms, mid)).rowcount
                 db.execute("DELETE FROM dead_letters WHERE message_id = ?", (mid,))
+                # work again: not finished any more (the retention sweep notes it again later)
+                db.execute("UPDATE messages SET finished_ms = NULL, dead = 0 WHERE id = ?", (mid,))
         return replayed
 
     # -- for the operator page ------------------------------------------------------------

@@ -16,6 +16,10 @@ from ..errors import StorageBusy, StorageUnavailable
 
 BUSY_TIMEOUT_MS = 30_000
 IDLE_CONNECTIONS = 8
+# After a checkpoint lets SQLite start the WAL over, the next commit cuts the file back to this
+# size: without it a WAL stays as large as its largest burst (179 MB after 2,000 callbacks of 60 KB).
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+FREE_PAGES_RELEASED = 512  # pages one release_free_pages() hands back at most: a short write
 
 
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN ", re.IGNORECASE)
@@ -31,6 +35,16 @@ def _statements(script: str) -> list[str]:
                 statements.append(pending)
             pending = ""
     return statements
+
+
+def _adds_nothing(db: sqlite3.Connection, statement: str) -> bool:
+    """Whether *statement* adds a column to a table the file lacks, or a column it has already."""
+    altered = _ADD_COLUMN.match(statement)
+    if not altered:
+        return False
+    column = statement[altered.end():].split()[0]
+    columns = {row[1] for row in db.execute(f"PRAGMA table_info({altered[1]})")}
+    return not columns or column in columns
 
 
 class _Connection(sqlite3.Connection):
@@ -57,7 +71,12 @@ class SqliteFile:
             db = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000,
                                  isolation_level=None, check_same_thread=False, factory=_Connection)
             db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            if db.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # a new file, before WAL mode writes its header (an older one: see vacuum()); the
+                # pragma takes the write lock, so it is not set on every connection
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
             db.synchronous = self.synchronous
             if not self.autocheckpoint:  # the owner calls checkpoint() at a time that suits it
@@ -189,17 +208,15 @@ class SqliteFile:
         """Create the tables of *schema* in a new file, add the new ones to an older file
         (every statement says IF NOT EXISTS); refuse a newer file. An older file first gets
         the *upgrades* of each version after its own (what IF NOT EXISTS cannot say: columns).
-        A column added to a table the file does not have yet is skipped: the schema makes the
-        table whole."""
+        A column added to a table the file does not have yet, or that the table has already, is
+        skipped: the schema makes the table whole."""
         with self.write() as db:
             (found,) = db.execute("PRAGMA user_version").fetchone()
             if found < version:
                 for step, statements in sorted((upgrades or {}).items()):
                     if 0 < found < step:  # 0: a new file, whose tables the schema makes whole
                         for statement in statements:
-                            altered = _ADD_COLUMN.match(statement)
-                            if altered and not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
-                                                          " AND name = ?", (altered[1],)).fetchone():
+                            if _adds_nothing(db, statement):
                                 continue
                             db.execute(statement)
                 for statement in _statements(schema):
@@ -213,6 +230,30 @@ class SqliteFile:
         """Fold the WAL back into the file without waiting for readers or writers."""
         with contextlib.suppress(sqlite3.Error), self.borrow() as db:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    @property
+    def incremental(self) -> bool:
+        """Whether the file uses incremental auto-vacuum (files made before it did not)."""
+        return self.read("PRAGMA auto_vacuum")[0][0] == 2
+
+    def release_free_pages(self, pages: int = FREE_PAGES_RELEASED) -> None:
+        """Hand up to *pages* free pages back to the file system, while more than a quarter of
+        the file is free (SQLite reuses free pages anyway; this shrinks it after a big sweep)."""
+        with contextlib.suppress(sqlite3.Error, StorageUnavailable), self._writer, self.borrow() as db:
+            (free,), (total,) = db.execute("PRAGMA freelist_count").fetchone(), db.execute("PRAGMA page_count").fetchone()
+            if free * 4 > total:
+                # executescript runs the pragma to its end (execute() steps once: one page)
+                db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+
+    def vacuum(self) -> None:
+        """Rewrite the whole file with incremental auto-vacuum: a file made before this release
+        needs it once (it holds the write lock throughout: the time to copy the file)."""
+        try:
+            with self._writer, self.borrow() as db:
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                db.execute("VACUUM")
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"the database could not be vacuumed: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:

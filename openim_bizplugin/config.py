@@ -21,7 +21,8 @@ from .errors import ConfigError
 
 CONFIG_ENV = "BIZPLUGIN_CONFIG"
 _REQUIRED = object()
-_TABLES = ("server", "openim", "callbacks", "storage", "schemas", "delivery", "clients", "subscribers", "ui")
+_TABLES = ("server", "openim", "callbacks", "storage", "schemas", "delivery", "clients", "subscribers", "ui",
+           "retention")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -66,6 +67,15 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished data is kept, and how often the sweep runs (SPEC §2 ``[retention]``)."""
+
+    finished_seconds: int = 604_800  # a message all of whose recipients are final, after it finished
+    dead_letter_seconds: int = 2_592_000  # the same for a message with failed recipients
+    sweep_seconds: int = 60
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     client_id: str
     secrets: tuple[str, ...]
@@ -93,6 +103,9 @@ class Config:
     subscribers: tuple[SubscriberConfig, ...] = ()
     ui_token: str | None = None
     callback_retention_seconds: int = 3_600  # processed callbacks (and their dedupe keys) kept this long
+    retention: RetentionConfig = RetentionConfig()
+    # a callback body larger than this is answered "continue" and not stored (OpenIM's are small)
+    callback_max_body_bytes: int = 256 * 1024
 
 
 class _Section:
@@ -203,6 +216,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     if len(callback_token) < 16:
         raise callbacks.fail("token", "must be at least 16 characters (it guards the callback URL)")
     callback_retention_seconds = callbacks.int("retention_seconds", Config.callback_retention_seconds)
+    callback_max_body_bytes = callbacks.int("max_body_bytes", Config.callback_max_body_bytes, minimum=1024)
     callbacks.done()
     storage = _storage(_Section("storage", data.get("storage", {})), base)
     schemas = _Section("schemas", data.get("schemas", {}))
@@ -216,8 +230,9 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     if ui_token is not None and len(ui_token) < 16:
         raise ui.fail("token", "must be at least 16 characters (it guards the operator page)")
     ui.done()
+    retention = _retention(_Section("retention", data.get("retention", {})))
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
-                  clients, subscribers, ui_token, callback_retention_seconds)
+                  clients, subscribers, ui_token, callback_retention_seconds, retention, callback_max_body_bytes)
 
 
 def _required_table(data: dict[str, Any], name: str) -> Any:
@@ -300,6 +315,17 @@ def _delivery(s: _Section) -> DeliveryConfig:
         hold_recheck_seconds=s.float("hold_recheck_seconds", d.hold_recheck_seconds),
         presence_max_age_seconds=s.float("presence_max_age_seconds", d.presence_max_age_seconds),
         priority_aging_seconds=s.float("priority_aging_seconds", d.priority_aging_seconds),
+    )
+    s.done()
+    return cfg
+
+
+def _retention(s: _Section) -> RetentionConfig:
+    d = RetentionConfig()
+    cfg = RetentionConfig(
+        finished_seconds=s.int("finished_seconds", d.finished_seconds),
+        dead_letter_seconds=s.int("dead_letter_seconds", d.dead_letter_seconds),
+        sweep_seconds=s.int("sweep_seconds", d.sweep_seconds),
     )
     s.done()
     return cfg

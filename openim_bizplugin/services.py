@@ -16,6 +16,7 @@ from .config import Config
 from .delivery.engine import DeliveryEngine, build_engine
 from .openim.client import OpenIMClient
 from .ratelimit import ClientRateLimiter
+from .retention import RetentionSweeper
 from .signing import RequestVerifier
 from .store import open_store
 from .store.base import Store
@@ -40,6 +41,7 @@ class Services:
     subscribers: SubscriberDispatcher
     callbacks: CallbackProcessor
     clock: Callable[[], float]
+    retention: RetentionSweeper
 
     @classmethod
     def build(cls, config: Config, *, clock: Callable[[], float] = time.time) -> Services:
@@ -61,17 +63,22 @@ class Services:
         callbacks = CallbackProcessor(config, store, clock, on_change=subscribers.wake,
                                       on_online=engine.wake)
         limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
-        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock)
+        retention = RetentionSweeper(config, store, clock, owner=owner)
+        return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock,
+                   retention)
 
     def start_background(self) -> None:
-        """Run delivery workers and event dispatch in this process (serve, worker)."""
+        """Run delivery workers, callback processing, event dispatch and the retention sweep
+        in this process (serve, worker)."""
         self.engine.start(max(self.config.delivery.workers, 1))
         self.callbacks.start(1)
         if self.config.subscribers:
             self.subscribers.start()
+        self.retention.start()
 
     def close(self) -> None:
         self.engine.stop()
         self.callbacks.stop()
+        self.retention.stop()
         self.subscribers.stop()
         self.store.close()

@@ -347,6 +347,7 @@ class CallbackProcessor:
                 time.sleep(0)  # OpenIM's answers may need the inbox between chunks
         except StorageUnavailable as exc:
             log.warning("processed callbacks not pruned this time: %s", exc, extra={"event": "callback.prune_failed"})
+        self.metrics.deleted("callbacks", forgotten)
         if forgotten:
             log.debug("forgot %d processed callbacks received before %d", forgotten, before_ms,
                       extra={"event": "callback.pruned", "callbacks": forgotten})

@@ -99,7 +99,9 @@ def swept_all(store: Any, now: int, retention: Retention = RETENTION, budget: in
 
 
 class StoreContract:
-    """Tests every backend passes; subclasses define the ``new_store`` and ``replica_code`` fixtures."""
+    """Tests every backend passes; subclasses define the ``new_store``, ``replica_code`` and ``corrupt``
+    fixtures (``corrupt(message_id, field, value)`` sets a stored message field as a bug or a hand edit
+    might; field None deletes the message)."""
 
     @pytest.fixture
     def store(self, new_store: Any) -> Any:
@@ -591,6 +593,19 @@ class StoreContract:
         [event] = [e for e in store.events_after(0, 100) if e.type == "receipt.received"]
         assert event.data == {"message_id": "m1", "type": "profile.updated", "client": "crm", "user_id": "u2",
                               "receipt": receipt}
+
+    def test_a_malformed_stored_message_is_handed_out_with_what_is_wrong(self, store, corrupt):
+        for mid in ("bad", "good", "gone"):
+            store.accept(new(mid, "u1"), None, retention_ms=0)
+        corrupt("bad", "delivery", "not json")
+        corrupt("gone", None, None)  # the message itself is missing, its recipient is not
+        items = {i.message_id: i for i in self.lease(store)}
+        assert (items["bad"].defect, items["good"].defect) == ("its stored delivery settings are not a JSON object",
+                                                               None)
+        assert items["good"].delivery == {"persistent": True}
+        # never sent: handed out to fail (SQLite), or failed by the store itself (Redis)
+        assert "gone" not in items or items["gone"].defect == "its message row is missing"
+        assert self.lease(store, T0 + 60_000) == []
 
     # -- retention ------------------------------------------------------------------------------------
     def deliver(self, store: Any, now: int, failed: tuple[str, ...] = ()) -> None:

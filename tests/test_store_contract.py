@@ -7,6 +7,7 @@ on a free loopback port and flushed before each test.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,16 @@ class TestSqliteStore(StoreContract):
         return ("import sys\nfrom openim_bizplugin.store.sqlite import SqliteStore\n"
                 f"store = SqliteStore({str(tmp_path / 'shared.db')!r})")
 
+    @pytest.fixture
+    def corrupt(self, tmp_path: Path) -> Callable[[str, str | None, Any], None]:
+        def corrupt(message_id: str, field: str | None, value: Any) -> None:
+            with sqlite3.connect(tmp_path / "shared.db") as db:
+                if field is None:
+                    db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+                else:
+                    db.execute(f"UPDATE messages SET {field} = ? WHERE id = ?", (value, message_id))
+        return corrupt
+
 
 class TestRedisStore(StoreContract):
     @pytest.fixture
@@ -73,6 +84,18 @@ class TestRedisStore(StoreContract):
     @pytest.fixture
     def replica_code(self, redis_url: str) -> str:
         return f"import sys\nfrom openim_bizplugin.store.redis import RedisStore\nstore = RedisStore({redis_url!r})"
+
+    @pytest.fixture
+    def corrupt(self, redis_url: str) -> Iterator[Callable[[str, str | None, Any], None]]:
+        client = redis.Redis.from_url(redis_url)
+
+        def corrupt(message_id: str, field: str | None, value: Any) -> None:
+            if field is None:
+                client.delete(f"bizplugin:m:{message_id}")
+            else:
+                client.hset(f"bizplugin:m:{message_id}", field, value)
+        yield corrupt
+        client.close()
 
 
 # -- Redis only ------------------------------------------------------------------------------

@@ -180,6 +180,8 @@ class WorkItem:
     # batch_id set and members None.
     members: list[tuple[int, str]] | None = None
     batch_id: int | None = None
+    # what makes this item's stored row unusable (see stored_message): it fails at once, alone
+    defect: str | None = None
 
     @property
     def size(self) -> int:
@@ -198,6 +200,28 @@ def answers_by_user(results: Any) -> dict[str, Answer]:
     """(serverMsgID, clientMsgID, sendTime) per recvID of OpenIM's batch_send_msg ``results``."""
     return {r["recvID"]: (r.get("serverMsgID") or "", r.get("clientMsgID") or "", r.get("sendTime") or 0)
             for r in results or () if isinstance(r, dict) and isinstance(r.get("recvID"), str)}
+
+
+MESSAGE_MISSING = ("", "", 0, "notification", "normal", "store", "", "{}", 0)  # stored_message's placeholder
+
+
+def stored_message(row: tuple | None) -> tuple[tuple, dict[str, Any], str | None]:
+    """A stored message's (client, type, version, mode, priority, offline, envelope, delivery JSON,
+    expires_ms) as a lease reads them: the row (a placeholder when it is missing), its delivery
+    settings, and what makes it unusable, or None. Such a message's items fail on their own
+    instead of failing every round that leases them (a row edited by hand, a bug of an older
+    release)."""
+    if row is None:
+        return MESSAGE_MISSING, {}, "its message row is missing"
+    try:
+        settings = json.loads(row[7])
+    except (TypeError, ValueError):
+        settings = None
+    if not isinstance(settings, dict):
+        return row, {}, "its stored delivery settings are not a JSON object"
+    if row[4] not in PRIORITY_RANK or row[3] not in ("notification", "custom") or not isinstance(row[6], str):
+        return row, settings, f"its stored message is malformed (mode {row[3]!r}, priority {row[4]!r})"
+    return row, settings, None
 
 
 def delivered_in_batches(message: NewMessage) -> bool:

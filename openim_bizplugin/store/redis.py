@@ -73,6 +73,7 @@ from .base import (
     ReplayKey,
     WorkItem,
     recipient_data,
+    stored_message,
 )
 from .redis_errors import translated
 from .redis_retention import RedisRetentionMixin
@@ -449,9 +450,14 @@ def _recipient(row: list[str | None]) -> RecipientRecord:
 
 
 def _message_fields(values: list[str | None]) -> dict[str, Any]:
+    """A leased message's fields: delivery parsed once per message (its items share it, as with
+    SQLite), and ``defect`` set when the hash is missing or malformed (stored_message)."""
     fields = dict(zip(_MESSAGE_FIELDS, values))
-    # parsed once per message; the items of one message share it, as with SQLite
-    fields["delivery"] = json.loads(fields["delivery"])
+    row = None if fields["client"] is None else tuple(fields[name] for name in _MESSAGE_FIELDS[:9])
+    row, fields["delivery"], fields["defect"] = stored_message(row)
+    fields.update(zip(_MESSAGE_FIELDS[:7], row[:7]))
+    for name in ("version", "expires_ms"):
+        fields[name] = _int(fields[name]) if str(fields[name] or "").isdigit() else 0
     return fields
 
 
@@ -462,5 +468,6 @@ def _work_item(row: list, operation_id: str, owner: str, messages: dict[str, dic
     return WorkItem(
         message_id=message_id, seq=int(seq), kind=kind, target=target, attempts=int(attempts),
         counted=bool(counted), operation_id=operation_id, check_operation_id=unknown or None, lease_owner=owner,
-        client=m["client"], type=m["type"], version=int(m["version"]), mode=m["mode"], priority=m["priority"],
-        offline=m["offline"], envelope=m["envelope"], delivery=m["delivery"], expires_ms=int(m["expires_ms"]))
+        client=m["client"], type=m["type"], version=m["version"], mode=m["mode"], priority=m["priority"],
+        offline=m["offline"], envelope=m["envelope"], delivery=m["delivery"], expires_ms=m["expires_ms"],
+        defect=m["defect"])

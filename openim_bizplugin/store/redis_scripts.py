@@ -197,6 +197,7 @@ local function mark_started(mid)
   if started[mid] then return end
   started[mid] = true
   local m = redis.call('HMGET', P .. 'm:' .. mid, 'type', 'expires_ms')
+  if not m[1] or not tonumber(m[2]) then return end  -- no usable message hash: its items fail on their own
   redis.call('ZADD', P .. 'started:' .. m[1], 'NX', m[2], mid)
   leased_types[m[1]] = true
 end
@@ -220,10 +221,25 @@ local function take(member, f, out)
   out[#out + 1] = {member, f.target, f.kind, attempts, counted and 1 or 0, unknown or ''}
 end
 
+-- a recipient whose message hash is gone (evicted, deleted by hand) can never be sent: it leaves
+-- the queue failed instead of failing every lease that meets it
+local function orphaned(member, due)
+  if due then redis.call('ZREM', P .. 'due', due) end
+  redis.call('ZREM', P .. 'expiry', member)
+  redis.call('HSET', rkey(member), 'status', 'failed', 'reason', 'its message is missing from Redis')
+  redis.call('HDEL', rkey(member), 'lease_owner')
+end
+local function has_message(member)
+  local mid = message_of(member)
+  orders[mid] = orders[mid] or redis.call('HGET', P .. 'm:' .. mid, 'order')
+  return orders[mid] ~= false and orders[mid] ~= nil
+end
+
 -- recipients past their TTL that are due end expired instead of being sent late
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', now, 'LIMIT', 0, SWEEP)) do
   local f = load(member)
-  if tonumber(f.next_attempt_ms) <= now then expire(member, f) end
+  if not has_message(member) then orphaned(member, nil)
+  elseif tonumber(f.next_attempt_ms) <= now then expire(member, f) end
 end
 
 -- no starvation: due for aging_ms, low counts as normal; for twice that, anything as high
@@ -250,7 +266,8 @@ for rank = 0, bands - 1 do
     for _, due in ipairs(members) do
       local member = member_of(due)
       local f = load(member)
-      if tonumber(f.expires_ms) <= now then expire(member, f); expired = expired + 1 else take(member, f, out) end
+      if not has_message(member) then orphaned(member, due); expired = expired + 1
+      elseif tonumber(f.expires_ms) <= now then expire(member, f); expired = expired + 1 else take(member, f, out) end
     end
     if expired == 0 then break end
   end

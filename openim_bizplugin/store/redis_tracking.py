@@ -16,6 +16,8 @@ from .base import CallbackRecord, EventRecord, PresenceState, SubscriberCursor
 from .redis_errors import translated
 from .redis_retention import PRESENCE_EXPIRE_MS
 
+READ_SEQS_PER_CALL = 5_000
+
 # Lua, run after redis_scripts.PRELUDE (whose helpers they use); a script's own arguments start at ARGV[4].
 
 # ARGV[4..]: command, natural key, body, received_ms. Returns the new id, or 0 for a duplicate.
@@ -231,9 +233,10 @@ class RedisTrackingMixin:
     @translated
     def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
         """Sent user recipients in *conversation_id* whose seq *reader* read become ``read``."""
-        if not seqs:
-            return 0
-        return int(self._run("mark_read", conversation_id, reader, now_ms, *(int(s) for s in seqs)))
+        seqs = [int(s) for s in seqs]
+        # a script call per few thousand seqs: each one is short, however many a read names
+        return sum(int(self._run("mark_read", conversation_id, reader, now_ms, *seqs[start:start + READ_SEQS_PER_CALL]))
+                   for start in range(0, len(seqs), READ_SEQS_PER_CALL))
 
     @translated
     def acknowledge(self, message_id: str, user_id: str, receipt: dict[str, Any], now_ms: int) -> bool:

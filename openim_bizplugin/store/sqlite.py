@@ -42,8 +42,9 @@ from .base import (
     batch_answers,
     delivered_in_batches,
     recipient_data,
+    stored_message,
 )
-from .sqlite_file import SqliteFile
+from .sqlite_file import BUSY_TIMEOUT_MS, SqliteFile
 from .sqlite_retention import RetentionMixin, adopt_incremental_vacuum
 from .sqlite_tracking import TrackingMixin
 
@@ -324,17 +325,29 @@ _LEASE_SQL = (
     " RETURNING rowid, seq, kind, target, attempts, operation_id, check_operation_id")
 
 
-def _work_items(rows: list[tuple], held: set[int], message_id: str, message: tuple, owner: str,
-                settings: dict[str, Any]) -> dict[int, WorkItem]:
+def _work_items(rows: list[tuple], held: set[int], message_id: str, message: tuple | None,
+                owner: str) -> dict[int, WorkItem]:
     """The WorkItems of one message's leased rows, by rowid."""
+    message, settings, defect = stored_message(message)
     client, type_, version, mode, priority, offline, envelope, _delivery, expires_ms = message
     return {rowid: WorkItem(
         # a recheck of a recipient held for an offline user is not a send attempt
         message_id=message_id, seq=seq, kind=kind, target=target, attempts=attempts,
         counted=rowid not in held, operation_id=operation_id, check_operation_id=check_operation_id,
         lease_owner=owner, client=client, type=type_, version=version, mode=mode, priority=priority,
-        offline=offline, envelope=envelope, expires_ms=expires_ms, delivery=settings)
+        offline=offline, envelope=envelope, expires_ms=expires_ms, delivery=settings, defect=defect)
         for rowid, seq, kind, target, attempts, operation_id, check_operation_id in rows}
+
+
+def _targets(listed: tuple | None, size: int) -> list[str] | None:
+    """A batch's users as batch_targets lists them, or None: not listed, or not a list of *size*
+    strings (its users then come from their recipient rows)."""
+    try:
+        targets = json.loads(listed[0]) if listed is not None else None
+    except ValueError:
+        return None
+    valid = isinstance(targets, list) and len(targets) == size and all(isinstance(t, str) for t in targets)
+    return targets if valid else None
 
 
 _BATCH_DUE = "('queued', 'sending')"
@@ -406,16 +419,20 @@ class SqliteStore(TrackingMixin, RetentionMixin):
     """SQLite implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset(),
-                 events_kept: int = EVENTS_KEPT, batch_size: int = MAX_BATCH) -> None:
+                 events_kept: int = EVENTS_KEPT, batch_size: int = MAX_BATCH,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = str(path)
         self.event_types, self.events_kept = event_types, events_kept
         self.batch_size = batch_size  # users per batch_send_msg of a batched message (delivery.batch_size)
         self._answers: collections.OrderedDict[int, dict] = collections.OrderedDict()  # _done_batch_answers
         self._answers_lock = threading.Lock()
-        self._db = SqliteFile(self.path, synchronous="FULL")
+        # busy_timeout_ms: how long a write waits for another process's lock before the store is
+        # unavailable for it (tests make that short)
+        self._db = SqliteFile(self.path, synchronous="FULL", busy_timeout_ms=busy_timeout_ms)
         # no automatic checkpoints on the inbox: they ran inside whichever commit crossed the
         # threshold, often a callback's while OpenIM waited (up to 157 ms measured)
-        self._inbox = SqliteFile(inbox_path(self.path), synchronous="NORMAL", autocheckpoint=False)
+        self._inbox = SqliteFile(inbox_path(self.path), synchronous="NORMAL", autocheckpoint=False,
+                                 busy_timeout_ms=busy_timeout_ms)
         self._db.migrate(_SCHEMA, SCHEMA_VERSION, _UPGRADES)
         self._inbox.migrate(_INBOX_SCHEMA, SCHEMA_VERSION)
         for file in (self._db, self._inbox):
@@ -571,7 +588,7 @@ class SqliteStore(TrackingMixin, RetentionMixin):
                 message = messages[message_id] = self._message_columns(db, message_id)
                 rows = db.execute(_LEASE_SQL, (owner, now_ms + lease_ms, new_operation_id(message_id),
                                                json.dumps(rowids))).fetchall()
-                leased.update(_work_items(rows, held, message_id, message, owner, json.loads(message[7])))
+                leased.update(_work_items(rows, held, message_id, message, owner))
             items = [leased[row[0]] for row in due]
             for batch_id, message_id, *_, first_seq, last_seq in batches:
                 if message_id not in messages:
@@ -616,21 +633,23 @@ class SqliteStore(TrackingMixin, RetentionMixin):
             owner, until_ms, operation_id, batch_id)).fetchone()
         listed = None if departed else db.execute("SELECT targets FROM batch_targets WHERE batch_id = ?",
                                                   (batch_id,)).fetchone()
-        if listed is not None:
-            members = list(zip(range(first_seq, last_seq + 1), json.loads(listed[0])))
+        targets = _targets(listed, last_seq - first_seq + 1)
+        if targets is not None:
+            members = list(zip(range(first_seq, last_seq + 1), targets))
         else:
             members = db.execute("SELECT seq, target FROM recipients WHERE message_id = ? AND seq BETWEEN ? AND ?"
                                  " AND status = 'batched' ORDER BY seq", (message_id, first_seq, last_seq)).fetchall()
         if not members:  # every user of it ended on their own (acknowledged early, say)
             db.execute("UPDATE batches SET status = 'done', lease_owner = NULL WHERE id = ?", (batch_id,))
             return None
-        client, type_, version, mode, priority, offline, envelope, delivery, expires_ms = message
+        message, settings, defect = stored_message(message)
+        client, type_, version, mode, priority, offline, envelope, _delivery, expires_ms = message
         return WorkItem(
             message_id=message_id, seq=members[0][0], kind="user", target=members[0][1], attempts=attempts,
             counted=True, operation_id=operation_id, check_operation_id=check_operation_id, lease_owner=owner,
             client=client, type=type_, version=version, mode=mode, priority=priority, offline=offline,
-            envelope=envelope, delivery=json.loads(delivery), expires_ms=expires_ms, members=members,
-            batch_id=batch_id)
+            envelope=envelope, delivery=settings, expires_ms=expires_ms, members=members,
+            batch_id=batch_id, defect=defect)
 
     def _expire_due(self, db: sqlite3.Connection, now_ms: int, rowids: list[int] | None = None) -> None:
         """Due recipients past their TTL (all, or those of *rowids*) end ``expired``, never sent late."""

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 
-from ..errors import StorageBusy, StorageUnavailable
+from ..errors import StorageBusy, StorageRejected, StorageUnavailable
 
 BUSY_TIMEOUT_MS = 30_000
 IDLE_CONNECTIONS = 8
@@ -37,6 +37,25 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
+# SQLite's primary result codes for a failure of the moment (a lock, the disk, memory, a damaged
+# file the operator must see to): the same write may succeed later. Any other failure (a value of a
+# type SQLite cannot bind, too big, too many SQL variables, a constraint) fails again however often
+# it is tried: one bad callback or recipient must then fail alone, not hold up the rest.
+_TRANSIENT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+                        sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_PROTOCOL,
+                        sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_NOLFS})
+
+
+def storage_error(exc: sqlite3.Error, doing: str) -> StorageUnavailable:
+    """*exc* as StorageUnavailable when it may pass, StorageRejected when it never will."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # raised by Python's sqlite3 itself: binding a value, or a closed connection
+        transient = "closed" in str(exc)
+    else:
+        transient = code & 0xFF in _TRANSIENT
+    return (StorageUnavailable if transient else StorageRejected)(f"{doing}: {exc}")
+
+
 def _adds_nothing(db: sqlite3.Connection, statement: str) -> bool:
     """Whether *statement* adds a column to a table the file lacks, or a column it has already."""
     altered = _ADD_COLUMN.match(statement)
@@ -56,8 +75,9 @@ class _Connection(sqlite3.Connection):
 class SqliteFile:
     """Connections to one database file with the given ``synchronous`` level."""
 
-    def __init__(self, path: str, synchronous: str = "FULL", autocheckpoint: bool = True) -> None:
-        self.path = path
+    def __init__(self, path: str, synchronous: str = "FULL", autocheckpoint: bool = True,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.path, self.busy_timeout_ms = path, busy_timeout_ms
         self.synchronous = synchronous
         self.autocheckpoint = autocheckpoint
         self._idle: list[_Connection] = []
@@ -66,7 +86,8 @@ class SqliteFile:
         self._local = threading.local()  # .db: this thread's open transaction, if any
         self._at_once: _Connection | None = None  # execute_now's, busy_timeout 0
 
-    def _open(self, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> _Connection:
+    def _open(self, busy_timeout_ms: int | None = None) -> _Connection:
+        busy_timeout_ms = self.busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
         try:
             db = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000,
                                  isolation_level=None, check_same_thread=False, factory=_Connection)
@@ -145,9 +166,9 @@ class SqliteFile:
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise StorageBusy(f"the database is locked by another process: {exc}") from None
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+            raise storage_error(exc, "the database rejected the write") from exc
         except sqlite3.Error as exc:
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+            raise storage_error(exc, "the database rejected the write") from exc
         finally:
             self._writer.release()
 
@@ -171,7 +192,7 @@ class SqliteFile:
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+            raise storage_error(exc, "the database rejected the write") from exc
 
     @staticmethod
     @contextlib.contextmanager
@@ -186,7 +207,7 @@ class SqliteFile:
                 raise
             db.execute("RELEASE nested")
         except sqlite3.Error as exc:
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+            raise storage_error(exc, "the database rejected the write") from exc
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -202,7 +223,7 @@ class SqliteFile:
             with self.borrow() as db:
                 return db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            raise StorageUnavailable(f"the database cannot be read: {exc}") from exc
+            raise storage_error(exc, "the database cannot be read") from exc
 
     def migrate(self, schema: str, version: int, upgrades: dict[int, list[str]] | None = None) -> None:
         """Create the tables of *schema* in a new file, add the new ones to an older file

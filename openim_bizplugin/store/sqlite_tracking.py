@@ -135,13 +135,13 @@ class TrackingMixin:
 
     def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
         """Sent user recipients in *conversation_id* whose seq *reader* read become ``read``."""
-        marks = ",".join("?" * len(seqs))
+        # one JSON parameter, not one "?" per seq: a read of 300,000 seqs was "too many SQL variables"
         with self._write() as db:
             rows = db.execute(
                 "SELECT r.message_id, r.seq, r.target, m.type, m.client FROM recipients r"
                 " JOIN messages m ON m.id = r.message_id"
-                f" WHERE r.conversation_id = ? AND r.msg_seq IN ({marks}) AND r.kind = 'user'"
-                " AND r.target = ? AND r.status = 'sent'", (conversation_id, *seqs, reader)).fetchall()
+                " WHERE r.conversation_id = ? AND r.msg_seq IN (SELECT value FROM json_each(?)) AND r.kind = 'user'"
+                " AND r.target = ? AND r.status = 'sent'", (conversation_id, json.dumps(seqs), reader)).fetchall()
             for message_id, seq, target, type_, client in rows:
                 db.execute("UPDATE recipients SET status = 'read', read_ms = ? WHERE message_id = ? AND seq = ?",
                            (now_ms, message_id, seq))
@@ -206,9 +206,8 @@ class TrackingMixin:
         """What callbacks last said of each user (absent when nothing is known)."""
         if not user_ids:
             return {}
-        marks = ",".join("?" * len(user_ids))
-        rows = self._read(f"SELECT user_id, MAX(online), MAX(updated_ms) FROM presence"
-                          f" WHERE user_id IN ({marks}) GROUP BY user_id", tuple(user_ids))
+        rows = self._read("SELECT user_id, MAX(online), MAX(updated_ms) FROM presence"
+                          " WHERE user_id IN (SELECT value FROM json_each(?)) GROUP BY user_id", (json.dumps(user_ids),))
         return {user: PresenceState(bool(online), updated) for user, online, updated in rows}
 
     # -- event outbox --------------------------------------------------------------------------

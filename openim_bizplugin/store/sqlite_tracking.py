@@ -28,7 +28,7 @@ from .base import (
 from .sqlite_file import SqliteFile
 
 DONE_BATCHES_KEPT = 8  # parsed answers of sent batches kept for callbacks about their users
-INBOX_CHECKPOINT_EVERY = 1_000  # finished callbacks between checkpoints of the inbox's WAL (~15 MB)
+INBOX_WAL_BYTES = 4 * 1024 * 1024  # the inbox's WAL is folded back and cut once it is this large
 _RECORD_CALLBACK = "INSERT OR IGNORE INTO callbacks (command, natural_key, body, received_ms) VALUES (?, ?, ?, ?)"
 
 
@@ -47,7 +47,6 @@ class TrackingMixin:
     """Callback inbox, presence, receipts and the event outbox."""
 
     _inbox: SqliteFile  # the callback inbox file, provided by SqliteStore
-    _unchecked = 0  # callbacks finished since the inbox's last checkpoint
     event_types: frozenset[str] = frozenset()  # what subscribers listen to; others are not kept
     events_kept: int  # events every subscriber received that stay anyway (a look back)
 
@@ -77,12 +76,11 @@ class TrackingMixin:
         with self._inbox.write() as db:
             db.executemany("UPDATE callbacks SET done = 1, error = ? WHERE id = ?",
                            [(error, callback_id) for callback_id, error in results])
-        # here, off the answer path and outside the write lock, and not every round: each
-        # checkpoint copied the round's pages back into the file (~1 ms a round in a burst)
-        self._unchecked += len(results)
-        if self._unchecked >= INBOX_CHECKPOINT_EVERY:
-            self._unchecked = 0
-            self._inbox.checkpoint()
+        # here, off the answer path, and not every round: each checkpoint copied the round's
+        # pages back into the file (~1 ms a round in a burst); every commit appends its pages
+        # (~20 KB for a small callback), so a few MB come together in a second of a burst
+        if self._inbox.wal_bytes() > INBOX_WAL_BYTES:
+            self._inbox.truncate_wal()
 
     def prune_callbacks(self, before_ms: int, limit: int) -> int:
         # ids follow arrival: the oldest processed ones come first on callbacks_pending (done, id),

@@ -119,3 +119,24 @@ def test_the_callback_inbox_wal_is_cut_back_after_a_burst_of_large_callbacks(tmp
     store.record_callback("callbackAfterSendSingleMsgCommand", "next", "{}", T0 + 2)
     assert store._inbox.wal_bytes() <= WAL_SIZE_LIMIT  # ... and the next commit cuts the WAL back
     store.close()
+
+
+def test_the_vacuum_command_rewrites_both_files_with_incremental_auto_vacuum(tmp_path):
+    import io
+
+    from conftest import write_config
+    from openim_bizplugin.cli import run
+
+    path = write_config(tmp_path, {"storage": {"url": "sqlite:///bizplugin.db"}})
+    _previous_release_file(tmp_path / "bizplugin.db")
+    out, err = io.StringIO(), io.StringIO()
+    assert run(["vacuum", "-c", str(path)], out, err) == 0, err.getvalue()
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(tmp_path / "bizplugin.db"),
+                                                      str(tmp_path / "bizplugin-callbacks.db")]
+    assert all(line.endswith("incremental auto-vacuum") for line in lines)
+    with sqlite3.connect(tmp_path / "bizplugin.db") as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    redis_config = write_config(tmp_path, {"storage": {"url": "redis://127.0.0.1:1/0"}})
+    assert run(["vacuum", "-c", str(redis_config)], out, err) == 1
+    assert err.getvalue().strip() == "openim-bizplugin: vacuum is for SQLite storage (Redis gives memory back by itself)"

@@ -7,7 +7,8 @@ and another replica takes the work over. Every change of more than one key
 is one Lua script (:mod:`.redis_scripts`), so it is atomic. Times are
 integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
 
-    m:<mid>            hash    the message (envelope, delivery settings, counts, times)
+    m:<mid>            hash    the message (envelope, delivery settings, counts, times; active: its
+                               recipients with work left; deleting/left while the sweep deletes it)
     mt:<mid>           hash    target -> seq, to find a user's recipient for a receipt
     r:<mid>:<seq>      hash    one recipient: status, attempts, lease, outcome, callbacks
     due                zset    every recipient with work left, score rank * 1e13 + due ms:
@@ -32,13 +33,17 @@ integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
     cursor:<name>      hash    a subscriber's position; cursors: set of names
     cb:<id> cb:pending cb:done cb:seq cb:seen:<n>:<command>:<key>   the callback inbox
     token:<name>       hash    shared credentials; lock:<name>: SET NX PX locks
+    finished finished:dead  zset  messages without work left (with failed recipients) by when they
+                               finished; sweeping: the one whose recipients are being deleted;
+                               sweep:legacy: the SCAN cursor over messages stored before retention
 
 One sorted set holds all work, as SQLite's one ``recipients_due`` index does:
 a lease moves a member's score to its lease expiry, so work whose worker died
 comes due again by itself, in priority order, and is never deleted until an
 outcome is recorded. Nothing here trims work: the event stream is trimmed only
-below every subscriber's cursor (keeping the newest EVENTS_KEPT of those). See
-``docs/redis.md``.
+below every subscriber's cursor (keeping the newest EVENTS_KEPT of those), and
+the retention sweep deletes only finished messages (:mod:`.redis_retention`).
+See ``docs/redis.md``.
 """
 
 from __future__ import annotations

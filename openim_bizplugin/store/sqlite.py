@@ -435,13 +435,17 @@ class SqliteStore(TrackingMixin, RetentionMixin):
                                  busy_timeout_ms=busy_timeout_ms)
         self._db.migrate(_SCHEMA, SCHEMA_VERSION, _UPGRADES)
         self._inbox.migrate(_INBOX_SCHEMA, SCHEMA_VERSION)
-        for file in (self._db, self._inbox):
+        for file in self.files():
             adopt_incremental_vacuum(file)
         self._write, self._read = self._db.write, self._db.read
         # the delivery queue's own bookkeeping (leases, outcomes) commits without an fsync: on power
         # loss its last commits may be undone, which re-sends at worst; what was accepted stays durable
         self._write_progress = functools.partial(self._db.write, durable=False)
         self._swept_ms = 0  # when this process last swept the queue for expired recipients
+
+    def files(self) -> tuple[SqliteFile, SqliteFile]:
+        """The main file and the callback inbox."""
+        return self._db, self._inbox
 
     # -- the Store interface ------------------------------------------------
     def accept(self, message: NewMessage, replay: ReplayKey | None, *, retention_ms: int) -> Accepted:

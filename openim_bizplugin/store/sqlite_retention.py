@@ -44,12 +44,11 @@ _DUE_FOR_DELETION = ("SELECT id FROM messages WHERE finished_ms IS NOT NULL AND 
 class RetentionMixin:
     """``sweep`` for :class:`.sqlite.SqliteStore`."""
 
-    _db: SqliteFile
-    _inbox: SqliteFile
     _walked_to = 0  # rowid of the last message the walk for finished ones checked (0: start over)
 
     def _write_progress(self) -> AbstractContextManager[sqlite3.Connection]: ...  # provided by SqliteStore
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]: ...  # provided by SqliteStore
+    def files(self) -> tuple[SqliteFile, SqliteFile]: ...  # provided by SqliteStore
 
     def sweep(self, now_ms: int, retention: Retention, budget: int = SWEEP_CHUNK) -> Swept:
         swept = self._delete_finished(now_ms, retention, budget)
@@ -58,7 +57,7 @@ class RetentionMixin:
             swept.presence = self._forget_presence(now_ms - retention.presence_ms, budget)
         swept.more = bool(swept.messages or swept.recipients) or not walked_all or swept.presence >= budget
         if not swept.more:  # a quiet moment: fold the WAL files back and return spare pages
-            for file in (self._db, self._inbox):
+            for file in self.files():
                 file.checkpoint()
                 file.release_free_pages()
         return swept

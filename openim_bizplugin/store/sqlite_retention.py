@@ -69,16 +69,18 @@ class RetentionMixin:
         with self._write_progress() as db:  # inside the transaction: a replay cannot slip in between
             rows = db.execute("SELECT rowid, id, recipient_count, delivery FROM messages WHERE finished_ms IS NULL"
                               " AND rowid > ? ORDER BY rowid LIMIT ?", (self._walked_to, WALK_MESSAGES)).fetchall()
-            checked = 0
+            read = 0  # recipient rows read: a message with work left is usually told by its first
             for rowid, message_id, count, delivery in rows:
-                if checked and checked + count > budget:
+                if read >= budget:
                     return False
-                checked += count
                 self._walked_to = rowid
-                if not db.execute(_ACTIVE_SQL, (message_id,)).fetchone()[0]:
-                    dead = db.execute(_FAILED_SQL, (message_id,)).fetchone()[0]
-                    db.execute("UPDATE messages SET finished_ms = ?, dead = ? WHERE rowid = ?",
-                               (now_ms + rate_period_ms(_settings(delivery)), dead, rowid))
+                if db.execute(_ACTIVE_SQL, (message_id,)).fetchone()[0]:
+                    read += 1
+                    continue
+                read += count  # all of them, twice at most
+                dead = db.execute(_FAILED_SQL, (message_id,)).fetchone()[0]
+                db.execute("UPDATE messages SET finished_ms = ?, dead = ? WHERE rowid = ?",
+                           (now_ms + rate_period_ms(_settings(delivery)), dead, rowid))
         if len(rows) == WALK_MESSAGES:
             return False
         self._walked_to = 0

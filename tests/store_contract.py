@@ -580,6 +580,14 @@ class StoreContract:
         [read] = [e for e in store.events_after(0, 100) if e.type == "message.read"]
         assert read.data == {"message_id": "m1", "type": "profile.updated", "client": "crm", "user_id": "u1"}
 
+    def test_a_read_of_300000_seqs_is_one_read(self, store):
+        store.accept(new("m1", "u1"), None, retention_ms=0)
+        [item] = self.lease(store)
+        store.complete([(item, Outcome.sent("s1", "c1", T0 + 1))], T0 + 1)
+        store.record_saved_seq("s1", "si_admin_u1", 299_999)
+        assert store.mark_read("si_admin_u1", list(range(300_000)), "u1", T0 + 2) == 1  # more than SQL variables
+        assert statuses(store, "m1") == ["read"]
+
     def test_the_first_receipt_acknowledges_and_ends_the_work(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
         receipt = {"id": "m1", "ok": True, "at": 1_700_000_000_123, "note": "vu ✓"}

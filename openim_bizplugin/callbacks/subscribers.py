@@ -272,6 +272,8 @@ class SubscriberDispatcher:
         """Stop after the POSTs in flight (each ends by its deadline); unsent events stay in the outbox."""
         for loop in self.loops:
             loop.stop(timeout)
+        for session in self._sessions.values():
+            session.close()
 
 
 def _drain(resp: requests.Response) -> tuple[int, str]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..background import IDLE_POLL_SECONDS, BackgroundLoop
 from ..config import Config
 from ..counters import DISCARD, Metrics
-from ..errors import StorageUnavailable
+from ..errors import StorageRejected, StorageUnavailable
 from ..openim.client import OpenIMClient, OpenIMError
 from ..retry import backoff_seconds
 from ..store.base import PRIORITY_RANK, Outcome, Store, WorkItem
@@ -107,17 +107,15 @@ class DeliveryEngine:
         try:
             found, to_send = self.sender.prepare(usable, self._decide)
             return settled + found, to_send
-        except StorageUnavailable:
-            raise  # the store of the moment: the leases run out and the work comes back
-        except Exception:
+        except Exception as exc:
+            _raise_if_passing(exc)  # the store of the moment: the leases run out and the work comes back
             log.exception("checks before sending failed for a round of %d; checking one by one", len(usable))
         to_send = []
         for item in usable:
             try:
                 found, ready = self.sender.prepare([item], self._decide)
-            except StorageUnavailable:
-                raise
             except Exception as exc:
+                _raise_if_passing(exc)
                 found, ready = [(item, _unusable(item, f"{type(exc).__name__}: {exc}"))], []
             settled += found
             to_send += ready
@@ -128,9 +126,8 @@ class DeliveryEngine:
         it cannot send) fails its own items only."""
         try:
             return self.sender.send_unit(unit, self._decide)
-        except StorageUnavailable:
-            raise
         except Exception as exc:
+            _raise_if_passing(exc)
             log.exception("message %s: sending to %s raised; its recipients fail", unit[0].message_id,
                           unit[0].target, extra={"event": "delivery.error", "message_id": unit[0].message_id})
             return [(item, _unusable(item, f"{type(exc).__name__}: {exc}")) for item in unit]
@@ -205,6 +202,12 @@ class DeliveryEngine:
         """Stop taking work and let rounds in flight finish (their leases cover the rest)."""
         self.loop.stop(timeout)
         self.recorder.stop()
+
+
+def _raise_if_passing(exc: Exception) -> None:
+    """Re-raise a storage failure of the moment (a lock, the disk); anything else fails the item."""
+    if isinstance(exc, StorageUnavailable) and not isinstance(exc, StorageRejected):
+        raise exc
 
 
 def _unusable(item: WorkItem, error: str | None) -> Outcome:

@@ -11,7 +11,7 @@ gives the sizes of the main file, the callback inbox and their WAL files, the
 rows kept, and the server's resident memory. With retention at work the sizes
 are flat once the first minute's messages start to go (warm-up).
 
-    python bench/soak_retention.py [--minutes 11] [--rate 20]
+    python bench/soak_retention.py [--minutes 11] [--rate 8] [--keep]
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ def mb(n: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=11)
-    parser.add_argument("--rate", type=float, default=20, help="messages per second")
+    parser.add_argument("--rate", type=float, default=8, help="messages per second")
+    parser.add_argument("--keep", action="store_true", help="keep the files (default: removed at the end)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bizplugin-retention-soak-"))
     with FakeOpenIM(users=USERS + ["imAdmin"]) as fake:
@@ -201,10 +202,13 @@ def main() -> int:
             for thread in load.threads:
                 thread.join(30)
             print(f"  retention deleted: {deleted(load.url)}; load: {dict(load.counts)}")
-            print(f"  files in {folder}")
         finally:
             server.terminate()
             server.wait(30)
+    if args.keep:
+        print(f"  files in {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("message_id", nargs="?", help="one message")
     which.add_argument("--all", action="store_true", help="every dead letter")
 
+    command("vacuum", "rewrite the SQLite files with incremental auto-vacuum, giving free space back"
+                      " (once after upgrading a large file; best with the sidecar stopped)")
+
     doctor = command("doctor", "check config, OpenIM, sender account and the callback URL")
     doctor.add_argument("--public-url", help="how OpenIM reaches this sidecar (default: server address); "
                         "also posts a harmless callback there to check the URL end to end")
@@ -178,6 +181,24 @@ def _dlq(args: argparse.Namespace, stdout: TextIO) -> int:
             if count == 0 and not args.all:
                 raise CommandError(f"no dead letter {args.message_id!r}")
             print(f"{count} recipients queued again", file=stdout)
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _vacuum(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .store.sqlite import SqliteStore
+
+    config = _config(args)
+    if config.storage.sqlite_path is None:
+        raise CommandError("vacuum is for SQLite storage (Redis gives memory back by itself)")
+    store = SqliteStore(config.storage.sqlite_path)
+    try:
+        for file in store.files():
+            before = os.path.getsize(file.path)
+            file.vacuum()
+            print(f"{file.path}: {before // 1024} KB -> {os.path.getsize(file.path) // 1024} KB,"
+                  " incremental auto-vacuum", file=stdout)
     finally:
         store.close()
     return EXIT_OK
@@ -320,6 +341,7 @@ def _print_json(value: Any, stdout: TextIO) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False), file=stdout)
 
 
-_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "doctor": _doctor, "webhooks": _webhooks, "demo": _demo,
-             "init": _init, "keygen": _keygen, "schemas": _schemas, "sign": _sign,
+_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "vacuum": _vacuum, "doctor": _doctor,
+             "webhooks": _webhooks, "demo": _demo, "init": _init, "keygen": _keygen, "schemas": _schemas,
+             "sign": _sign,
              "send": _send, "status": _status}

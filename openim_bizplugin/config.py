@@ -22,7 +22,8 @@ from .errors import ConfigError
 
 CONFIG_ENV = "BIZPLUGIN_CONFIG"
 _REQUIRED = object()
-_TABLES = ("server", "openim", "callbacks", "storage", "schemas", "delivery", "clients", "subscribers", "ui")
+_TABLES = ("server", "openim", "callbacks", "storage", "schemas", "delivery", "clients", "subscribers", "ui",
+           "retention")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # RFC 3986 unreserved characters: OpenIM calls url + "/" + command, so the token is one path
 # segment sent as written; "/", "%", "?", "#" or a space would make every callback miss the route.
@@ -73,6 +74,15 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished data is kept, and how often the sweep runs (SPEC §2 ``[retention]``)."""
+
+    finished_seconds: int = 604_800  # a message all of whose recipients are final, after it finished
+    dead_letter_seconds: int = 2_592_000  # the same for a message with failed recipients
+    sweep_seconds: int = 60
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     client_id: str
     secrets: tuple[str, ...]
@@ -103,6 +113,9 @@ class Config:
     ui_secure_cookie: bool = False  # the operator page's cookie is Secure even over plain HTTP (TLS ends at a proxy)
     callback_spool_dir: Path | None = None  # None: beside the SQLite file, or a temp folder for Redis
     callback_spool_max_bytes: int = 64 * 1024 * 1024  # per process
+    retention: RetentionConfig = RetentionConfig()
+    # a callback body larger than this is answered "continue" and not stored (OpenIM's are small)
+    callback_max_body_bytes: int = 256 * 1024
 
 
 class _Section:
@@ -237,6 +250,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     callback_retention_seconds = callbacks.int("retention_seconds", Config.callback_retention_seconds)
     spool_dir = callbacks.str("spool_dir", None)
     spool_max_bytes = callbacks.int("spool_max_bytes", Config.callback_spool_max_bytes, minimum=64 * 1024)
+    callback_max_body_bytes = callbacks.int("max_body_bytes", Config.callback_max_body_bytes, minimum=1024)
     callbacks.done()
     storage = _storage(_Section("storage", data.get("storage", {})), base)
     schemas = _Section("schemas", data.get("schemas", {}))
@@ -251,10 +265,12 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         raise ui.fail("token", "must be at least 16 characters (it guards the operator page)")
     ui_secure_cookie = ui.bool("secure_cookie", False)
     ui.done()
+    retention = _retention(_Section("retention", data.get("retention", {})))
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
                   clients, subscribers, ui_token, callback_retention_seconds, ui_secure_cookie,
                   callback_spool_dir=base / spool_dir if spool_dir else None,
-                  callback_spool_max_bytes=spool_max_bytes)
+                  callback_spool_max_bytes=spool_max_bytes, retention=retention,
+                  callback_max_body_bytes=callback_max_body_bytes)
 
 
 def _required_table(data: dict[str, Any], name: str) -> Any:
@@ -341,6 +357,17 @@ def _delivery(s: _Section) -> DeliveryConfig:
         hold_recheck_seconds=s.float("hold_recheck_seconds", d.hold_recheck_seconds),
         presence_max_age_seconds=s.float("presence_max_age_seconds", d.presence_max_age_seconds),
         priority_aging_seconds=s.float("priority_aging_seconds", d.priority_aging_seconds),
+    )
+    s.done()
+    return cfg
+
+
+def _retention(s: _Section) -> RetentionConfig:
+    d = RetentionConfig()
+    cfg = RetentionConfig(
+        finished_seconds=s.int("finished_seconds", d.finished_seconds),
+        dead_letter_seconds=s.int("dead_letter_seconds", d.dead_letter_seconds),
+        sweep_seconds=s.int("sweep_seconds", d.sweep_seconds),
     )
     s.done()
     return cfg

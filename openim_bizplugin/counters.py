@@ -14,6 +14,8 @@ What is counted (all counters end in ``_total`` on the wire)::
     bizplugin_recipients_throttled{type,policy}     over the type's rate limit: policy "delay" or "drop"
     bizplugin_callbacks_received{command,result}    OpenIM callbacks: stored, duplicate, spooled, spool-full, ...
     bizplugin_callbacks_processed{command,result}   stored callbacks applied ("applied") or not ("error")
+    bizplugin_retention_deleted{what}               deleted past retention: messages, recipients, presence
+                                                    (users), callbacks (processed ones)
     bizplugin_openim_request_duration_seconds{endpoint,err_code}   histogram, one HTTP attempt each
     bizplugin_queue_depth{priority}                 gauge: recipients with work left, read at scrape time
     bizplugin_openim_admin_token_refused{err_code}  gauge: 1 while OpenIM refuses this process the admin
@@ -75,6 +77,8 @@ class Metrics:
                                   "became of them", ["command", "result"], registry=r)
         self._processed = Counter("bizplugin_callbacks_processed", "Stored OpenIM callbacks applied or failed",
                                   ["command", "result"], registry=r)
+        self._deleted = Counter("bizplugin_retention_deleted", "What the retention sweep deleted: messages, their "
+                                "recipients, users' presence reports, processed callbacks", ["what"], registry=r)
         self._openim = Histogram("bizplugin_openim_request_duration_seconds", "One HTTP attempt to OpenIM's REST "
                                  "API, by endpoint and errCode (http-<status> without an OpenIM answer, network "
                                  "without any)", ["endpoint", "err_code"], registry=r)
@@ -117,6 +121,11 @@ class Metrics:
         if err_code is not None:
             self._token_refused.labels(str(err_code)).set(1)
 
+    def deleted(self, what: str, count: int) -> None:
+        """The retention sweep deleted *count* of *what* (messages, recipients, presence, callbacks)."""
+        if count:
+            self._deleted.labels(what).inc(count)
+
     def exposition(self) -> bytes:
         """The Prometheus text of this registry, as ``GET /metrics`` answers it."""
         return generate_latest(self.registry)
@@ -147,6 +156,9 @@ class _Discard(Metrics):
         pass
 
     def admin_token_refused(self, err_code: int | None) -> None:
+        pass
+
+    def deleted(self, what: str, count: int) -> None:
         pass
 
     def exposition(self) -> bytes:
@@ -204,5 +216,6 @@ def install(services: Services) -> Metrics:
     services.openim.metrics = metrics
     services.engine.metrics = metrics
     services.callbacks.metrics = metrics
+    services.retention.metrics = metrics
     return metrics
 

@@ -11,7 +11,9 @@
      ├── UnsupportedMediaType   415  not application/json
      ├── Unprocessable          422  schema or envelope violation (with errors)
      ├── RateLimited            429  over the client's rate limit
-     └── StorageUnavailable     503  the store cannot take the write
+     └── StorageUnavailable     503  the store cannot take the write (now: try again later)
+          ├── StorageBusy            a write asked not to wait found the store locked
+          └── StorageRejected        the store refuses this write for what it holds: never
 
 Each class knows its HTTP status, a stable problem slug and a title; the
 views only raise, and one renderer (:func:`problem`) builds the JSON.
@@ -106,6 +108,13 @@ class StorageUnavailable(BizError):
 
 class StorageBusy(StorageUnavailable):
     """A write that was asked not to wait could not start at once (nothing was written)."""
+
+
+class StorageRejected(StorageUnavailable):
+    """The store refuses this write for what it holds (a value of the wrong type, too large, too
+    many variables, a constraint): trying it again fails again. Nothing was written. A kind of
+    StorageUnavailable, so that the API still answers 503; a pipeline fails the one item instead
+    of waiting for the store (callbacks, delivery)."""
 
 
 def problem(exc: BizError) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from .openim.client import OpenIMClient
 from .openim.readiness import OpenIMReadiness
 from .openim.release import OpenIMRelease
 from .ratelimit import ClientRateLimiter
+from .retention import RetentionSweeper
 from .signing import RequestVerifier
 from .store import open_store
 from .store.base import Store
@@ -46,6 +47,7 @@ class Services:
     spool: CallbackSpool  # callbacks answered while the store could not take them at once
     clock: Callable[[], float]
     openim_readiness: OpenIMReadiness  # OpenIM asked itself, bounded: /readyz and doctor
+    retention: RetentionSweeper
 
     @classmethod
     def build(cls, config: Config, *, clock: Callable[[], float] = time.time) -> Services:
@@ -72,20 +74,24 @@ class Services:
                               max_bytes=config.callback_spool_max_bytes, on_stored=callbacks.wake)
         limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
         readiness = OpenIMReadiness(openim, config.openim.sender_id, clock=clock)
+        retention = RetentionSweeper(config, store, clock, owner=owner)
         return cls(config, catalog, verifier, limiter, store, openim, release, engine, subscribers, callbacks, spool,
-                   clock, readiness)
+                   clock, readiness, retention)
 
     def start_background(self) -> None:
-        """Run delivery workers and event dispatch in this process (serve, worker)."""
+        """Run delivery workers, callback processing, event dispatch and the retention sweep
+        in this process (serve, worker)."""
         self.engine.start(max(self.config.delivery.workers, 1))
         self.callbacks.start(1)
         self.spool.start()  # also replays the spools of processes that ended
         if self.config.subscribers:
             self.subscribers.start()
+        self.retention.start()
 
     def close(self) -> None:
         self.engine.stop()
         self.callbacks.stop()
+        self.retention.stop()
         self.subscribers.stop()
         self.spool.close()
         self.store.close()

@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 
 from openim_bizplugin.store.base import (IdempotencyMismatch, NewMessage, Outcome, PresenceCounts, PresenceState,
-                                        ReplayKey)
+                                        ReplayKey, Retention, Swept)
 from openim_bizplugin.store.base import SubscriberCursor
 
 T0 = 1_700_000_000_000
+DAY = 86_400_000
+RETENTION = Retention(finished_ms=DAY, dead_letter_ms=3 * DAY, presence_ms=3_600_000)
 EVENTS = frozenset({"message.sent", "message.failed", "message.expired", "message.read", "receipt.received",
                     "user.online", "user.offline"})
 
@@ -84,8 +86,22 @@ def sent_batch(answers: dict[str, tuple[str, str, int]], now: int) -> Outcome:
     return Outcome.sent_batch(answer, frozenset(answers), now)
 
 
+def swept_all(store: Any, now: int, retention: Retention = RETENTION, budget: int = 1_000) -> Swept:
+    """Sweep until the store says it is done for now; what it deleted in all."""
+    total = Swept()
+    for _ in range(1_000):
+        step = store.sweep(now, retention, budget)
+        total.messages, total.recipients = total.messages + step.messages, total.recipients + step.recipients
+        total.presence += step.presence
+        if not step.more:
+            return total
+    raise AssertionError("the sweep never finished")
+
+
 class StoreContract:
-    """Tests every backend passes; subclasses define the ``new_store`` and ``replica_code`` fixtures."""
+    """Tests every backend passes; subclasses define the ``new_store``, ``replica_code`` and ``corrupt``
+    fixtures (``corrupt(message_id, field, value)`` sets a stored message field as a bug or a hand edit
+    might; field None deletes the message)."""
 
     @pytest.fixture
     def store(self, new_store: Any) -> Any:
@@ -575,6 +591,14 @@ class StoreContract:
         [read] = [e for e in store.events_after(0, 100) if e.type == "message.read"]
         assert read.data == {"message_id": "m1", "type": "profile.updated", "client": "crm", "user_id": "u1"}
 
+    def test_a_read_of_300000_seqs_is_one_read(self, store):
+        store.accept(new("m1", "u1"), None, retention_ms=0)
+        [item] = self.lease(store)
+        store.complete([(item, Outcome.sent("s1", "c1", T0 + 1))], T0 + 1)
+        store.record_saved_seq("s1", "si_admin_u1", 299_999)
+        assert store.mark_read("si_admin_u1", list(range(300_000)), "u1", T0 + 2) == 1  # more than SQL variables
+        assert statuses(store, "m1") == ["read"]
+
     def test_the_first_receipt_acknowledges_and_ends_the_work(self, store):
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)
         receipt = {"id": "m1", "ok": True, "at": 1_700_000_000_123, "note": "vu ✓"}
@@ -588,6 +612,110 @@ class StoreContract:
         [event] = [e for e in store.events_after(0, 100) if e.type == "receipt.received"]
         assert event.data == {"message_id": "m1", "type": "profile.updated", "client": "crm", "user_id": "u2",
                               "receipt": receipt}
+
+    def test_a_malformed_stored_message_is_handed_out_with_what_is_wrong(self, store, corrupt):
+        for mid in ("bad", "good", "gone"):
+            store.accept(new(mid, "u1"), None, retention_ms=0)
+        corrupt("bad", "delivery", "not json")
+        corrupt("gone", None, None)  # the message itself is missing, its recipient is not
+        items = {i.message_id: i for i in self.lease(store)}
+        assert (items["bad"].defect, items["good"].defect) == ("its stored delivery settings are not a JSON object",
+                                                               None)
+        assert items["good"].delivery == {"persistent": True}
+        # never sent: handed out to fail (SQLite), or failed by the store itself (Redis)
+        assert "gone" not in items or items["gone"].defect == "its message row is missing"
+        assert self.lease(store, T0 + 60_000) == []
+
+    # -- retention ------------------------------------------------------------------------------------
+    def deliver(self, store: Any, now: int, failed: tuple[str, ...] = ()) -> None:
+        """Lease everything due and record each as sent (serverMsgID s-<target>), or failed."""
+        results = [(item, Outcome.failed("e", "refused") if item.target in failed
+                    else Outcome.sent(f"s-{item.target}", f"c-{item.target}", now)) for item in self.lease(store, now)]
+        store.complete(results, now)
+
+    def test_a_finished_message_goes_after_its_retention_with_everything_about_it(self, store):
+        replay = ReplayKey("crm", "v" * 64, 42)
+        store.accept(new("m1", "u1", "u2", key="k1"), replay, retention_ms=10 * DAY)
+        self.deliver(store, T0 + 1)
+        assert swept_all(store, T0 + 1) == Swept()  # finished at T0 + 1: nothing deleted yet
+        store.record_saved_seq("s-u1", "si_admin_u1", 7)
+        store.mark_read("si_admin_u1", [7], "u1", T0 + 2)
+        store.acknowledge("m1", "u2", {"id": "m1", "ok": True}, T0 + 3)
+        assert swept_all(store, T0 + 1 + DAY - 1) == Swept()
+        assert statuses(store, "m1") == ["read", "acknowledged"]
+
+        assert swept_all(store, T0 + 1 + DAY) == Swept(messages=1, recipients=2)
+        assert store.get_message("m1") is None and store.replayed(replay) is None
+        assert store.recent_messages(10) == [] and store.sent_counts("user", ["u1"], "profile.updated", 0) == {}
+        assert (store.confirm_sent("s-u1", T0 + DAY), store.mark_pushed("c-u1", T0 + DAY)) == (0, 0)
+        assert store.mark_read("si_admin_u1", [7], "u1", T0 + DAY) == 0
+        assert not store.acknowledge("m1", "u1", {"id": "m1"}, T0 + DAY)
+        # its replay and idempotency keys went with it: the same request is a new message now
+        again = store.accept(new("m2", "u1", key="k1", created=T0 + 2 * DAY), replay, retention_ms=10 * DAY)
+        assert again.created and again.message_id == "m2"
+        assert swept_all(store, T0 + 3 * DAY) == Swept()  # m2 still waits: never deleted
+
+    def test_work_left_is_never_deleted(self, store):
+        store.accept(new("queued", "u1"), None, retention_ms=0)
+        store.accept(new("half", "u1", "u2"), None, retention_ms=0)
+        store.accept(new("held", "u1", offline="hold"), None, retention_ms=0)
+        store.accept(new("sending", "u1"), None, retention_ms=0)
+        items = {i.message_id + i.target: i for i in self.lease(store, T0, lease_ms=100 * DAY)}
+        store.release([items["queuedu1"]], T0)
+        store.complete([(items["halfu1"], Outcome.sent("s", "c", T0)), (items["halfu2"], Outcome.retry("busy", T0 + 1)),
+                        (items["heldu1"], Outcome.held("offline", T0 + 60_000))], T0)
+        assert swept_all(store, T0 + 30 * DAY) == Swept()
+        assert [statuses(store, mid) for mid in ("queued", "half", "held", "sending")] == [
+            ["queued"], ["sent", "queued"], ["held"], ["sending"]]
+
+    def test_dead_letters_stay_for_their_own_retention_and_a_replay_keeps_them(self, store):
+        for mid in ("m1", "m2"):
+            store.accept(new(mid, "u1", "u2"), None, retention_ms=0)
+        self.deliver(store, T0 + 1, failed=("u2",))
+        swept_all(store, T0 + 1)  # both finished (the same moment for every backend)
+        assert swept_all(store, T0 + 2 + DAY) == Swept()  # a finished message's time: dead letters stay
+        assert store.replay_dead_letters("m2", T0 + 2 + DAY) == 1  # m2 has work again
+        assert swept_all(store, T0 + 2 + 3 * DAY) == Swept(messages=1, recipients=2)
+        assert store.get_message("m1") is None and [d.message_id for d in store.dead_letters()] == []
+        assert statuses(store, "m2") == ["sent", "queued"]
+
+    def test_a_rate_limited_message_stays_one_period_longer_for_its_limit(self, store):
+        store.accept(new("m1", "u1", delivery={"rate_limit": "3/day"}), None, retention_ms=0)
+        self.deliver(store, T0 + 1)
+        swept_all(store, T0 + 1)
+        assert swept_all(store, T0 + 2 + DAY) == Swept()
+        assert store.sent_counts("user", ["u1"], "profile.updated", T0) == {"u1": (1, T0 + 1)}
+        assert swept_all(store, T0 + 2 + 2 * DAY) == Swept(messages=1, recipients=1)
+
+    def test_a_large_message_is_deleted_in_short_steps_and_gone_from_the_first(self, store):
+        store.accept(new("big", *(f"u{n}" for n in range(7))), None, retention_ms=0)
+        self.deliver(store, T0 + 1)
+        swept_all(store, T0 + 1)
+        first = store.sweep(T0 + 2 + DAY, RETENTION, 3)
+        assert (first.messages, first.recipients, first.more) == (1, 3, True)
+        assert store.get_message("big") is None and store.recent_messages(10) == []
+        rest = swept_all(store, T0 + 2 + DAY, budget=3)
+        assert (rest.messages, rest.recipients) == (0, 4)
+
+    def test_a_custom_fan_out_goes_with_its_batches(self, store):
+        limited = {"persistent": True, "rate_limit": "10/hour"}
+        store.accept(new("m1", "u1", "u2", "u3", mode="custom", delivery=limited), None, retention_ms=0)
+        store.complete(answered(self.lease(store), T0 + 1), T0 + 1)
+        assert store.sent_counts("user", ["u1", "u3"], "profile.updated", T0)  # the limit counts the batch
+        swept_all(store, T0 + 1)
+        assert swept_all(store, T0 + 1 + DAY + 3_600_000) == Swept(messages=1, recipients=3)
+        assert store.get_message("m1") is None
+        assert store.sent_counts("user", ["u1", "u2", "u3"], "profile.updated", T0) == {}
+
+    def test_presence_not_reported_for_the_retention_is_forgotten(self, store):
+        store.update_presence("u1", 1, True, 1, T0)
+        store.update_presence("u2", 1, True, 1, T0)
+        store.update_presence("u2", 2, False, 1, T0 + 3_600_000)  # a newer report on another platform
+        assert swept_all(store, T0 + 3_600_000).presence == 0  # an hour old: still known
+        assert swept_all(store, T0 + 3_600_001).presence == 1  # the user, with all their reports
+        assert store.presence(["u1", "u2"]) == {"u2": PresenceState(True, T0 + 3_600_000)}
+        assert store.presence_counts() == PresenceCounts(online=1, offline=0)
+        assert store.update_presence("u1", 1, False, 1, T0 + 3_600_001)  # a first report again
 
     # -- custom-mode fan-outs (SQLite keeps their state per batch_send_msg call) -----------------
     def test_a_custom_fan_out_is_sent_and_refused_users_go_on_alone(self, store):

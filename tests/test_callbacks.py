@@ -20,7 +20,8 @@ import pytest
 from werkzeug.serving import make_server
 
 from conftest import message
-from openim_bizplugin.callbacks.processing import HANDLERS, PRUNE_EVERY_SECONDS, CallbackProcessor, natural_key
+from openim_bizplugin.callbacks.processing import CHUNK_SIZE, HANDLERS, PRUNE_EVERY_SECONDS, CallbackProcessor, natural_key
+from openim_bizplugin.store.sqlite import SqliteStore
 from openim_bizplugin.callbacks.subscribers import EVENT_TYPES
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -204,27 +205,48 @@ def test_an_unexpected_error_still_answers_continue(side, monkeypatch, caplog):
     assert "callback callbackAfterUserOnlineCommand lost: unexpected error" in caplog.text
 
 
+class _LockedFromChunk(SqliteStore):
+    """The app's files as another process sees them while a third one holds the main file's write
+    lock (from the *locked_from*-th chunk of callbacks on): its writes wait 50 ms, then give up."""
+
+    def __init__(self, path: str, locked_from: int) -> None:
+        super().__init__(path, busy_timeout_ms=50)
+        self.locker = sqlite3.connect(path, isolation_level=None)
+        self.locked_from, self.chunks = locked_from, 0
+
+    def batch(self):
+        self.chunks += 1
+        if self.chunks == self.locked_from:
+            self.locker.execute("BEGIN IMMEDIATE")
+        return super().batch()
+
+    def unlock(self) -> None:
+        self.locker.execute("ROLLBACK")
+
+
 def test_storage_failure_while_processing_leaves_the_callback_for_later(side):
     side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u1", 1, seq=9))
-    with sqlite3.connect(side.store.path) as db:
-        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON presence BEGIN SELECT RAISE(FAIL, 'disk on fire'); END")
-    assert side.processor.step() == 0
+    locked = _LockedFromChunk(side.store.path, locked_from=1)
+    processor = CallbackProcessor(side.services.config, locked, side.processor.clock)
+    assert processor.step() == 0  # "database is locked": a failure of the moment
     assert [done for _, _, done, _ in side.inbox()] == [0]
-    with sqlite3.connect(side.store.path) as db:
-        db.execute("DROP TRIGGER refuse")
-    assert side.process() == 1
+    locked.unlock()
+    assert processor.step() == 1
     assert side.store.presence(["u1"])["u1"].online
+    locked.close()
 
 
 def test_a_storage_failure_mid_round_keeps_what_was_applied_before_it(side):
-    side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u1", 1, seq=9))
-    side.post("callbackAfterUserOnlineCommand", side.fake.user_online("u2", 1, seq=9))
-    with sqlite3.connect(side.store.path) as db:
-        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON presence WHEN NEW.user_id = 'u2'"
-                   " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
-    assert side.processor.step() == 1  # the round's changes commit together, up to the failure
-    assert [done for _, _, done, _ in side.inbox()] == [1, 0]
-    assert side.store.presence(["u1"])["u1"].online and "u2" not in side.store.presence(["u2"])
+    for n in range(CHUNK_SIZE + 1):
+        side.post("callbackAfterUserOnlineCommand", side.fake.user_online(f"u{n}", 1, seq=9))
+    locked = _LockedFromChunk(side.store.path, locked_from=2)
+    processor = CallbackProcessor(side.services.config, locked, side.processor.clock)
+    assert processor.step() == CHUNK_SIZE  # the round's chunks commit one by one, up to the failure
+    assert [done for _, _, done, _ in side.inbox()] == [1] * CHUNK_SIZE + [0]
+    assert side.store.presence(["u0"])["u0"].online and f"u{CHUNK_SIZE}" not in side.store.presence([f"u{CHUNK_SIZE}"])
+    locked.unlock()
+    assert processor.step() == 1
+    locked.close()
 
 
 def test_duplicate_callbacks_are_processed_once(side):

@@ -41,6 +41,7 @@ from openim_bizplugin.signing import signature_headers
 from openim_bizplugin.web.wire import path_and_query
 
 LIMIT = 65536  # server.max_body_bytes of the test config
+CALLBACK_LIMIT = 256 * 1024  # callbacks.max_body_bytes, by default
 CALLBACK = "/openim/callback/test-callback-token-0001"
 
 
@@ -164,7 +165,8 @@ def test_chunked_body_within_the_limit_is_read_whole_over_http(app, clock, store
 
 
 def test_chunked_callback_over_the_limit_is_answered_and_not_stored(app, store):
-    body = json.dumps({"callbackCommand": "callbackAfterSendSingleMsgCommand", "pad": "x" * (2 * LIMIT)}).encode()
+    body = json.dumps({"callbackCommand": "callbackAfterSendSingleMsgCommand",
+                       "pad": "x" * (2 * CALLBACK_LIMIT)}).encode()
     with served(app) as port:
         status, _, raw, _ = post_chunked(port, f"{CALLBACK}/callbackAfterSendSingleMsgCommand",
                                          {"Content-Type": "application/json"}, body)

@@ -7,6 +7,7 @@ on a free loopback port and flushed before each test.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ import responses
 
 from conftest import write_config
 from redis_server import RedisServer, free_port
-from store_contract import T0, StoreContract, new
+from store_contract import DAY, T0, StoreContract, answered, new, swept_all
+from openim_bizplugin.store.base import Outcome, ReplayKey, Swept
 from openim_bizplugin.config import OpenIMConfig, StorageConfig, load_config
 from openim_bizplugin.errors import ConfigError
 from openim_bizplugin.openim.client import TOKEN_NAME, OpenIMClient
@@ -63,6 +65,16 @@ class TestSqliteStore(StoreContract):
         return ("import sys\nfrom openim_bizplugin.store.sqlite import SqliteStore\n"
                 f"store = SqliteStore({str(tmp_path / 'shared.db')!r})")
 
+    @pytest.fixture
+    def corrupt(self, tmp_path: Path) -> Callable[[str, str | None, Any], None]:
+        def corrupt(message_id: str, field: str | None, value: Any) -> None:
+            with sqlite3.connect(tmp_path / "shared.db") as db:
+                if field is None:
+                    db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+                else:
+                    db.execute(f"UPDATE messages SET {field} = ? WHERE id = ?", (value, message_id))
+        return corrupt
+
 
 class TestRedisStore(StoreContract):
     @pytest.fixture
@@ -72,6 +84,18 @@ class TestRedisStore(StoreContract):
     @pytest.fixture
     def replica_code(self, redis_url: str) -> str:
         return f"import sys\nfrom openim_bizplugin.store.redis import RedisStore\nstore = RedisStore({redis_url!r})"
+
+    @pytest.fixture
+    def corrupt(self, redis_url: str) -> Iterator[Callable[[str, str | None, Any], None]]:
+        client = redis.Redis.from_url(redis_url)
+
+        def corrupt(message_id: str, field: str | None, value: Any) -> None:
+            if field is None:
+                client.delete(f"bizplugin:m:{message_id}")
+            else:
+                client.hset(f"bizplugin:m:{message_id}", field, value)
+        yield corrupt
+        client.close()
 
 
 # -- Redis only ------------------------------------------------------------------------------
@@ -174,3 +198,39 @@ def test_the_store_reads_what_durability_redis_is_configured_for(redis_url):
 def test_durability_before_the_202_follows_the_redis_settings(version, appendonly, appendfsync, wait, says):
     planned, what = durability_plan(version, appendonly, appendfsync)
     assert planned is wait and says in what
+
+
+# -- Redis retention ---------------------------------------------------------------------------
+def test_a_swept_message_leaves_no_key_behind(redis_url):
+    store = RedisStore(redis_url, frozenset())
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    before = set(client.keys())
+    store.accept(new("m1", "u1", "ü2", key="k1", collapse="c1", delivery={"rate_limit": "5/minute"}),
+                 ReplayKey("crm", "v", 1), retention_ms=DAY)
+    items = store.lease(T0, 10, 1_000, "w", lambda mid: "op", aging_ms=DAY)
+    store.complete(answered(items, T0 + 1), T0 + 1)
+    store.record_saved_seq("s-u1", "si_admin_u1", 3)
+    store.update_presence("u1", 1, True, 1, T0 + 1)
+    swept_all(store, T0 + 1)
+    assert swept_all(store, T0 + 2 + DAY + 60_000).messages == 1
+    # what stays is global: counters, the (empty) work indexes, locks, presence (its own retention)
+    left = {key.removeprefix("bizplugin:") for key in set(client.keys()) - before}
+    assert left <= {"accepted", "leases:profile.updated", "sweep:legacy", "presence:u1", "users:known",
+                    "users:online"}, left
+    client.close(), store.close()
+
+
+def test_messages_stored_before_retention_are_counted_once_then_swept(redis_url):
+    store = RedisStore(redis_url, frozenset())
+    for mid in ("old", "waiting"):
+        store.accept(new(mid, "u1", "u2"), None, retention_ms=0)
+    items = [i for i in store.lease(T0, 10, 1_000, "w", lambda mid: "op", aging_ms=DAY) if i.message_id == "old"]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    for mid in ("old", "waiting"):  # as the previous release stored them: no count of the work left
+        client.hdel(f"bizplugin:m:{mid}", "active")
+    store.complete([(item, Outcome.sent("s", "c", T0 + 1)) for item in items], T0 + 1)
+    swept_all(store, T0 + 5)  # counted: "old" has no work left, so it finished now
+    assert client.hget("bizplugin:m:waiting", "active") == "2"
+    assert swept_all(store, T0 + 5 + DAY) == Swept(messages=1, recipients=2)
+    assert store.get_message("old") is None and store.get_message("waiting") is not None
+    client.close(), store.close()

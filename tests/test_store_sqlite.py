@@ -289,7 +289,7 @@ def test_a_file_of_the_previous_schema_gets_the_new_tables(tmp_path):
     assert [i.size for i in store.lease(1_000_010, 10, 1_000, "w", lambda mid: "op")] == [3]
     assert store.messages_started(_fan_out(1, 3).type, 0, 10) == 2
     with store._db.borrow() as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "messages_started" in indexes and "messages_alive" not in indexes
 

@@ -298,7 +298,8 @@ def test_a_hanging_subscriber_times_out_and_others_still_get_theirs(dispatcher, 
     started = time.monotonic()
     assert d.step() == 1
     assert time.monotonic() - started < 2
-    assert store.subscriber_cursor(slow.url).last_error.startswith("ReadTimeout: ")
+    # the read timeout and the POST's wall-clock deadline are both 0.3 s here: either ends it
+    assert store.subscriber_cursor(slow.url).last_error.startswith(("ReadTimeout: ", "DeadlineExceeded: "))
     assert fast.types() == ["user.online"]
 
 

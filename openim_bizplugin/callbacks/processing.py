@@ -25,7 +25,7 @@ from typing import Any
 from ..background import BackgroundLoop
 from ..config import Config
 from ..counters import DISCARD, Metrics
-from ..errors import StorageUnavailable
+from ..errors import StorageRejected, StorageUnavailable
 from ..openim.client import IOS_PLATFORM, operation_message_id
 from ..store.base import CallbackRecord, Store
 
@@ -59,6 +59,24 @@ def _field(payload: dict[str, Any], name: str) -> Any:
     value = payload[name]
     if value is None or value == "":
         raise KeyError(name)
+    return value
+
+
+def _text(payload: dict[str, Any], name: str) -> str:
+    """An id field: a non-empty string (OpenIM's are; anything else fails this callback alone)."""
+    value = _field(payload, name)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _integer(payload: dict[str, Any], name: str) -> int:
+    """A number field: an integer (JSON numbers like 1.0 included), never a bool or a string."""
+    value = _field(payload, name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
     return value
 
 
@@ -160,7 +178,7 @@ def after_send_single(ctx: Context, p: dict[str, Any]) -> None:
     """The sidecar's own send is confirmed; a user's Custom message to the sender may be a receipt."""
     if p.get("sendID") == ctx.sender_id:
         _settle_batched(ctx, p, [p.get("recvID")])
-        _log_confirmed(p, ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms))
+        _log_confirmed(p, ctx.store.confirm_sent(_text(p, "serverMsgID"), ctx.now_ms))
         return
     if p.get("recvID") != ctx.sender_id or p.get("contentType") != CUSTOM_CONTENT_TYPE:
         log.debug("after-send %s: not for the sender account; ignored", p.get("serverMsgID"))
@@ -198,15 +216,15 @@ def _log_confirmed(p: dict[str, Any], recipients: int) -> None:
 def after_send_group(ctx: Context, p: dict[str, Any]) -> None:
     """The sidecar's own group send is confirmed."""
     if p.get("sendID") == ctx.sender_id:
-        _log_confirmed(p, ctx.store.confirm_sent(_field(p, "serverMsgID"), ctx.now_ms))
+        _log_confirmed(p, ctx.store.confirm_sent(_text(p, "serverMsgID"), ctx.now_ms))
 
 
 def conversation_id(p: dict[str, Any]) -> str | None:
     """OpenIM's chat conversation of a message (OPENIM.md §3.2): ``si_<a>_<b>`` sorted, ``sg_<group>``."""
     if p.get("sessionType") == SINGLE_CHAT:
-        return "si_" + "_".join(sorted((_field(p, "sendID"), _field(p, "recvID"))))
+        return "si_" + "_".join(sorted((_text(p, "sendID"), _text(p, "recvID"))))
     if p.get("sessionType") == GROUP_CHAT:
-        return "sg_" + _field(p, "groupID")
+        return "sg_" + _text(p, "groupID")
     return None
 
 
@@ -221,7 +239,7 @@ def after_msg_save_db(ctx: Context, p: dict[str, Any]) -> None:
     if p.get("sendID") != ctx.sender_id:
         return
     _settle_batched(ctx, p, [p.get("recvID")])
-    server_msg_id = _field(p, "serverMsgID")
+    server_msg_id = _text(p, "serverMsgID")
     _log_confirmed(p, ctx.store.confirm_sent(server_msg_id, ctx.now_ms))
     conversation, seq = conversation_id(p), p.get("seq")
     if conversation is None or not isinstance(seq, int) or seq <= 0:
@@ -234,7 +252,7 @@ def single_msg_read(ctx: Context, p: dict[str, Any]) -> None:
     """A user read these seqs of a conversation (note OpenIM's capitalised ``Seqs``)."""
     seqs = [s for s in _read_seqs(p) if isinstance(s, int) and not isinstance(s, bool)]
     if seqs:
-        ctx.store.mark_read(_field(p, "conversationID"), seqs, _field(p, "userID"), ctx.now_ms)
+        ctx.store.mark_read(_text(p, "conversationID"), seqs, _text(p, "userID"), ctx.now_ms)
 
 
 def group_msg_read(ctx: Context, p: dict[str, Any]) -> None:
@@ -245,10 +263,10 @@ def group_msg_read(ctx: Context, p: dict[str, Any]) -> None:
 def _presence(online: bool) -> Handler:
     def handle(ctx: Context, p: dict[str, Any]) -> None:
         # Level reports, unordered: the store keeps the newest seq per user and platform.
-        platform = int(_field(p, "platformID"))
+        platform = _integer(p, "platformID")
         # OpenIM's online push skips an iOS app in the background: not reachable, so offline here
         reachable = online and not (platform == IOS_PLATFORM and p.get("isAppBackground") is True)
-        ctx.store.update_presence(_field(p, "userID"), platform, reachable, int(_field(p, "seq")), ctx.now_ms)
+        ctx.store.update_presence(_text(p, "userID"), platform, reachable, _integer(p, "seq"), ctx.now_ms)
     handle.__doc__ = f"A user's platform reported {'online' if online else 'offline'} (ordered by seq)."
     return handle
 
@@ -260,13 +278,13 @@ def before_online_push(ctx: Context, p: dict[str, Any]) -> None:
     if p.get("sendID") == ctx.sender_id:
         users = _receivers(ctx, p.get("userIDList"))
         _settle_batched(ctx, p, users)
-        ctx.store.mark_pushed(_field(p, "clientMsgID"), "user", users, ctx.now_ms)
+        ctx.store.mark_pushed(_text(p, "clientMsgID"), "user", users, ctx.now_ms)
 
 
 def before_group_online_push(ctx: Context, p: dict[str, Any]) -> None:
     """OpenIM is pushing the sidecar's message to a group's online members."""
     if p.get("sendID") == ctx.sender_id:
-        ctx.store.mark_pushed(_field(p, "clientMsgID"), "group", [_field(p, "groupID")], ctx.now_ms)
+        ctx.store.mark_pushed(_text(p, "clientMsgID"), "group", [_text(p, "groupID")], ctx.now_ms)
 
 
 HANDLERS: dict[str, Handler] = {
@@ -328,9 +346,11 @@ class CallbackProcessor:
         """Process up to one batch of pending callbacks; returns how many were finished.
 
         A callback whose handler fails is marked with the error (and not
-        tried again) so one odd payload never holds up the rest. A storage
-        failure is different: the callback stays pending and the round ends,
-        to be tried again once the store answers.
+        tried again) so one odd payload never holds up the rest: a field of
+        the wrong type, or a value the store refuses (StorageRejected: too
+        big, not bindable). A storage failure of the moment (a lock, I/O, a
+        full disk) is different: the callback stays pending and the round
+        ends, to be tried again once the store answers.
         """
         finished: list[tuple[CallbackRecord, str | None]] = []  # each with its error, if any
         records = self.store.pending_callbacks(BATCH_SIZE)
@@ -338,8 +358,14 @@ class CallbackProcessor:
             # one transaction per chunk: a commit (an fsync) per presence report cost more CPU
             # than the reports themselves; a whole round in one would hold the main file's
             # writer lock (message intake, delivery outcomes) across the yields below
-            with self.store.batch():
-                postponed = self._apply(records[start:start + CHUNK_SIZE], finished)
+            applied: list[tuple[CallbackRecord, str | None]] = []
+            try:
+                with self.store.batch():
+                    postponed = self._apply(records[start:start + CHUNK_SIZE], applied)
+            except StorageUnavailable as exc:  # the chunk's transaction did not start or commit
+                log.warning("callbacks left for later: %s", exc, extra={"event": "callback.postponed"})
+                break
+            finished += applied  # committed
             if postponed:
                 break
             time.sleep(0)  # hand the GIL to OpenIM's waiting answers between chunks
@@ -370,6 +396,7 @@ class CallbackProcessor:
                 time.sleep(0)  # OpenIM's answers may need the inbox between chunks
         except StorageUnavailable as exc:
             log.warning("processed callbacks not pruned this time: %s", exc, extra={"event": "callback.prune_failed"})
+        self.metrics.deleted("callbacks", forgotten)
         if forgotten:
             log.debug("forgot %d processed callbacks received before %d", forgotten, before_ms,
                       extra={"event": "callback.pruned", "callbacks": forgotten})
@@ -381,7 +408,11 @@ class CallbackProcessor:
             try:
                 apply_callback(ctx, record)
                 error = None
-            except StorageUnavailable as exc:
+            except StorageRejected as exc:  # this payload can never be stored: it fails alone
+                error = f"rejected by the store: {exc.detail}"[:500]
+                log.warning("callback %d (%s) could not be applied: %s", record.id, record.command, error,
+                            extra={"event": "callback.failed", "callback": record.command})
+            except StorageUnavailable as exc:  # a lock, the disk: the same callback may go through later
                 log.warning("callback %d (%s) left for later: %s", record.id, record.command, exc,
                             extra={"event": "callback.postponed", "callback": record.command})
                 return True

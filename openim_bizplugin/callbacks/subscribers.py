@@ -11,6 +11,11 @@ but a 2xx stops that subscriber until its backoff has passed; the others go on
 from their own cursors. Events are never given up: they wait, in order, until
 the subscriber answers 2xx.
 
+Each subscriber has its own pace: ``start()`` runs a loop per subscriber, and
+every POST ends by a wall-clock deadline (``timeout_seconds``, the answer
+included: :mod:`.deadline`), so one that is slow, trickles its answer or is
+down never delays the others.
+
 Requests are signed by the Standard Webhooks scheme (``webhook-id``,
 ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256>``), so
 receivers verify them with the ``standardwebhooks`` library.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -41,6 +47,7 @@ from ..config import Config, SubscriberConfig
 from ..errors import ConfigError
 from ..retry import backoff_seconds
 from ..store.base import EventRecord, Store, SubscriberCursor
+from .deadline import DeadlineExceeded, DeadlineSession
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +147,7 @@ def subscribers_from(config: tuple[SubscriberConfig, ...]) -> tuple[Subscriber, 
 class SubscriberDispatcher:
     """Sends outbox events to every configured subscriber; ``step()`` is one round."""
 
-    def __init__(self, config: Config, store: Store, *, session: requests.Session | None = None,
+    def __init__(self, config: Config, store: Store, *,
                  clock: Callable[[], float] = time.time, rand: Callable[[], float] = random.random,
                  timeout_seconds: float = 10.0, batch_size: int = 100, round_seconds: float = 5.0,
                  owner: str | None = None) -> None:
@@ -148,12 +155,14 @@ class SubscriberDispatcher:
         self.subscribers = subscribers_from(config.subscribers)
         self.timeout_seconds, self.batch_size, self.round_seconds = timeout_seconds, batch_size, round_seconds
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self._session = session or requests.Session()
+        self._sessions = {sub.name: DeadlineSession() for sub in self.subscribers}  # one connection pool each
         # serve and worker processes may both run this loop: a lock per subscriber keeps one
         # sender at a time, so events stay in order and are not sent twice. It is renewed
         # before every POST and outlives one, so a holder that died frees it soon.
         self._lock_ms = int((2 * timeout_seconds + 5) * 1000)
-        self.loop = BackgroundLoop("subscribers", self.step, self.idle_seconds)
+        self.loops = [BackgroundLoop(f"subscriber-{n}", functools.partial(self._serve, sub),
+                                     functools.partial(self._idle_for, sub))
+                      for n, sub in enumerate(self.subscribers)]
 
     # -- one round -----------------------------------------------------------------------
     def step(self) -> int:
@@ -162,13 +171,14 @@ class SubscriberDispatcher:
 
     def idle_seconds(self) -> float:
         """Until the earliest subscriber with events waiting is due (at most the loop's poll)."""
-        now_ms = self._now_ms()
-        waits = [IDLE_POLL_SECONDS]
-        for sub in self.subscribers:
-            cursor = self.store.subscriber_cursor(sub.name)
-            if self.store.events_after(cursor.last_seq, 1):
-                waits.append(max((cursor.next_attempt_ms - now_ms) / 1000, MIN_POLL_SECONDS))
-        return min(waits)
+        return min([IDLE_POLL_SECONDS] + [self._idle_for(sub) for sub in self.subscribers])
+
+    def _idle_for(self, sub: Subscriber) -> float:
+        """Until *sub* is due, when it has events waiting (at most the loop's poll)."""
+        cursor = self.store.subscriber_cursor(sub.name)
+        if not self.store.events_after(cursor.last_seq, 1):
+            return IDLE_POLL_SECONDS
+        return min(max((cursor.next_attempt_ms - self._now_ms()) / 1000, MIN_POLL_SECONDS), IDLE_POLL_SECONDS)
 
     def _serve(self, sub: Subscriber) -> int:
         """One subscriber's share of a round, under its lock."""
@@ -230,14 +240,17 @@ class SubscriberDispatcher:
                    "webhook-timestamp": str(timestamp),
                    "webhook-signature": _signature(sub.key, event.id, timestamp, body)}
         try:
-            # redirects count as failures: re-POSTing a signed event elsewhere is the operator's call
-            resp = self._session.post(sub.url, data=body, headers=headers, timeout=self.timeout_seconds,
-                                      allow_redirects=False, stream=True)
+            # redirects count as failures: re-POSTing a signed event elsewhere is the operator's call;
+            # the whole POST, answer included, ends by the deadline (a body trickled after a 2xx is cut)
+            status, reason = self._sessions[sub.name].post(
+                sub.url, self.timeout_seconds, _drain, data=body, headers=headers, timeout=self.timeout_seconds,
+                allow_redirects=False)
+        except DeadlineExceeded as exc:
+            return f"DeadlineExceeded: {exc} (a wall-clock deadline)"
         except requests.RequestException as exc:
             return _scrub(f"{type(exc).__name__}: {exc}", sub)
-        _drain(resp)
-        if not 200 <= resp.status_code < 300:
-            return _scrub(f"HTTP {resp.status_code} {resp.reason or ''}", sub)
+        if not 200 <= status < 300:
+            return _scrub(f"HTTP {status} {reason or ''}", sub)
         log.info("event %s (%s%s) delivered to subscriber %s", event.id, event.type, _about(event), sub.shown)
         return None
 
@@ -247,22 +260,27 @@ class SubscriberDispatcher:
     # -- threads -----------------------------------------------------------------------------
     def wake(self) -> None:
         """New events were stored: look now instead of at the next poll."""
-        self.loop.wake()
+        for loop in self.loops:
+            loop.wake()
 
     def start(self) -> None:
-        """Run the loop in one thread (subscribers are served in order; one thread is enough)."""
-        if self.subscribers:
-            self.loop.start(1)
+        """Serve each subscriber in a thread of its own: one slow subscriber never delays another."""
+        for loop in self.loops:
+            loop.start(1)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the round in flight; unsent events stay in the outbox."""
-        self.loop.stop(timeout)
+        """Stop after the POSTs in flight (each ends by its deadline); unsent events stay in the outbox."""
+        for loop in self.loops:
+            loop.stop(timeout)
+        for session in self._sessions.values():
+            session.close()
 
 
-def _drain(resp: requests.Response) -> None:
-    """Read a small answer, so its connection goes back to the pool; drop a big one.
+def _drain(resp: requests.Response) -> tuple[int, str]:
+    """Read a small answer, so its connection goes back to the pool; drop a big one; returns the
+    status and reason.
 
-    The status decides the outcome, so a broken answer body does not matter here.
+    The status decides the outcome, so a broken (or cut) answer body does not matter here.
     """
     read = 0
     try:
@@ -274,6 +292,7 @@ def _drain(resp: requests.Response) -> None:
         pass
     finally:
         resp.close()
+    return resp.status_code, resp.reason
 
 
 def _about(event: EventRecord) -> str:

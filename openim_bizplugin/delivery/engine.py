@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..background import IDLE_POLL_SECONDS, BackgroundLoop
 from ..config import Config
 from ..counters import DISCARD, Metrics
+from ..errors import StorageRejected, StorageUnavailable
 from ..openim.client import OpenIMClient, OpenIMError
 from ..openim.release import OpenIMRelease
 from ..retry import backoff_seconds
@@ -75,7 +76,7 @@ class DeliveryEngine:
         if not items:
             return 0
         lease = _Lease(self, items, self._now_ms() + lease_ms)
-        settled, to_send = self.sender.prepare(items, self._decide)
+        settled, to_send = self._prepare(items)
         self._record(settled)
         lease.done(item for item, _ in settled)
         recording: Future | None = None  # the last call's outcomes, being committed
@@ -88,7 +89,7 @@ class DeliveryEngine:
                     break
                 unit = lease.keep(unit)
                 if unit:
-                    results = self.sender.send_unit(unit, self._decide)
+                    results = self._send(unit)
                     if recording is not None:
                         recording.result()  # at most one call's outcomes waiting per thread
                     recording = self.recorder.submit(results)
@@ -97,6 +98,41 @@ class DeliveryEngine:
             if recording is not None:
                 recording.result()
         return sum(item.size for item in items)
+
+    # -- one bad item fails alone -------------------------------------------------------
+    def _prepare(self, items: list[WorkItem]) -> tuple[Results, list[WorkItem]]:
+        """The sender's checks over the round; items whose stored row is unusable fail first.
+        When the checks raise for the round, they run again item by item, so the one item
+        that raises fails and the others go on."""
+        settled: Results = [(item, _unusable(item, item.defect)) for item in items if item.defect]
+        usable = [item for item in items if not item.defect]
+        try:
+            found, to_send = self.sender.prepare(usable, self._decide)
+            return settled + found, to_send
+        except Exception as exc:
+            _raise_if_passing(exc)  # the store of the moment: the leases run out and the work comes back
+            log.exception("checks before sending failed for a round of %d; checking one by one", len(usable))
+        to_send = []
+        for item in usable:
+            try:
+                found, ready = self.sender.prepare([item], self._decide)
+            except Exception as exc:
+                _raise_if_passing(exc)
+                found, ready = [(item, _unusable(item, f"{type(exc).__name__}: {exc}"))], []
+            settled += found
+            to_send += ready
+        return settled, to_send
+
+    def _send(self, unit: list[WorkItem]) -> Results:
+        """One OpenIM call's outcomes; a call that raises (not an OpenIM answer: a bug, a value
+        it cannot send) fails its own items only."""
+        try:
+            return self.sender.send_unit(unit, self._decide)
+        except Exception as exc:
+            _raise_if_passing(exc)
+            log.exception("message %s: sending to %s raised; its recipients fail", unit[0].message_id,
+                          unit[0].target, extra={"event": "delivery.error", "message_id": unit[0].message_id})
+            return [(item, _unusable(item, f"{type(exc).__name__}: {exc}")) for item in unit]
 
     def _should_yield(self, unit: list[WorkItem]) -> bool:
         """Stop this round early: on shutdown, or when better-priority work is waiting.
@@ -175,6 +211,17 @@ class DeliveryEngine:
         """Stop taking work and let rounds in flight finish (their leases cover the rest)."""
         self.loop.stop(timeout)
         self.recorder.stop()
+
+
+def _raise_if_passing(exc: Exception) -> None:
+    """Re-raise a storage failure of the moment (a lock, the disk); anything else fails the item."""
+    if isinstance(exc, StorageUnavailable) and not isinstance(exc, StorageRejected):
+        raise exc
+
+
+def _unusable(item: WorkItem, error: str | None) -> Outcome:
+    """A failed outcome for an item that cannot be sent as stored (a dead letter, replayable)."""
+    return Outcome.failed((error or "unusable")[:500], "could not be sent: " + (error or "unusable")[:200])
 
 
 class _Recorder:

@@ -15,6 +15,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..catalog.registry import RateLimit
+
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 
 # Recipient statuses (SPEC §4). Active ones still have work to do; "throttled"
@@ -25,6 +27,45 @@ FINAL_STATUSES = DELIVERED_STATUSES + ("failed", "expired", "skipped", "throttle
 # Subscriber events every subscriber has received are deleted, but the newest this many of them
 # stay for a look back; an event some subscriber still waits for is never deleted.
 EVENTS_KEPT = 10_000
+# Presence reports are kept this long after their last update: OpenIM re-asserts every online
+# user every 10-20 minutes (OPENIM.md §5.7), so an older report says nothing a delivery would
+# trust (delivery.presence_max_age_seconds is 5 minutes) and only takes room.
+PRESENCE_KEPT_MS = 3_600_000
+SWEEP_CHUNK = 1_000  # rows one retention transaction deletes at most: a short hold of the write lock
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long finished data is kept (SPEC §2 ``[retention]``), in milliseconds.
+
+    A message all of whose recipients are final is deleted, with everything about it,
+    ``finished_ms`` after it finished (``dead_letter_ms`` when some recipient failed). A
+    message of a rate-limited type counts as finished one period of its rate limit later:
+    its sends count toward the limit until then.
+    """
+
+    finished_ms: int = 604_800_000
+    dead_letter_ms: int = 2_592_000_000
+    presence_ms: int = PRESENCE_KEPT_MS
+
+
+@dataclass
+class Swept:
+    """What one retention step deleted, and whether there is more to do right now."""
+
+    messages: int = 0
+    recipients: int = 0
+    presence: int = 0
+    more: bool = False
+
+
+def rate_period_ms(delivery: Any) -> int:
+    """The period of the rate limit in a message's frozen delivery settings, 0 without one."""
+    text = delivery.get("rate_limit") if isinstance(delivery, dict) else None
+    try:
+        return RateLimit.parse(text).period_seconds * 1000 if text else 0
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -139,6 +180,8 @@ class WorkItem:
     # batch_id set and members None.
     members: list[tuple[int, str]] | None = None
     batch_id: int | None = None
+    # what makes this item's stored row unusable (see stored_message): it fails at once, alone
+    defect: str | None = None
 
     @property
     def size(self) -> int:
@@ -157,6 +200,28 @@ def answers_by_user(results: Any) -> dict[str, Answer]:
     """(serverMsgID, clientMsgID, sendTime) per recvID of OpenIM's batch_send_msg ``results``."""
     return {r["recvID"]: (r.get("serverMsgID") or "", r.get("clientMsgID") or "", r.get("sendTime") or 0)
             for r in results or () if isinstance(r, dict) and isinstance(r.get("recvID"), str)}
+
+
+MESSAGE_MISSING = ("", "", 0, "notification", "normal", "store", "", "{}", 0)  # stored_message's placeholder
+
+
+def stored_message(row: tuple | None) -> tuple[tuple, dict[str, Any], str | None]:
+    """A stored message's (client, type, version, mode, priority, offline, envelope, delivery JSON,
+    expires_ms) as a lease reads them: the row (a placeholder when it is missing), its delivery
+    settings, and what makes it unusable, or None. Such a message's items fail on their own
+    instead of failing every round that leases them (a row edited by hand, a bug of an older
+    release)."""
+    if row is None:
+        return MESSAGE_MISSING, {}, "its message row is missing"
+    try:
+        settings = json.loads(row[7])
+    except (TypeError, ValueError):
+        settings = None
+    if not isinstance(settings, dict):
+        return row, {}, "its stored delivery settings are not a JSON object"
+    if row[4] not in PRIORITY_RANK or row[3] not in ("notification", "custom") or not isinstance(row[6], str):
+        return row, settings, f"its stored message is malformed (mode {row[3]!r}, priority {row[4]!r})"
+    return row, settings, None
 
 
 def delivered_in_batches(message: NewMessage) -> bool:
@@ -393,6 +458,15 @@ class Store(Protocol):
 
     def replay_dead_letters(self, message_id: str | None, now_ms: int) -> int:
         """Queue the failed recipients of one message (or all) again; returns how many."""
+
+    def sweep(self, now_ms: int, retention: Retention, budget: int = SWEEP_CHUNK) -> Swept:
+        """One bounded step of retention; call again while it deleted anything.
+
+        Deletes messages finished longer ago than *retention* allows (with their recipients,
+        batches, receipts, dead-letter entry, callback indexes and replay/idempotency keys)
+        and presence reports older than ``retention.presence_ms``, about *budget* rows in
+        all, each transaction short. Work left (queued, held, sending) is never deleted.
+        """
 
     # -- for the operator page (see ui) -----------------------------------------------
     def queue_depth(self) -> dict[str, int]:

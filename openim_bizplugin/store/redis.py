@@ -7,7 +7,8 @@ and another replica takes the work over. Every change of more than one key
 is one Lua script (:mod:`.redis_scripts`), so it is atomic. Times are
 integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
 
-    m:<mid>            hash    the message (envelope, delivery settings, counts, times)
+    m:<mid>            hash    the message (envelope, delivery settings, counts, times; active: its
+                               recipients with work left; deleting/left while the sweep deletes it)
     mt:<mid>           hash    target -> seq, to find a user's recipient for a receipt
     r:<mid>:<seq>      hash    one recipient: status, attempts, lease, outcome, callbacks
     due                zset    every recipient with work left, score rank * 1e13 + due ms:
@@ -33,13 +34,17 @@ integer milliseconds. Key layout (prefix ``bizplugin:`` left out)::
     cb:<id> cb:pending cb:done cb:seq cb:seen:<n>:<command>:<key>   the callback inbox
     token:<name>       hash    shared credentials; lock:<name>: SET NX PX locks
     session:<id> failures:<name>   the operator page's sessions and sign-in throttle (redis_sessions)
+    finished finished:dead  zset  messages without work left (with failed recipients) by when they
+                               finished; sweeping: the one whose recipients are being deleted;
+                               sweep:legacy: the SCAN cursor over messages stored before retention
 
 One sorted set holds all work, as SQLite's one ``recipients_due`` index does:
 a lease moves a member's score to its lease expiry, so work whose worker died
 comes due again by itself, in priority order, and is never deleted until an
 outcome is recorded. Nothing here trims work: the event stream is trimmed only
-below every subscriber's cursor (keeping the newest EVENTS_KEPT of those). See
-``docs/redis.md``.
+below every subscriber's cursor (keeping the newest EVENTS_KEPT of those), and
+the retention sweep deletes only finished messages (:mod:`.redis_retention`).
+See ``docs/redis.md``.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import redis
 import redis.exceptions as rexc
 
 from ..errors import StorageUnavailable
-from . import redis_scripts, redis_tracking
+from . import redis_retention, redis_scripts, redis_tracking
 from .base import (
     EVENTS_KEPT,
     PRIORITY_RANK,
@@ -74,8 +79,10 @@ from .base import (
     ReplayKey,
     WorkItem,
     recipient_data,
+    stored_message,
 )
 from .redis_errors import translated
+from .redis_retention import RedisRetentionMixin
 from .redis_sessions import RedisSessionsMixin
 from .redis_tracking import RedisTrackingMixin
 
@@ -109,7 +116,7 @@ def durability_plan(version: str, appendonly: str | None, appendfsync: str | Non
                    " of accepted messages (use appendfsync always, or Redis 7.2+ for WAITAOF)")
 
 
-class RedisStore(RedisTrackingMixin, RedisSessionsMixin):
+class RedisStore(RedisTrackingMixin, RedisSessionsMixin, RedisRetentionMixin):
     """Redis implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     @translated
@@ -119,7 +126,8 @@ class RedisStore(RedisTrackingMixin, RedisSessionsMixin):
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
                                            socket_timeout=30, health_check_interval=30)
         self._scripts = {name: self._redis.register_script(redis_scripts.PRELUDE + source)
-                         for name, source in {**redis_scripts.QUEUE, **redis_tracking.SCRIPTS}.items()}
+                         for name, source in {**redis_scripts.QUEUE, **redis_tracking.SCRIPTS,
+                                                **redis_retention.SCRIPTS}.items()}
         self._scripts.update({name: self._redis.register_script(source)
                               for name, source in redis_scripts.STANDALONE.items()})
         self.ping()
@@ -175,13 +183,16 @@ class RedisStore(RedisTrackingMixin, RedisSessionsMixin):
         message_id = self._redis.get(self._k(f"replay:{replay.text()}"))
         if message_id is None:
             return None
-        count, type_, version = self._redis.hmget(self._k(f"m:{message_id}"), ["recipient_count", "type", "version"])
+        count, type_, version, deleting = self._redis.hmget(self._k(f"m:{message_id}"),
+                                                           ["recipient_count", "type", "version", "deleting"])
+        if count is None or deleting:  # deleted by the retention sweep just now
+            return None
         return Accepted(message_id, int(count), created=False, type=type_, version=int(version))
 
     @translated
     def get_message(self, message_id: str) -> MessageRecord | None:
         m = self._redis.hgetall(self._k(f"m:{message_id}"))
-        if not m:
+        if not m or "deleting" in m:  # the retention sweep is deleting it: gone
             return None
         pipe = self._redis.pipeline(transaction=False)
         for seq in range(int(m["recipient_count"])):
@@ -338,8 +349,8 @@ class RedisStore(RedisTrackingMixin, RedisSessionsMixin):
         return [found for found in (self._recent(mid, max(recipients, 0)) for mid in ids) if found]
 
     def _recent(self, message_id: str, shown: int) -> RecentMessage | None:
-        fields = self._redis.hmget(self._k(f"m:{message_id}"), _SUMMARY_FIELDS)
-        if fields[0] is None:
+        *fields, deleting = self._redis.hmget(self._k(f"m:{message_id}"), _SUMMARY_FIELDS + ("deleting",))
+        if fields[0] is None or deleting:
             return None
         client, type_, version, mode, priority, offline, created_ms, expires_ms, count = fields
         pipe = self._redis.pipeline(transaction=False)
@@ -446,9 +457,14 @@ def _recipient(row: list[str | None]) -> RecipientRecord:
 
 
 def _message_fields(values: list[str | None]) -> dict[str, Any]:
+    """A leased message's fields: delivery parsed once per message (its items share it, as with
+    SQLite), and ``defect`` set when the hash is missing or malformed (stored_message)."""
     fields = dict(zip(_MESSAGE_FIELDS, values))
-    # parsed once per message; the items of one message share it, as with SQLite
-    fields["delivery"] = json.loads(fields["delivery"])
+    row = None if fields["client"] is None else tuple(fields[name] for name in _MESSAGE_FIELDS[:9])
+    row, fields["delivery"], fields["defect"] = stored_message(row)
+    fields.update(zip(_MESSAGE_FIELDS[:7], row[:7]))
+    for name in ("version", "expires_ms"):
+        fields[name] = _int(fields[name]) if str(fields[name] or "").isdigit() else 0
     return fields
 
 
@@ -459,5 +475,6 @@ def _work_item(row: list, operation_id: str, owner: str, messages: dict[str, dic
     return WorkItem(
         message_id=message_id, seq=int(seq), kind=kind, target=target, attempts=int(attempts),
         counted=bool(counted), operation_id=operation_id, check_operation_id=unknown or None, lease_owner=owner,
-        client=m["client"], type=m["type"], version=int(m["version"]), mode=m["mode"], priority=m["priority"],
-        offline=m["offline"], envelope=m["envelope"], delivery=m["delivery"], expires_ms=int(m["expires_ms"]))
+        client=m["client"], type=m["type"], version=m["version"], mode=m["mode"], priority=m["priority"],
+        offline=m["offline"], envelope=m["envelope"], delivery=m["delivery"], expires_ms=m["expires_ms"],
+        defect=m["defect"])

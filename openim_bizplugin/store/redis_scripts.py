@@ -60,6 +60,25 @@ end
 
 local function wants(type_) return string.find(EVENTS, ',' .. type_ .. ',', 1, true) ~= nil end
 
+-- Retention: m:<mid> counts its recipients with work left ('active'); when the last one ends, the
+-- message goes into 'finished' (or 'finished:dead' when one failed) scored by when it finished,
+-- one period of its rate limit later for a rate-limited type (its sends count until then)
+local PERIODS = {second = 1000, minute = 60000, hour = 3600000, day = 86400000}
+local function note_finished(mid, now)
+  local ok, d = pcall(cjson.decode, redis.call('HGET', P .. 'm:' .. mid, 'delivery') or '')
+  local unit = ok and type(d) == 'table' and type(d.rate_limit) == 'string' and string.match(d.rate_limit, '^%d+/(%a+)$')
+  local dead = redis.call('EXISTS', P .. 'failed:' .. mid) == 1
+  redis.call('ZADD', P .. (dead and 'finished:dead' or 'finished'), tonumber(now) + (PERIODS[unit or ''] or 0), mid)
+end
+
+-- one recipient of message mid has no work left
+local function ended(mid, now)
+  local key = P .. 'm:' .. mid
+  -- a message stored before retention has no count: the sweep counts it (redis_retention)
+  if redis.call('HEXISTS', key, 'active') == 0 then return end
+  if redis.call('HINCRBY', key, 'active', -1) <= 0 then note_finished(mid, now) end
+end
+
 -- one subscriber event; seq from a counter, the stream entry id is '<seq>-0'
 local function emit(type_, data, now)
   if not wants(type_) then return end
@@ -102,7 +121,7 @@ if idem ~= '' then
     end
   end
 end
-local fields = {'order', string.format('%012x', redis.call('INCR', P .. 'accepted'))}
+local fields = {'order', string.format('%012x', redis.call('INCR', P .. 'accepted')), 'active', #ARGV - 16 - nfields}
 for i = 17, 16 + nfields do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', P .. 'm:' .. mid, unpack(fields))
 local first = 17 + nfields
@@ -118,6 +137,7 @@ if collapse ~= '' then
         if seq and f[1] == kind and (f[2] == 'queued' or f[2] == 'held') then
           redis.call('HSET', rkey(member), 'status', 'skipped', 'reason', collapse_reason)
           unschedule(member, ARGV[i])
+          ended(older, created)
         end
       end
     end
@@ -164,6 +184,7 @@ local function expire(member, f)
   redis.call('HSET', rkey(member), 'status', 'expired', 'reason', reason)
   redis.call('HDEL', rkey(member), 'lease_owner')
   unschedule(member, f.target)
+  ended(message_of(member), now)
   if wants('message.expired') then
     emit('message.expired', recipient_json(member, f.kind, f.target, '"reason":' .. cjson.encode(reason)), now)
   end
@@ -176,6 +197,7 @@ local function mark_started(mid)
   if started[mid] then return end
   started[mid] = true
   local m = redis.call('HMGET', P .. 'm:' .. mid, 'type', 'expires_ms')
+  if not m[1] or not tonumber(m[2]) then return end  -- no usable message hash: its items fail on their own
   redis.call('ZADD', P .. 'started:' .. m[1], 'NX', m[2], mid)
   leased_types[m[1]] = true
 end
@@ -199,10 +221,25 @@ local function take(member, f, out)
   out[#out + 1] = {member, f.target, f.kind, attempts, counted and 1 or 0, unknown or ''}
 end
 
+-- a recipient whose message hash is gone (evicted, deleted by hand) can never be sent: it leaves
+-- the queue failed instead of failing every lease that meets it
+local function orphaned(member, due)
+  if due then redis.call('ZREM', P .. 'due', due) end
+  redis.call('ZREM', P .. 'expiry', member)
+  redis.call('HSET', rkey(member), 'status', 'failed', 'reason', 'its message is missing from Redis')
+  redis.call('HDEL', rkey(member), 'lease_owner')
+end
+local function has_message(member)
+  local mid = message_of(member)
+  orders[mid] = orders[mid] or redis.call('HGET', P .. 'm:' .. mid, 'order')
+  return orders[mid] ~= false and orders[mid] ~= nil
+end
+
 -- recipients past their TTL that are due end expired instead of being sent late
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', now, 'LIMIT', 0, SWEEP)) do
   local f = load(member)
-  if tonumber(f.next_attempt_ms) <= now then expire(member, f) end
+  if not has_message(member) then orphaned(member, nil)
+  elseif tonumber(f.next_attempt_ms) <= now then expire(member, f) end
 end
 
 -- no starvation: due for aging_ms, low counts as normal; for twice that, anything as high
@@ -229,7 +266,8 @@ for rank = 0, bands - 1 do
     for _, due in ipairs(members) do
       local member = member_of(due)
       local f = load(member)
-      if tonumber(f.expires_ms) <= now then expire(member, f); expired = expired + 1 else take(member, f, out) end
+      if not has_message(member) then orphaned(member, due); expired = expired + 1
+      elseif tonumber(f.expires_ms) <= now then expire(member, f); expired = expired + 1 else take(member, f, out) end
     end
     if expired == 0 then break end
   end
@@ -299,6 +337,7 @@ for i = 5, #ARGV, 15 do
       redis.call('SADD', P .. 'failed:' .. message_of(member), seq_of(member))
     end
     if ARGV[i + 13] ~= '' then emit(ARGV[i + 13], ARGV[i + 14], now) end
+    if not WAITING[status] then ended(message_of(member), now) end
     done = done + 1
   end
 end
@@ -361,6 +400,11 @@ for _, seq in ipairs(redis.call('SMEMBERS', P .. 'failed:' .. mid)) do
 end
 redis.call('DEL', P .. 'failed:' .. mid)
 redis.call('ZREM', P .. 'dead', mid)
+if n > 0 and redis.call('HEXISTS', P .. 'm:' .. mid, 'active') == 1 then  -- work again: not finished
+  redis.call('HINCRBY', P .. 'm:' .. mid, 'active', n)
+  redis.call('ZREM', P .. 'finished', mid)
+  redis.call('ZREM', P .. 'finished:dead', mid)
+end
 return n
 """
 

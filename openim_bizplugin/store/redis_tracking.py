@@ -15,6 +15,9 @@ from typing import Any
 from ..errors import StorageBusy
 from .base import CallbackRecord, EventRecord, PresenceState, SubscriberCursor
 from .redis_errors import translated
+from .redis_retention import PRESENCE_EXPIRE_MS
+
+READ_SEQS_PER_CALL = 5_000
 
 # Lua, run after redis_scripts.PRELUDE (whose helpers they use); a script's own arguments start at ARGV[4].
 
@@ -108,7 +111,7 @@ local key = rkey(member)
 local f = redis.call('HMGET', key, 'kind', 'receipt', 'status')
 if f[1] ~= 'user' or f[2] then return 0 end
 redis.call('HSET', key, 'status', 'acknowledged', 'receipt', receipt)
-if f[3] == 'queued' or f[3] == 'held' or f[3] == 'sending' then unschedule(member, user) end
+if f[3] == 'queued' or f[3] == 'held' or f[3] == 'sending' then unschedule(member, user); ended(mid, now) end
 if f[3] == 'failed' then redis.call('SREM', P .. 'failed:' .. mid, seq) end
 if wants('receipt.received') then
   emit('receipt.received', recipient_json(member, 'user', user, '"receipt":' .. receipt), now)
@@ -116,7 +119,7 @@ end
 return 1
 """
 
-# ARGV[4..]: user id, platform id, online 1/0, seq, now. Values are 'online:seq:updated_ms'.
+# ARGV[4..]: user id, platform id, online 1/0, seq, now, key expiry (ms). Values are 'online:seq:updated_ms'.
 PRESENCE = r"""
 local user, platform, online, seq, now = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local key = P .. 'presence:' .. user
@@ -130,6 +133,7 @@ local old = redis.call('HGET', key, platform)
 if old and tonumber(string.match(old, '^%d:(%-?%d+):')) >= seq then return 0 end
 local was = user_online()
 redis.call('HSET', key, platform, online .. ':' .. ARGV[7] .. ':' .. now)
+redis.call('PEXPIRE', key, ARGV[9])  -- a backstop: the retention sweep forgets old reports first
 local is = user_online()
 redis.call('SADD', P .. 'users:known', user)  -- counted on the operator page
 if is then redis.call('SADD', P .. 'users:online', user) else redis.call('SREM', P .. 'users:online', user) end
@@ -256,9 +260,10 @@ class RedisTrackingMixin:
     @translated
     def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
         """Sent user recipients in *conversation_id* whose seq *reader* read become ``read``."""
-        if not seqs:
-            return 0
-        return int(self._run("mark_read", conversation_id, reader, now_ms, *(int(s) for s in seqs)))
+        seqs = [int(s) for s in seqs]
+        # a script call per few thousand seqs: each one is short, however many a read names
+        return sum(int(self._run("mark_read", conversation_id, reader, now_ms, *seqs[start:start + READ_SEQS_PER_CALL]))
+                   for start in range(0, len(seqs), READ_SEQS_PER_CALL))
 
     @translated
     def acknowledge(self, message_id: str, user_id: str, receipt: dict[str, Any], now_ms: int) -> bool:
@@ -269,7 +274,8 @@ class RedisTrackingMixin:
     @translated
     def update_presence(self, user_id: str, platform_id: int, online: bool, seq: int, now_ms: int) -> bool:
         """Apply a level report unless a newer one (by OpenIM's seq) is known; see SqliteStore."""
-        return bool(self._run("presence", user_id, int(platform_id), int(online), int(seq), now_ms))
+        return bool(self._run("presence", user_id, int(platform_id), int(online), int(seq), now_ms,
+                              PRESENCE_EXPIRE_MS))
 
     @translated
     def presence(self, user_ids: list[str]) -> dict[str, PresenceState]:

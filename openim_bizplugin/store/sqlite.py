@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 from .base import (
     EVENTS_KEPT,
@@ -42,13 +41,15 @@ from .base import (
     batch_answers,
     delivered_in_batches,
     recipient_data,
+    stored_message,
 )
-from .sqlite_file import SqliteFile
+from .sqlite_file import BUSY_TIMEOUT_MS, SqliteFile
+from .sqlite_retention import RetentionMixin, adopt_incremental_vacuum
 from .sqlite_sessions import SessionsMixin
 from .sqlite_tracking import TrackingMixin
 
-SCHEMA_VERSION = 7  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases;
-# 7: batch_targets and batches.departed
+SCHEMA_VERSION = 8  # 2: batches; 4: messages.started_ms; 5: batch_sends_pending; 6: type_leases;
+# 7: batch_targets and batches.departed; 8: retention (messages.finished_ms and dead, sweeping)
 _TYPE_LEASES = """
 CREATE TABLE IF NOT EXISTS type_leases (
     type            TEXT NOT NULL,
@@ -64,7 +65,10 @@ _UPGRADES = {4: ["ALTER TABLE messages ADD COLUMN started_ms INTEGER", "UPDATE m
              6: [_TYPE_LEASES, "INSERT INTO type_leases (type, owner, until_ms) SELECT type, '(before the upgrade)',"
                                " MAX(expires_ms) FROM messages WHERE started_ms IS NOT NULL GROUP BY type"],
              # older batches have no list of users: leasing one reads its recipient rows, as before
-             7: ["ALTER TABLE batches ADD COLUMN departed INTEGER NOT NULL DEFAULT 0"]}
+             7: ["ALTER TABLE batches ADD COLUMN departed INTEGER NOT NULL DEFAULT 0"],
+             # older messages are not known to be finished: the retention walk checks each of them
+             8: ["ALTER TABLE messages ADD COLUMN finished_ms INTEGER",
+                 "ALTER TABLE messages ADD COLUMN dead INTEGER NOT NULL DEFAULT 0"]}
 MAX_BATCH = 500  # delivery.batch_size's default
 # how often a lease also sweeps the queue for recipients past their TTL and ages priorities
 EXPIRY_SWEEP_MS = 1_000
@@ -94,7 +98,11 @@ CREATE TABLE IF NOT EXISTS messages (
     recipient_count INTEGER NOT NULL,
     created_ms      INTEGER NOT NULL,
     expires_ms      INTEGER NOT NULL,
-    started_ms      INTEGER  -- when a worker first leased some of it: it may have been sent since
+    started_ms      INTEGER, -- when a worker first leased some of it: it may have been sent since
+    -- noted by the retention sweep (sqlite_retention): when it had no work left (plus the period of
+    -- its rate limit), and whether some recipient failed (a dead letter, kept longer); NULL: not yet
+    finished_ms     INTEGER,
+    dead            INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_idempotency ON messages (client, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -104,6 +112,16 @@ CREATE INDEX IF NOT EXISTS messages_collapse ON messages (client, collapse_key, 
     WHERE collapse_key IS NOT NULL;
 -- the rate limit's first question: how many messages of a type may have been sent in a window
 CREATE INDEX IF NOT EXISTS messages_started ON messages (type, expires_ms) WHERE started_ms IS NOT NULL;
+-- the retention sweep: messages still to check for work left (walked in rowid order), and the
+-- finished ones by when they finished
+CREATE INDEX IF NOT EXISTS messages_unfinished ON messages (finished_ms) WHERE finished_ms IS NULL;
+CREATE INDEX IF NOT EXISTS messages_finished ON messages (dead, finished_ms) WHERE finished_ms IS NOT NULL;
+-- a message the sweep deleted whose recipient rows are still being deleted, a chunk at a time
+CREATE TABLE IF NOT EXISTS sweeping (
+    message_id      TEXT PRIMARY KEY,
+    type            TEXT NOT NULL,
+    batch_ids       TEXT NOT NULL  -- JSON array: its batches' entries in batch_sends go with its users
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS recipients (
     message_id      TEXT NOT NULL REFERENCES messages (id),
@@ -307,17 +325,29 @@ _LEASE_SQL = (
     " RETURNING rowid, seq, kind, target, attempts, operation_id, check_operation_id")
 
 
-def _work_items(rows: list[tuple], held: set[int], message_id: str, message: tuple, owner: str,
-                settings: dict[str, Any]) -> dict[int, WorkItem]:
+def _work_items(rows: list[tuple], held: set[int], message_id: str, message: tuple | None,
+                owner: str) -> dict[int, WorkItem]:
     """The WorkItems of one message's leased rows, by rowid."""
+    message, settings, defect = stored_message(message)
     client, type_, version, mode, priority, offline, envelope, _delivery, expires_ms = message
     return {rowid: WorkItem(
         # a recheck of a recipient held for an offline user is not a send attempt
         message_id=message_id, seq=seq, kind=kind, target=target, attempts=attempts,
         counted=rowid not in held, operation_id=operation_id, check_operation_id=check_operation_id,
         lease_owner=owner, client=client, type=type_, version=version, mode=mode, priority=priority,
-        offline=offline, envelope=envelope, expires_ms=expires_ms, delivery=settings)
+        offline=offline, envelope=envelope, expires_ms=expires_ms, delivery=settings, defect=defect)
         for rowid, seq, kind, target, attempts, operation_id, check_operation_id in rows}
+
+
+def _targets(listed: tuple | None, size: int) -> list[str] | None:
+    """A batch's users as batch_targets lists them, or None: not listed, or not a list of *size*
+    strings (its users then come from their recipient rows)."""
+    try:
+        targets = json.loads(listed[0]) if listed is not None else None
+    except ValueError:
+        return None
+    valid = isinstance(targets, list) and len(targets) == size and all(isinstance(t, str) for t in targets)
+    return targets if valid else None
 
 
 _BATCH_DUE = "('queued', 'sending')"
@@ -385,27 +415,37 @@ def _outcome_row(item: WorkItem, outcome: Outcome) -> tuple:
             int(outcome.uncounted and item.counted), item.message_id, item.seq, item.operation_id, item.lease_owner)
 
 
-class SqliteStore(TrackingMixin, SessionsMixin):
+class SqliteStore(TrackingMixin, SessionsMixin, RetentionMixin):
     """SQLite implementation of :class:`~openim_bizplugin.store.base.Store`."""
 
     def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset(),
-                 events_kept: int = EVENTS_KEPT, batch_size: int = MAX_BATCH) -> None:
+                 events_kept: int = EVENTS_KEPT, batch_size: int = MAX_BATCH,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = str(path)
         self.event_types, self.events_kept = event_types, events_kept
         self.batch_size = batch_size  # users per batch_send_msg of a batched message (delivery.batch_size)
         self._answers: collections.OrderedDict[int, dict] = collections.OrderedDict()  # _done_batch_answers
         self._answers_lock = threading.Lock()
-        self._db = SqliteFile(self.path, synchronous="FULL")
+        # busy_timeout_ms: how long a write waits for another process's lock before the store is
+        # unavailable for it (tests make that short)
+        self._db = SqliteFile(self.path, synchronous="FULL", busy_timeout_ms=busy_timeout_ms)
         # no automatic checkpoints on the inbox: they ran inside whichever commit crossed the
         # threshold, often a callback's while OpenIM waited (up to 157 ms measured)
-        self._inbox = SqliteFile(inbox_path(self.path), synchronous="NORMAL", autocheckpoint=False)
+        self._inbox = SqliteFile(inbox_path(self.path), synchronous="NORMAL", autocheckpoint=False,
+                                 busy_timeout_ms=busy_timeout_ms)
         self._db.migrate(_SCHEMA, SCHEMA_VERSION, _UPGRADES)
         self._inbox.migrate(_INBOX_SCHEMA, SCHEMA_VERSION)
+        for file in self.files():
+            adopt_incremental_vacuum(file)
         self._write, self._read = self._db.write, self._db.read
         # the delivery queue's own bookkeeping (leases, outcomes) commits without an fsync: on power
         # loss its last commits may be undone, which re-sends at worst; what was accepted stays durable
         self._write_progress = functools.partial(self._db.write, durable=False)
         self._swept_ms = 0  # when this process last swept the queue for expired recipients
+
+    def files(self) -> tuple[SqliteFile, SqliteFile]:
+        """The main file and the callback inbox."""
+        return self._db, self._inbox
 
     # -- the Store interface ------------------------------------------------
     def accept(self, message: NewMessage, replay: ReplayKey | None, *, retention_ms: int) -> Accepted:
@@ -552,7 +592,7 @@ class SqliteStore(TrackingMixin, SessionsMixin):
                 message = messages[message_id] = self._message_columns(db, message_id)
                 rows = db.execute(_LEASE_SQL, (owner, now_ms + lease_ms, new_operation_id(message_id),
                                                json.dumps(rowids))).fetchall()
-                leased.update(_work_items(rows, held, message_id, message, owner, json.loads(message[7])))
+                leased.update(_work_items(rows, held, message_id, message, owner))
             items = [leased[row[0]] for row in due]
             for batch_id, message_id, *_, first_seq, last_seq in batches:
                 if message_id not in messages:
@@ -597,21 +637,23 @@ class SqliteStore(TrackingMixin, SessionsMixin):
             owner, until_ms, operation_id, batch_id)).fetchone()
         listed = None if departed else db.execute("SELECT targets FROM batch_targets WHERE batch_id = ?",
                                                   (batch_id,)).fetchone()
-        if listed is not None:
-            members = list(zip(range(first_seq, last_seq + 1), json.loads(listed[0])))
+        targets = _targets(listed, last_seq - first_seq + 1)
+        if targets is not None:
+            members = list(zip(range(first_seq, last_seq + 1), targets))
         else:
             members = db.execute("SELECT seq, target FROM recipients WHERE message_id = ? AND seq BETWEEN ? AND ?"
                                  " AND status = 'batched' ORDER BY seq", (message_id, first_seq, last_seq)).fetchall()
         if not members:  # every user of it ended on their own (acknowledged early, say)
             db.execute("UPDATE batches SET status = 'done', lease_owner = NULL WHERE id = ?", (batch_id,))
             return None
-        client, type_, version, mode, priority, offline, envelope, delivery, expires_ms = message
+        message, settings, defect = stored_message(message)
+        client, type_, version, mode, priority, offline, envelope, _delivery, expires_ms = message
         return WorkItem(
             message_id=message_id, seq=members[0][0], kind="user", target=members[0][1], attempts=attempts,
             counted=True, operation_id=operation_id, check_operation_id=check_operation_id, lease_owner=owner,
             client=client, type=type_, version=version, mode=mode, priority=priority, offline=offline,
-            envelope=envelope, delivery=json.loads(delivery), expires_ms=expires_ms, members=members,
-            batch_id=batch_id)
+            envelope=envelope, delivery=settings, expires_ms=expires_ms, members=members,
+            batch_id=batch_id, defect=defect)
 
     def _expire_due(self, db: sqlite3.Connection, now_ms: int, rowids: list[int] | None = None) -> None:
         """Due recipients past their TTL (all, or those of *rowids*) end ``expired``, never sent late."""
@@ -850,6 +892,8 @@ class SqliteStore(TrackingMixin, SessionsMixin):
                     " reason = NULL, check_operation_id = NULL WHERE message_id = ? AND status = 'failed'",
                     (now_ms, mid)).rowcount
                 db.execute("DELETE FROM dead_letters WHERE message_id = ?", (mid,))
+                # work again: not finished any more (the retention sweep notes it again later)
+                db.execute("UPDATE messages SET finished_ms = NULL, dead = 0 WHERE id = ?", (mid,))
         return replayed
 
     # -- for the operator page ------------------------------------------------------------

@@ -7,15 +7,21 @@ writers in other processes wait instead of failing ("database is locked").
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sqlite3
 import threading
 from collections.abc import Iterator
 
-from ..errors import StorageBusy, StorageUnavailable
+from ..errors import StorageBusy, StorageRejected, StorageUnavailable
 
 BUSY_TIMEOUT_MS = 30_000
 IDLE_CONNECTIONS = 8
+# After a checkpoint lets SQLite start the WAL over, the next commit cuts the file back to this
+# size: without it a WAL stays as large as its largest burst (179 MB after 2,000 callbacks of 60 KB).
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+TRUNCATE_WAIT_MS = 100  # how long truncate_wal() waits for other processes' writers and readers
+FREE_PAGES_RELEASED = 512  # pages one release_free_pages() hands back at most: a short write
 
 
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN ", re.IGNORECASE)
@@ -33,6 +39,35 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
+# SQLite's primary result codes for a failure of the moment (a lock, the disk, memory, a damaged
+# file the operator must see to): the same write may succeed later. Any other failure (a value of a
+# type SQLite cannot bind, too big, too many SQL variables, a constraint) fails again however often
+# it is tried: one bad callback or recipient must then fail alone, not hold up the rest.
+_TRANSIENT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+                        sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_PROTOCOL,
+                        sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_NOLFS})
+
+
+def storage_error(exc: sqlite3.Error, doing: str) -> StorageUnavailable:
+    """*exc* as StorageUnavailable when it may pass, StorageRejected when it never will."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # raised by Python's sqlite3 itself: binding a value, or a closed connection
+        transient = "closed" in str(exc)
+    else:
+        transient = code & 0xFF in _TRANSIENT
+    return (StorageUnavailable if transient else StorageRejected)(f"{doing}: {exc}")
+
+
+def _adds_nothing(db: sqlite3.Connection, statement: str) -> bool:
+    """Whether *statement* adds a column to a table the file lacks, or a column it has already."""
+    altered = _ADD_COLUMN.match(statement)
+    if not altered:
+        return False
+    column = statement[altered.end():].split()[0]
+    columns = {row[1] for row in db.execute(f"PRAGMA table_info({altered[1]})")}
+    return not columns or column in columns
+
+
 class _Connection(sqlite3.Connection):
     """A connection that remembers its ``synchronous`` level (a write may lower it)."""
 
@@ -42,8 +77,9 @@ class _Connection(sqlite3.Connection):
 class SqliteFile:
     """Connections to one database file with the given ``synchronous`` level."""
 
-    def __init__(self, path: str, synchronous: str = "FULL", autocheckpoint: bool = True) -> None:
-        self.path = path
+    def __init__(self, path: str, synchronous: str = "FULL", autocheckpoint: bool = True,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.path, self.busy_timeout_ms = path, busy_timeout_ms
         self.synchronous = synchronous
         self.autocheckpoint = autocheckpoint
         self._idle: list[_Connection] = []
@@ -52,12 +88,18 @@ class SqliteFile:
         self._local = threading.local()  # .db: this thread's open transaction, if any
         self._at_once: _Connection | None = None  # execute_now's, busy_timeout 0
 
-    def _open(self, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> _Connection:
+    def _open(self, busy_timeout_ms: int | None = None) -> _Connection:
+        busy_timeout_ms = self.busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
         try:
             db = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000,
                                  isolation_level=None, check_same_thread=False, factory=_Connection)
             db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            if db.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # a new file, before WAL mode writes its header (an older one: see vacuum()); the
+                # pragma takes the write lock, so it is not set on every connection
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
             db.synchronous = self.synchronous
             if not self.autocheckpoint:  # the owner calls checkpoint() at a time that suits it
@@ -126,9 +168,9 @@ class SqliteFile:
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise StorageBusy(f"the database is locked by another process: {exc}") from None
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+            raise storage_error(exc, "the database rejected the write") from exc
         except sqlite3.Error as exc:
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+            raise storage_error(exc, "the database rejected the write") from exc
         finally:
             self._writer.release()
 
@@ -152,7 +194,7 @@ class SqliteFile:
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+            raise storage_error(exc, "the database rejected the write") from exc
 
     @staticmethod
     @contextlib.contextmanager
@@ -167,7 +209,7 @@ class SqliteFile:
                 raise
             db.execute("RELEASE nested")
         except sqlite3.Error as exc:
-            raise StorageUnavailable(f"the database rejected the write: {exc}") from exc
+            raise storage_error(exc, "the database rejected the write") from exc
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -183,23 +225,21 @@ class SqliteFile:
             with self.borrow() as db:
                 return db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            raise StorageUnavailable(f"the database cannot be read: {exc}") from exc
+            raise storage_error(exc, "the database cannot be read") from exc
 
     def migrate(self, schema: str, version: int, upgrades: dict[int, list[str]] | None = None) -> None:
         """Create the tables of *schema* in a new file, add the new ones to an older file
         (every statement says IF NOT EXISTS); refuse a newer file. An older file first gets
         the *upgrades* of each version after its own (what IF NOT EXISTS cannot say: columns).
-        A column added to a table the file does not have yet is skipped: the schema makes the
-        table whole."""
+        A column added to a table the file does not have yet, or that the table has already, is
+        skipped: the schema makes the table whole."""
         with self.write() as db:
             (found,) = db.execute("PRAGMA user_version").fetchone()
             if found < version:
                 for step, statements in sorted((upgrades or {}).items()):
                     if 0 < found < step:  # 0: a new file, whose tables the schema makes whole
                         for statement in statements:
-                            altered = _ADD_COLUMN.match(statement)
-                            if altered and not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
-                                                          " AND name = ?", (altered[1],)).fetchone():
+                            if _adds_nothing(db, statement):
                                 continue
                             db.execute(statement)
                 for statement in _statements(schema):
@@ -211,8 +251,52 @@ class SqliteFile:
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the file without waiting for readers or writers."""
-        with contextlib.suppress(sqlite3.Error), self.borrow() as db:
+        with contextlib.suppress(sqlite3.Error, StorageUnavailable), self.borrow() as db:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def wal_bytes(self) -> int:
+        """The size of the WAL file now (0 when there is none)."""
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def truncate_wal(self) -> None:
+        """Fold the whole WAL back into the file and cut it to nothing, holding this process's
+        writers back meanwhile (tens of ms for a few MB). A passive checkpoint never catches up
+        with a file written without pause (each commit appends behind it), so its WAL grows
+        without end: 443 MB in a minute of callbacks in bench/soak_retention. A writer of
+        another process makes it give up after a moment; it is tried again later."""
+        with contextlib.suppress(sqlite3.Error, StorageUnavailable), self._writer, self.borrow() as db:
+            db.execute(f"PRAGMA busy_timeout = {TRUNCATE_WAIT_MS}")
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+
+    @property
+    def incremental(self) -> bool:
+        """Whether the file uses incremental auto-vacuum (files made before it did not)."""
+        return self.read("PRAGMA auto_vacuum")[0][0] == 2
+
+    def release_free_pages(self, pages: int = FREE_PAGES_RELEASED) -> None:
+        """Hand up to *pages* free pages back to the file system, while more than a quarter of
+        the file is free (SQLite reuses free pages anyway; this shrinks it after a big sweep)."""
+        with contextlib.suppress(sqlite3.Error, StorageUnavailable), self._writer, self.borrow() as db:
+            (free,), (total,) = db.execute("PRAGMA freelist_count").fetchone(), db.execute("PRAGMA page_count").fetchone()
+            if free * 4 > total:
+                # executescript runs the pragma to its end (execute() steps once: one page)
+                db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+
+    def vacuum(self) -> None:
+        """Rewrite the whole file with incremental auto-vacuum: a file made before this release
+        needs it once (it holds the write lock throughout: the time to copy the file)."""
+        try:
+            with self._writer, self.borrow() as db:
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                db.execute("VACUUM")
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"the database could not be vacuumed: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:

@@ -29,7 +29,7 @@ from .base import (
 from .sqlite_file import SqliteFile
 
 DONE_BATCHES_KEPT = 8  # parsed answers of sent batches kept for callbacks about their users
-INBOX_CHECKPOINT_EVERY = 1_000  # finished callbacks between checkpoints of the inbox's WAL (~15 MB)
+INBOX_WAL_BYTES = 4 * 1024 * 1024  # the inbox's WAL is folded back and cut once it is this large
 _RECORD_CALLBACK = "INSERT OR IGNORE INTO callbacks (command, natural_key, body, received_ms) VALUES (?, ?, ?, ?)"
 
 
@@ -48,7 +48,6 @@ class TrackingMixin:
     """Callback inbox, presence, receipts and the event outbox."""
 
     _inbox: SqliteFile  # the callback inbox file, provided by SqliteStore
-    _unchecked = 0  # callbacks finished since the inbox's last checkpoint
     event_types: frozenset[str] = frozenset()  # what subscribers listen to; others are not kept
     events_kept: int  # events every subscriber received that stay anyway (a look back)
 
@@ -82,12 +81,11 @@ class TrackingMixin:
         with self._inbox.write() as db:
             db.executemany("UPDATE callbacks SET done = 1, error = ? WHERE id = ?",
                            [(error, callback_id) for callback_id, error in results])
-        # here, off the answer path and outside the write lock, and not every round: each
-        # checkpoint copied the round's pages back into the file (~1 ms a round in a burst)
-        self._unchecked += len(results)
-        if self._unchecked >= INBOX_CHECKPOINT_EVERY:
-            self._unchecked = 0
-            self._inbox.checkpoint()
+        # here, off the answer path, and not every round: each checkpoint copied the round's
+        # pages back into the file (~1 ms a round in a burst); every commit appends its pages
+        # (~20 KB for a small callback), so a few MB come together in a second of a burst
+        if self._inbox.wal_bytes() > INBOX_WAL_BYTES:
+            self._inbox.truncate_wal()
 
     def prune_callbacks(self, before_ms: int, limit: int) -> int:
         # ids follow arrival: the oldest processed ones come first on callbacks_pending (done, id),
@@ -141,13 +139,13 @@ class TrackingMixin:
 
     def mark_read(self, conversation_id: str, seqs: list[int], reader: str, now_ms: int) -> int:
         """Sent user recipients in *conversation_id* whose seq *reader* read become ``read``."""
-        marks = ",".join("?" * len(seqs))
+        # one JSON parameter, not one "?" per seq: a read of 300,000 seqs was "too many SQL variables"
         with self._write() as db:
             rows = db.execute(
                 "SELECT r.message_id, r.seq, r.target, m.type, m.client FROM recipients r"
                 " JOIN messages m ON m.id = r.message_id"
-                f" WHERE r.conversation_id = ? AND r.msg_seq IN ({marks}) AND r.kind = 'user'"
-                " AND r.target = ? AND r.status = 'sent'", (conversation_id, *seqs, reader)).fetchall()
+                " WHERE r.conversation_id = ? AND r.msg_seq IN (SELECT value FROM json_each(?)) AND r.kind = 'user'"
+                " AND r.target = ? AND r.status = 'sent'", (conversation_id, json.dumps(seqs), reader)).fetchall()
             for message_id, seq, target, type_, client in rows:
                 db.execute("UPDATE recipients SET status = 'read', read_ms = ? WHERE message_id = ? AND seq = ?",
                            (now_ms, message_id, seq))
@@ -212,9 +210,8 @@ class TrackingMixin:
         """What callbacks last said of each user (absent when nothing is known)."""
         if not user_ids:
             return {}
-        marks = ",".join("?" * len(user_ids))
-        rows = self._read(f"SELECT user_id, MAX(online), MAX(updated_ms) FROM presence"
-                          f" WHERE user_id IN ({marks}) GROUP BY user_id", tuple(user_ids))
+        rows = self._read("SELECT user_id, MAX(online), MAX(updated_ms) FROM presence"
+                          " WHERE user_id IN (SELECT value FROM json_each(?)) GROUP BY user_id", (json.dumps(user_ids),))
         return {user: PresenceState(bool(online), updated) for user, online, updated in rows}
 
     # -- event outbox --------------------------------------------------------------------------

@@ -13,7 +13,11 @@ HTTP 200 at once: OpenIM's after-callbacks wait in a queue of 100 with two
 workers and are dropped after 3 s, and its before-callbacks *block* sending
 on any failure (it ignores ``failedContinue``), so a slow or failing answer
 here would lose events or stop chat. Unknown commands are understood and
-ignored (zulip's rule), not stored.
+ignored (zulip's rule), not stored. A body over ``callbacks.max_body_bytes``
+(OpenIM's are a few KB) is answered "continue" as well and not stored: a 413
+would stop the user's message on a before-callback, and OpenIM never retries
+an after-callback, so refusing it only costs chat (it is logged and counted
+``too-large``).
 
 "At once" holds while storage is locked, slow or down too: a callback the
 inbox cannot take at once goes to this process's spool file and is drained
@@ -131,7 +135,7 @@ class CallbackEndpoint:
         operation_id = environ.get("HTTP_OPERATIONID")
         try:
             body = read_body(get_input_stream(environ), get_content_length(environ),
-                             self.services.config.server.max_body_bytes)
+                             self.services.config.callback_max_body_bytes)
         except PayloadTooLarge as exc:
             result = "too-large"
             log.warning("callback %s (operationID %s) ignored: %s", command[:80], operation_id, exc.detail,

@@ -647,7 +647,7 @@ class StoreContract:
         assert swept_all(store, T0 + 1 + DAY) == Swept(messages=1, recipients=2)
         assert store.get_message("m1") is None and store.replayed(replay) is None
         assert store.recent_messages(10) == [] and store.sent_counts("user", ["u1"], "profile.updated", 0) == {}
-        assert (store.confirm_sent("s-u1", T0 + DAY), store.mark_pushed("c-u1", T0 + DAY)) == (0, 0)
+        assert (store.confirm_sent("s-u1", T0 + DAY), store.mark_pushed("c-u1", "user", ["u1"], T0 + DAY)) == (0, 0)
         assert store.mark_read("si_admin_u1", [7], "u1", T0 + DAY) == 0
         assert not store.acknowledge("m1", "u1", {"id": "m1"}, T0 + DAY)
         # its replay and idempotency keys went with it: the same request is a new message now

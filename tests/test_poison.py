@@ -147,8 +147,10 @@ class _RaisingFor(Sender):
 
 def test_a_recipient_whose_send_raises_fails_alone(side):
     bad, good = _accept_two(side)
-    engine = build_engine(side.services.config, side.store, side.services.openim, side.services.clock, "w")
-    engine.sender = _RaisingFor(side.services.config, side.services.openim, side.store, side.services.clock)
+    engine = build_engine(side.services.config, side.store, side.services.openim, side.services.release,
+                          side.services.clock, "w")
+    engine.sender = _RaisingFor(side.services.config, side.services.openim, side.store, side.services.release,
+                                side.services.clock)
     assert engine.step() == 2
     assert side.recipients(good)[0]["status"] == "sent"
     [failed] = side.recipients(bad)

@@ -501,8 +501,8 @@ class FakeOpenIM:
 
     def __init__(self, *, secret: str = "openIM123", admin_user_ids: Sequence[str] = ("imAdmin",),
                  users: Iterable[str] = (), groups: Mapping[str, Sequence[str]] | None = None,
-                 online: Iterable[str] = (), flavor: str = "main", token_ttl_seconds: int = 90 * 86400, host: str = "127.0.0.1",
-                 port: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 online: Iterable[str] = (), flavor: str = "main", token_ttl_seconds: int = 90 * 86400,
+                 host: str = "127.0.0.1", port: int = 0, clock: Callable[[], float] = time.time) -> None:
         if flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
         self.secret, self.flavor, self.host, self.port = secret, flavor, host, port

@@ -72,7 +72,9 @@ def write_sidecar_config(path: Path, *, api_url: str, openim_secret: str, admin:
 
     tables: dict[str, dict] = {
         "server": {"host": "127.0.0.1", "port": 0},
-        "openim": {"api_url": api_url, "secret": openim_secret, "admin_user_id": admin, "sender_id": admin},
+        # FakeOpenIM's default flavor: no release probe (its 1001 answer would count as an error)
+        "openim": {"api_url": api_url, "secret": openim_secret, "admin_user_id": admin, "sender_id": admin,
+                   "version": "main"},
         "callbacks": {"token": callback_token},
         "storage": {"url": storage_url},
         "schemas": {"dir": schemas.as_posix()},

@@ -174,7 +174,8 @@ def fake_openim(users: int) -> int:
             self.calls.clear()
             return answer
 
-    fake = CountingFake(secret=FAKE_SECRET, admin_user_ids=(ADMIN,), users=[user_id(n) for n in range(users)])
+    everyone = [user_id(n) for n in range(users)]  # online: persistent notifications to offline apps are held
+    fake = CountingFake(secret=FAKE_SECRET, admin_user_ids=(ADMIN,), users=everyone, online=everyone)
     fake.start()
     print(f"{LISTENING}{fake.host}:{fake.port}", flush=True)
     for line in sys.stdin:

@@ -132,8 +132,8 @@ def fake_openim(users: int) -> int:
             self.calls.clear()
             return answer
 
-    fake = BenchFake(secret=FAKE_SECRET, admin_user_ids=(ADMIN,), users=[user_id(n) for n in range(users)])
-    fake.add_users(HIGH_USER)
+    everyone = [user_id(n) for n in range(users)] + [HIGH_USER]  # online: notifications to offline apps are held
+    fake = BenchFake(secret=FAKE_SECRET, admin_user_ids=(ADMIN,), users=everyone, online=everyone)
     fake.start()
     print(f"{LISTENING}{fake.host}:{fake.port}", flush=True)
     for line in sys.stdin:

@@ -138,7 +138,7 @@ def main() -> int:
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bizplugin-soak-"))
     started = time.monotonic()
-    with FakeOpenIM(users=USERS + ["imAdmin"]) as fake:
+    with FakeOpenIM(users=USERS + ["imAdmin"], online=USERS) as fake:
         config = write_config(folder, fake.url)
         servers = [Server("a", config, folder), Server("b", config, folder)]
         try:

@@ -91,7 +91,8 @@ def _release(services: Services) -> str:
     if release.get() is None:
         raise CheckFailed(release.describe())
     if release.stores_notifications:
-        return f"{release.describe()}: OpenIM stores persistent notifications (reliabilityLevel 2)"
+        return (f"{release.describe()}: OpenIM stores persistent notifications (reliabilityLevel 2), but an app"
+                " syncs them only after a chat with the sender; the sidecar holds them until the user is online")
     return (f"{release.describe()}: OpenIM keeps no business notification for offline apps;"
             " the sidecar holds persistent ones until the user is online")
 

@@ -58,26 +58,57 @@ def _chatted_then_left(fake: FakeOpenIM) -> None:
     fake.disconnect("u1")
 
 
-def test_a_persistent_message_to_an_offline_user_reaches_the_app_once_it_connects(tmp_path, clock, flavor):
-    with _running(tmp_path, clock, flavor, before=_chatted_then_left) as (fake, side):
+def _logged_in_before(fake: FakeOpenIM) -> None:
+    """u1's app has logged in before (not a first login), never chatted with the sender, is offline now."""
+    fake.connect("u1")
+    fake.disconnect("u1")
+
+
+def _never_logged_in(fake: FakeOpenIM) -> None:
+    """u1's app will log in for the first time on this device."""
+
+
+@pytest.mark.parametrize("history", [_chatted_then_left, _logged_in_before, _never_logged_in])
+def test_a_persistent_message_to_an_offline_user_reaches_the_app_once_it_connects(tmp_path, clock, flavor,
+                                                                                  history):
+    # on main OpenIM stores it, but a reconnecting app syncs it only after a chat with the sender
+    # (GetMaxSeq) and a first login skips it: on every release the sidecar keeps it until the app is online
+    with _running(tmp_path, clock, flavor, before=history) as (fake, side):
         mid = side.send(to={"users": ["u1"]})  # profile.updated: persistent, offline = "store"
         side.engine.step()
-        assert fake.received_by("u1") == []
         [recipient] = side.recipients(mid)
-        if flavor == "main":  # OpenIM stores it (reliabilityLevel 2) and the app syncs it on reconnect
-            assert recipient["status"] == "sent"
-            [call] = fake.calls_to("/msg/send_business_notification")[1:]  # after the probe
-            assert call.body["reliabilityLevel"] == 2
-        else:  # v3.8.x would push it to no one and keep nothing: the sidecar keeps it
-            assert recipient["status"] == "held" and "keeps no business notification" in recipient["reason"]
-            assert fake.deliveries_to(user="u1") == []
+        assert recipient["status"] == "held" and "held until they come online" in recipient["reason"]
+        assert fake.deliveries_to(user="u1") == []
         fake.connect("u1")
         _online_callback(side, fake, "u1")
         side.drain()
         assert _ids(fake.received_by("u1")) == [mid]
         assert side.recipients(mid)[0]["status"] == "sent"
+        [call] = fake.calls_to("/msg/send_business_notification")[1:]  # after the probe
+        assert call.body["reliabilityLevel"] == 2  # OpenIM main keeps it too, for the user's other devices
         fake.disconnect("u1")
         fake.connect("u1")  # a later reconnect raises nothing again
+        assert _ids(fake.received_by("u1")) == [mid]
+
+
+def test_on_main_a_persistent_message_to_an_online_user_goes_out_at_once(tmp_path, clock):
+    with _running(tmp_path, clock, "main", before=lambda fake: fake.connect("u1", 2)) as (fake, side):
+        mid = side.send(to={"users": ["u1"]})
+        side.engine.step()
+        assert side.recipients(mid)[0]["status"] == "sent"
+        assert _ids(fake.received_by("u1")) == [mid]
+
+
+def test_on_main_an_ios_app_in_the_background_is_offline_for_a_persistent_message(tmp_path, clock):
+    with _running(tmp_path, clock, "main", before=lambda fake: fake.connect("u1", 1)) as (fake, side):
+        _online_callback(side, fake, "u1")  # "online" a moment ago...
+        fake.set_background("u1", 1)        # ...then the app went to the background, silently
+        mid = side.send(to={"users": ["u1"]})
+        side.engine.step()
+        assert side.recipients(mid)[0]["status"] == "held"  # OpenIM's live view was asked
+        fake.set_background("u1", 1, False)  # back in the foreground: no callback, the recheck finds it
+        clock.advance(61)
+        side.drain()
         assert _ids(fake.received_by("u1")) == [mid]
 
 
@@ -153,8 +184,10 @@ def test_while_the_release_is_unknown_persistent_messages_are_kept_for_offline_u
         assert side.services.release.describe().startswith("unknown (probe failed")
         assert side.recipients(mid)[0]["status"] == "held"
         clock.advance(61)  # the next probe is due after 30 s
+        fake.connect("u1")  # on the recheck
         side.drain()
         assert side.services.release.describe() == "main (detected)"
+        assert _ids(fake.received_by("u1")) == [mid]
 
 
 def test_on_v38_group_notifications_go_to_each_member_without_a_refused_group_call(tmp_path, clock):

@@ -32,7 +32,7 @@ USERS = ("u1001", "u1", "u2", "imAdmin")
 
 @pytest.fixture
 def fake():
-    with FakeOpenIM(users=USERS, groups={"g_ops": ["u1001", "u1"]}) as im:
+    with FakeOpenIM(users=USERS, groups={"g_ops": ["u1001", "u1"]}, online=USERS[:3]) as im:
         yield im
 
 

@@ -22,11 +22,12 @@ from openim_bizplugin.errors import StorageUnavailable
 from openim_bizplugin.testing import FakeOpenIM
 
 USERS = ("u1", "u2", "u3", "imAdmin")
+APPS = USERS[:3]  # online (persistent notifications to offline apps are held: test_offline_policy)
 
 
 @pytest.fixture
 def fake():
-    with FakeOpenIM(users=USERS, groups={"g1": ["u1", "u2"]}) as im:
+    with FakeOpenIM(users=USERS, groups={"g1": ["u1", "u2"]}, online=APPS) as im:
         yield im
 
 
@@ -215,7 +216,7 @@ def test_ttl_passed_before_delivery_expires_instead_of_sending_late(sidecar, fak
 
 def test_check_recipients_fails_unknown_users_without_sending(tmp_path, fake, clock):
     side = Sidecar(tmp_path, fake, clock, openim={"check_recipients": True})
-    mid = side.send(to={"users": ["u1", "nobody"]})
+    mid = side.send(to={"users": ["u1", "nobody"]})  # checked before holding: "nobody" never comes online
     side.drain()
     by_user = {r["user_id"]: r for r in side.recipients(mid)}
     assert by_user["u1"]["status"] == "sent" and by_user["nobody"]["status"] == "failed"

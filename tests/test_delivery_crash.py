@@ -141,6 +141,12 @@ def assert_each_delivered_once(fake: FakeOpenIM, rows: list[dict[str, Any]]) -> 
     assert {key: n for key, n in counts.items() if n > 1} == {}, "delivered more than once"
 
 
+def online(fake: FakeOpenIM, *users: str) -> None:
+    """Register *users* with their apps connected: a persistent notification to an offline app is held."""
+    for user in users:
+        fake.connect(user)
+
+
 def send(url: str, users: list[str] | None = None, groups: list[str] | None = None, mode: str = "notification") -> str:
     answer = BizClient(url, "ops", OPS_SECRET).send(*PROFILE, users=users, groups=groups, mode=mode)
     assert answer["status"] == "queued"
@@ -157,7 +163,7 @@ def test_kill9_between_202_and_delivery_then_restart_delivers_each_once(tmp_path
     with running_server(config) as server:
         for n in range(30):
             users = [f"u{n}-{k}" for k in range(3 if n % 3 == 2 else 1)]
-            fake.add_users(*users)
+            online(fake, *users)
             if n % 5 == 4:
                 fake.add_group(f"g{n}", users + [f"u{n}-member"])
                 send(server.url, groups=[f"g{n}"])
@@ -204,7 +210,7 @@ def test_kill9_of_a_separate_worker_mid_run(tmp_path, fake):
     serving["openim"].update(api_url=fake.url, timeout_seconds=1)
     serving_config = write_tables(tmp_path / "serve.toml", serving)
     notified, custom = [f"n{i}" for i in range(8)], [f"c{i}" for i in range(8)]
-    fake.add_users(*notified, *custom)
+    online(fake, *notified, *custom)
     for endpoint in (NOTIFY, SEND_MSG):  # slow, but answered well within the 1 s timeout
         fake.delay_next(endpoint, seconds=0.1, after_processing=True, times=8)
     with running_server(serving_config) as server:
@@ -243,7 +249,7 @@ def test_a_worker_with_a_wrong_openim_secret_says_so_at_start_without_printing_i
 
 def test_openim_down_for_a_while_then_back_delivers_each_once(tmp_path, fake):
     users = [f"d{i}" for i in range(20)]
-    fake.add_users(*users)
+    online(fake, *users)
     config = write_crash_config(tmp_path, fake)
     with running_server(config) as server:
         fake.refuse_connections()

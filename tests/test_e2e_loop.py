@@ -63,7 +63,7 @@ def wait_for(what: str, check: Callable[[], object]) -> object:
 
 @pytest.fixture
 def fake() -> Iterator[FakeOpenIM]:
-    with FakeOpenIM(users=["u1", "imAdmin"]) as im:
+    with FakeOpenIM(users=["u1", "imAdmin"], online=["u1"]) as im:
         yield im
 
 

@@ -349,7 +349,7 @@ def _delivered(biz: BizPlugin, message_id: str) -> bool:
 def test_background_work_starts_on_first_use_once_per_process(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.INFO, logger="openim_bizplugin.web.plugin")
-    with FakeOpenIM(users=["u1", "imAdmin"]) as fake:
+    with FakeOpenIM(users=["u1", "imAdmin"], online=["u1"]) as fake:
         app = shop()
         biz = BizPlugin(app, config=settings(openim={"api_url": fake.url}, delivery={"workers": 1}), url_prefix="/biz")
         try:
@@ -392,7 +392,7 @@ FORK_SCRIPT = textwrap.dedent("""
 
 
 def test_a_process_forked_after_start_runs_background_work_of_its_own(tmp_path):
-    with FakeOpenIM(users=["u1", "u2", "imAdmin"]) as fake:
+    with FakeOpenIM(users=["u1", "u2", "imAdmin"], online=["u1", "u2"]) as fake:
         path = write_config(tmp_path, {"openim": {"api_url": fake.url}, "delivery": {"workers": 1}})
         done = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(path)], capture_output=True, text=True,
                               timeout=60)

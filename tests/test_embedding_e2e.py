@@ -79,7 +79,7 @@ def gunicorn(config: Path, workers: int) -> Iterator[Host]:
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeOpenIM]:
-    with FakeOpenIM(users=[*USERS, "imAdmin"]) as im:
+    with FakeOpenIM(users=[*USERS, "imAdmin"], online=USERS) as im:
         yield im
 
 

@@ -166,3 +166,13 @@ def test_a_user_who_blocks_messages_gets_no_chat_message(fake, admin):
     admin.notify("u1", data="notifications skip the receive option")
     assert got(fake, "u1") == ["notifications skip the receive option"]
     assert [d.recv_id for d in fake.delivered] == ["u2", "u1"]
+
+
+def test_only_the_users_listed_online_have_a_connected_app_at_start():
+    with FakeOpenIM(users=USERS, online=["u1"]) as fake:  # a user whose app never connected is offline
+        admin = Admin(fake)
+        statuses = admin.post("/user/get_users_online_status", {"userIDs": ["u1", "u2"]})["data"]
+        assert [s["status"] for s in statuses] == [1, 0]
+        admin.notify("u1", data="a")
+        admin.notify("u2", data="b")
+        assert got(fake, "u1") == ["a"] and got(fake, "u2") == []

@@ -202,7 +202,7 @@ def captured() -> Iterator[tuple[io.StringIO, Records]]:
 def test_a_whole_flow_logs_no_secret_and_one_grep_follows_the_message(tmp_path, captured):
     lines, raw = captured
     sent_signatures: list[str] = []
-    with FakeOpenIM(users=["u1", "imAdmin"]) as fake:
+    with FakeOpenIM(users=["u1", "imAdmin"], online=["u1"]) as fake:
         subscriber = Subscriber()
         config = load_config(_flow_config(tmp_path, fake.url, subscriber.url))
         logs.setup(logging.DEBUG, config, stream=lines)

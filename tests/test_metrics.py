@@ -53,7 +53,7 @@ def scrape(app: Any) -> Scrape:
 
 @pytest.fixture
 def fake() -> Iterator[FakeOpenIM]:
-    with FakeOpenIM(users=["u1", "u2", "u3"]) as im:
+    with FakeOpenIM(users=["u1", "u2", "u3"], online=["u1"]) as im:
         yield im
 
 
@@ -125,7 +125,8 @@ def test_delivery_outcomes_and_openim_latency_by_endpoint_and_errcode(app, signe
     assert got.value("bizplugin_recipients_retried_total", type="profile.updated") == 1
     assert got.value("bizplugin_recipients_failed_total", type="profile.updated") == 1
     assert got.value("bizplugin_openim_request_duration_seconds_count", endpoint=online, err_code="1501") == 1
-    assert got.value("bizplugin_openim_request_duration_seconds_count", endpoint=online, err_code="0") == 1
+    # and once per round of persistent notifications: an app that is offline gets them only when held
+    assert got.value("bizplugin_openim_request_duration_seconds_count", endpoint=online, err_code="0") == 2
     assert got.value("bizplugin_openim_request_duration_seconds_count", endpoint=notify, err_code="http-502") == 1
     assert got.value("bizplugin_openim_request_duration_seconds_count", endpoint=notify, err_code="1004") == 1
     assert got.value("bizplugin_openim_request_duration_seconds_count", endpoint=notify, err_code="0") == 2

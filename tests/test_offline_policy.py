@@ -10,9 +10,7 @@ from openim_bizplugin.testing import FakeOpenIM
 
 @pytest.fixture
 def fake():
-    with FakeOpenIM(users=USERS) as im:
-        im.set_online("u1", [])
-        im.set_online("u2", [1])
+    with FakeOpenIM(users=USERS, online=["u2", "u3"]) as im:  # u1's app is offline
         yield im
 
 
@@ -44,7 +42,8 @@ def test_held_recipient_goes_out_first_when_the_user_comes_online(sidecar, fake)
     held = sidecar.send(to={"users": ["u1"]}, offline="hold")
     sidecar.engine.step()
     backlog = sidecar.send(to={"users": ["u2", "u3"]}, priority="low")
-    sidecar.store.update_presence("u1", 1, True, _now_ms(sidecar), _now_ms(sidecar))
+    fake.connect("u1")
+    sidecar.store.update_presence("u1", 1, True, _now_ms(sidecar), _now_ms(sidecar))  # its online callback
     [first] = sidecar.store.lease(_now_ms(sidecar), 1, 1000, "peek", lambda hint: hint)
     assert (first.message_id, first.target) == (held, "u1")
     sidecar.clock.advance(2)  # the peek's lease runs out
@@ -82,7 +81,8 @@ def test_drop_skips_users_offline_at_send_time(sidecar, fake):
 
 def test_fresh_presence_callbacks_decide_without_asking_openim(sidecar, fake):
     sidecar.store.update_presence("u1", 1, True, _now_ms(sidecar), _now_ms(sidecar))
-    mid = sidecar.send(to={"users": ["u1"]}, offline="drop")
+    # a chat message: stored for the app (a business notification would be checked, test_app_receives)
+    mid = sidecar.send(to={"users": ["u1"]}, offline="drop", mode="custom")
     sidecar.drain()
     assert _status(sidecar, mid)["u1"]["status"] == "sent"
     assert fake.calls_to("/user/get_users_online_status") == []
@@ -97,8 +97,20 @@ def test_stale_presence_is_reconciled_with_openim_before_dropping(sidecar, fake)
     assert len(fake.calls_to("/user/get_users_online_status")) == 1
 
 
-def test_store_policy_and_groups_ignore_presence(sidecar, fake):
-    mid = sidecar.send(to={"users": ["u1"]}, offline="store")
+def test_store_policy_ignores_presence_for_chat_messages_and_groups(sidecar, fake):
+    fake.add_group("g1", ["u1", "u2"])
+    chat = sidecar.send(to={"users": ["u1"]}, offline="store", mode="custom")  # kept in the conversation
+    group = sidecar.send(to={"groups": ["g1"]}, offline="store")  # one call with recvGroupID (OpenIM main)
     sidecar.drain()
-    assert _status(sidecar, mid)["u1"]["status"] == "sent"
+    assert _status(sidecar, chat)["u1"]["status"] == "sent"
+    assert sidecar.recipients(group)[0]["status"] == "sent"
     assert fake.calls_to("/user/get_users_online_status") == []
+
+
+def test_store_policy_holds_a_persistent_notification_for_an_offline_user_on_main(sidecar, fake):
+    mid = sidecar.send(to={"users": ["u1", "u2"]}, offline="store")  # profile.updated: persistent
+    sidecar.engine.step()
+    status = _status(sidecar, mid)
+    assert status["u1"]["status"] == "held" and "a chat with the sender" in status["u1"]["reason"]
+    assert status["u2"]["status"] == "sent"
+    assert [c.body["reliabilityLevel"] for c in fake.calls_to("/msg/send_business_notification")] == [2]

@@ -31,6 +31,7 @@ def test_doctor_checks_openim_and_prints_the_keys_to_change_in_place(tmp_path):
     assert "do NOT append them" in out and "openim-bizplugin webhooks -c CONFIG --from webhooks.yml" in out
     assert "url: http://127.0.0.1:0/openim/callback/test-callback-token-0001" in out
     assert "ok    OpenIM release: main (configured): OpenIM stores persistent notifications" in out
+    assert "the sidecar holds them until the user is online" in out
 
 
 def test_doctor_shows_the_detected_release(tmp_path):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from test_delivery import USERS, Sidecar
+from test_delivery import APPS, USERS, Sidecar
 from openim_bizplugin.testing import FakeOpenIM
 
 BACKLOG = [f"n{i}" for i in range(300)]
@@ -15,7 +15,7 @@ BACKLOG = [f"n{i}" for i in range(300)]
 
 @pytest.fixture
 def fake():
-    with FakeOpenIM(users=USERS + tuple(BACKLOG) + ("vip",)) as im:
+    with FakeOpenIM(users=USERS, online=(*APPS, *BACKLOG, "vip")) as im:
         yield im
 
 

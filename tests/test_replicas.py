@@ -153,7 +153,8 @@ def post_mixed(replicas: list[RunningServer], openim: FakeOpenIM, *, notified: i
     ids, users_of = [], {}
     for n, (mode, size) in enumerate(posts):
         users = [f"{mode[0]}{n}-{k}" for k in range(size)]
-        openim.add_users(*users)
+        for user in users:  # their apps are online: persistent notifications to offline apps are held
+            openim.connect(user)
         message_id = send(replicas[n % len(replicas)].url, users=users, mode=mode)
         ids.append(message_id)
         users_of[message_id] = set(users)

@@ -138,6 +138,9 @@ def test_delivery_defaults_come_from_type_toml(markdown):
     assert "| `ttl_seconds` | 604800 (7 days) |" in upgrade
     assert "| `rate_limit` | 1/day | at most this many per recipient; more are dropped (throttled) |" in upgrade
     assert "| `persistent` | false | online users only" in upgrade
+    profile = markdown[markdown.index("## `profile.updated`"):]
+    assert "| `offline` | store | sent at once to a user who is online; held while the user is offline" in profile
+    assert "| `persistent` | true | reaches apps that were offline: the sidecar holds it" in profile
     action = markdown[markdown.index("## `action.required`"):markdown.index("## `app.upgrade_available`")]
     assert "| `mode` | custom | Custom message (contentType 110)" in action
     assert "| `push_title` | Action required |" in action

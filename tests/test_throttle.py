@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import REPO
-from test_delivery import USERS, Sidecar
+from test_delivery import APPS, USERS, Sidecar
 from openim_bizplugin.catalog.registry import Catalog
 from openim_bizplugin.store.base import Outcome
 from openim_bizplugin.testing import FakeOpenIM
@@ -16,7 +16,7 @@ from openim_bizplugin.testing import FakeOpenIM
 
 @pytest.fixture
 def fake():
-    with FakeOpenIM(users=USERS) as im:
+    with FakeOpenIM(users=USERS, online=APPS) as im:
         yield im
 
 
@@ -183,7 +183,7 @@ def test_sends_by_another_process_count_against_this_ones_rounds(tmp_path, fake,
 
 
 def test_a_delayed_recipient_goes_when_its_window_has_room_not_a_whole_window_later(tmp_path, clock):
-    with FakeOpenIM(users=USERS, clock=clock) as fake:  # OpenIM's sendTime on the same clock
+    with FakeOpenIM(users=USERS, online=APPS, clock=clock) as fake:  # OpenIM's sendTime on the same clock
         _delayed_until_the_window_has_room(_sidecar(tmp_path, fake, clock, "delay"), clock)
 
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from e2e_support import config_tables, running_server, signed_get, signed_post, write_tables
-from test_delivery import USERS, Sidecar
+from test_delivery import APPS, USERS, Sidecar
 from test_e2e_loop import wait_for
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -27,7 +27,7 @@ RECHECK = 5.0  # [openim] token_recheck_seconds
 
 @pytest.fixture
 def fake():
-    with FakeOpenIM(users=USERS, groups={"g1": ["u1", "u2"]}) as im:
+    with FakeOpenIM(users=USERS, groups={"g1": ["u1", "u2"]}, online=APPS) as im:
         yield im
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import write_config
-from test_delivery import USERS, Sidecar
+from test_delivery import APPS, USERS, Sidecar
 from openim_bizplugin.web.app import create_app
 from openim_bizplugin.config import load_config
 from openim_bizplugin.testing import FakeOpenIM
@@ -52,7 +52,7 @@ class OperatorSidecar(Sidecar):
 
 @pytest.fixture
 def fake():
-    with FakeOpenIM(users=USERS) as im:
+    with FakeOpenIM(users=USERS, online=APPS) as im:
         yield im
 
 

@@ -24,7 +24,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from conftest import REPO
-from test_delivery import USERS
+from test_delivery import APPS, USERS
 from test_ui import EVIL, TOKEN, OperatorSidecar
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -72,7 +72,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def fake() -> Iterator[FakeOpenIM]:
-    with FakeOpenIM(users=USERS) as im:
+    with FakeOpenIM(users=USERS, online=APPS) as im:
         yield im
 
 

@@ -296,10 +296,13 @@ def default_rows(defaults: TypeDefaults) -> list[tuple[str, str, str]]:
         "hold": "kept by the sidecar while the user is offline, sent when they come online (within the TTL)",
         "drop": "not sent to users who are offline at send time (they end skipped)",
     }[defaults.offline]
+    if notification and defaults.persistent and defaults.offline == "store":
+        offline = "sent at once to a user who is online; held while the user is offline (see persistent)"
     if notification:
-        persistent = ("reliabilityLevel 2: on OpenIM main OpenIM stores it and the SDK syncs it after a reconnect"
-                      " (within OpenIM's limits); on v3.8.x, which stores no business notification, the sidecar"
-                      " holds it while the user is offline" if defaults.persistent
+        persistent = ("reaches apps that were offline: the sidecar holds it while the user is offline and sends it"
+                      " when they come online (within the TTL), with reliabilityLevel 2. OpenIM alone would not"
+                      " deliver it: v3.8.x stores no business notification, and on main an app syncs a stored one"
+                      " after a reconnect only if the user has chatted with the sender" if defaults.persistent
                       else "online users only: OpenIM does not store it")
         push_title = push_desc = "not used: OpenIM sends no offline push for business notifications"
     else:

@@ -1,9 +1,14 @@
 """Offline policies for user recipients (SPEC §4, §5): store, hold, drop.
 
-``store`` sends at once (OpenIM keeps persistent notifications for sync) —
-except where OpenIM keeps nothing: released v3.8.x sends every business
-notification online-only, so there a persistent notification-mode type is
-held like ``hold`` while the user is offline (see openim/release.py).
+``store`` sends at once, except a persistent notification-mode type, which is
+held like ``hold`` while the user is offline on every OpenIM release: an app
+gets a business notification only when online push reaches it. Released
+v3.8.x keeps none (see openim/release.py). Main stores it (reliabilityLevel 2,
+still sent) but a reconnecting app syncs ``n_<sender>_<user>`` only when the
+user has a chat with the sender, and a device's first login skips everything
+stored before (``sync_msg.go`` ``GetMaxSeq``, the SDK's ``msg_sync.go``).
+Group targets are not held: one notification goes to the group
+(``recvGroupID``) on main, or to each member on v3.8.x.
 ``hold`` keeps the recipient ``held`` while the user is offline: a user.online
 callback makes it due at once, and it is rechecked every
 ``delivery.hold_recheck_seconds`` until its TTL in case that callback was
@@ -14,8 +19,8 @@ iOS connections whose app is in the background (``hub_server.go``). Presence
 comes from OpenIM's callbacks, which are lossy periodic level reports, and
 going to the background fires none: when what they said is older than
 ``delivery.presence_max_age_seconds`` (or the TTL is close), or when they say
-"online" for an online-only send (nothing keeps it if the app is not
-reached), OpenIM's ``/user/get_users_online_status`` decides instead.
+"online" for a business notification (the app gets it only if it is reached
+now), OpenIM's ``/user/get_users_online_status`` decides instead.
 """
 
 from __future__ import annotations
@@ -68,22 +73,27 @@ class OfflinePolicy:
         return send_now
 
     def _policy(self, item: WorkItem) -> str:
-        """The item's offline policy as it applies on this OpenIM release."""
+        """The item's offline policy as it applies to what the app receives."""
         if item.offline == "store" and item.delivery.get("persistent") and self._online_only(item):
-            return "hold"  # OpenIM would push it to no one and keep nothing: the sidecar keeps it
+            return "hold"  # the app would get it only if online now: the sidecar keeps it until then
         return item.offline
 
-    def _online_only(self, item: WorkItem) -> bool:
-        """Whether OpenIM delivers *item* only to apps connected when it is sent: a business
-        notification, unless persistent on a release that stores it (custom messages are stored)."""
-        return item.mode == "notification" and not (item.delivery.get("persistent")
-                                                    and self.release.stores_notifications)
+    @staticmethod
+    def _online_only(item: WorkItem) -> bool:
+        """Whether the app gets *item* only if online push reaches it when it is sent: any
+        business notification, even one OpenIM main stores (see the module docstring); custom
+        messages are chat messages, synced on reconnect."""
+        return item.mode == "notification"
 
     def _held_reason(self, item: WorkItem) -> str:
-        if item.offline == "store":
-            return (f"user offline; OpenIM {self.release.value or '(release not known yet)'} keeps no business"
-                    " notification for offline apps: held until they come online")
-        return "user offline; held until they come online"
+        if item.offline != "store":
+            return "user offline; held until they come online"
+        if self.release.stores_notifications:
+            why = "main stores it, but a reconnecting app syncs it only after a chat with the sender"
+        else:
+            release = self.release.value or "(release not known yet)"
+            why = f"{release} keeps no business notification for offline apps"
+        return f"user offline; OpenIM {why}: held until they come online"
 
     def _online(self, users: set[str], near_end: set[str], online_only: set[str]) -> dict[str, bool]:
         """Callback presence where fresh; OpenIM's live view for the rest, for users near their

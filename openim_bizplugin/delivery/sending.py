@@ -44,14 +44,15 @@ class Sender:
 
     def prepare(self, items: list[WorkItem], decide: Decide) -> tuple[Results, list[WorkItem]]:
         """Checks before sending, batched over the round: earlier attempts whose answer
-        was lost, offline policies, unknown users. Returns (settled outcomes, items to send)."""
+        was lost, unknown users (before holding them: they never come online), offline
+        policies. Returns (settled outcomes, items to send)."""
         results: Results = []
         due = [item for item in items if not self._confirmed_earlier(item, decide, results)]
+        if self.config.openim.check_recipients:
+            due = self._drop_unknown_users(due, decide, results)
         record = lambda item, outcome: self._record(results, item, outcome)  # noqa: E731
         due = self.offline.apply(due, decide, record)
         due = self.throttle.apply(due, record)
-        if self.config.openim.check_recipients:
-            due = self._drop_unknown_users(due, decide, results)
         return results, due
 
     @staticmethod

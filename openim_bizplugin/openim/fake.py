@@ -16,7 +16,9 @@ after-hook queue (2 workers, 100 slots, a caller blocked while it is full;
 
 What each user's app received is modelled too (:mod:`.fake_apps`): apps
 connect, go to the background and disconnect (:meth:`FakeOpenIM.connect`,
-:meth:`~FakeOpenIM.set_background`, :meth:`~FakeOpenIM.disconnect`); a message
+:meth:`~FakeOpenIM.set_background`, :meth:`~FakeOpenIM.disconnect`; the users
+listed in ``online=`` are connected from the start, every other user is
+offline, as a user whose app never connected is in OpenIM); a message
 is pushed to connected apps (not to iOS apps in the background), stored when
 its options say so, and synced when an app reconnects as openim-sdk-core
 does; :meth:`FakeOpenIM.received_by` lists what an app's listeners raised.
@@ -499,8 +501,8 @@ class FakeOpenIM:
 
     def __init__(self, *, secret: str = "openIM123", admin_user_ids: Sequence[str] = ("imAdmin",),
                  users: Iterable[str] = (), groups: Mapping[str, Sequence[str]] | None = None,
-                 flavor: str = "main", token_ttl_seconds: int = 90 * 86400, host: str = "127.0.0.1",
-                 port: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 online: Iterable[str] = (), flavor: str = "main", token_ttl_seconds: int = 90 * 86400,
+                 host: str = "127.0.0.1", port: int = 0, clock: Callable[[], float] = time.time) -> None:
         if flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
         self.secret, self.flavor, self.host, self.port = secret, flavor, host, port
@@ -531,6 +533,8 @@ class FakeOpenIM:
         self.add_users(*users)
         for group_id, members in (groups or {}).items():
             self.add_group(group_id, members)
+        for user_id in online:   # apps logged in and connected from the start; every other user is offline
+            self.connect(user_id)
 
     # ── lifecycle ──────────────────────────────────────────────────────────────
     def start(self) -> FakeOpenIM:

@@ -8,7 +8,9 @@ open-im-server's ``internal/api/msg.go``, ``SendBusinessNotification``):
   hard-codes the options to reliability level 1: a business notification is
   pushed to the apps online at that moment and kept nowhere;
 - main (and v3.8.4-alpha.1) takes ``recvGroupID`` too and stores a
-  notification sent with ``reliabilityLevel: 2``.
+  notification sent with ``reliabilityLevel: 2`` (which an app that was
+  offline does not always sync: the sidecar holds persistent ones for offline
+  users on both, see delivery/offline.py).
 
 A probe that sends nothing tells them apart: ``send_business_notification``
 with neither ``recvUserID`` nor ``recvGroupID``. v3.8.x fails gin's binding on
@@ -52,8 +54,8 @@ class OpenIMRelease:
     """The release in use: configured, or detected by the probe once per process.
 
     Until it is known (OpenIM unreachable at start), :meth:`get` probes again at
-    most every ``retry_seconds`` and the sidecar acts as on v3.8.x where that is
-    the safe side (it keeps persistent notifications for offline users itself).
+    most every ``retry_seconds``; meanwhile a group notification goes with
+    ``recvGroupID``, and a v3.8.x refusal of it gives the release away (:meth:`learn`).
     """
 
     def __init__(self, openim: OpenIMClient, configured: str, sender_id: str, *,

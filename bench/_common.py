@@ -61,6 +61,16 @@ def serve_like_the_sidecar(app, log_path=lambda path: path.split("?", 1)[0]) -> 
 
 
 # -- the sidecar's config ----------------------------------------------------------------------
+def catalogue_without_rate_limits(folder: Path) -> Path:
+    """A copy of the shipped catalogue in *folder*/schemas with every per-recipient rate limit removed."""
+    catalogue = folder / "schemas"
+    shutil.copytree(REPO / "schemas", catalogue)
+    for toml in catalogue.glob("*/type.toml"):
+        toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
+                                if not line.startswith("rate_limit ")))
+    return catalogue
+
+
 def write_sidecar_config(path: Path, *, api_url: str, openim_secret: str, admin: str, callback_token: str,
                          storage_url: str, workers: int, client: str, client_secret: str,
                          schemas: Path = REPO / "schemas", extra: dict[str, dict] | None = None) -> Path:

@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, console_script, write_sidecar_config  # noqa: E402
+from _common import catalogue_without_rate_limits, console_script, write_sidecar_config  # noqa: E402
 
 from openim_bizplugin.signing import signature_headers  # noqa: E402
 from openim_bizplugin.testing import FakeOpenIM  # noqa: E402
@@ -49,11 +48,7 @@ USERS = [f"u{i}" for i in range(5000)]  # enough that no type's per-user rate li
 def write_config(folder: Path, openim_url: str) -> Path:
     # the shipped catalogue without per-recipient rate limits: delayed sends would
     # keep the drain waiting for the next window instead of measuring crashes
-    catalogue = folder / "schemas"
-    shutil.copytree(REPO / "schemas", catalogue)
-    for toml in catalogue.glob("*/type.toml"):
-        toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
-                                if not line.startswith("rate_limit ")))
+    catalogue = catalogue_without_rate_limits(folder)
     return write_sidecar_config(folder / "soak.toml", api_url=openim_url, openim_secret="openIM123", admin="imAdmin",
                                 callback_token="soak-callback-token-0123456789",
                                 storage_url=f"sqlite:///{folder / 'soak.db'}", workers=2, client="soak",

@@ -32,7 +32,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, console_script, memory_kb  # noqa: E402
+from _common import catalogue_without_rate_limits, console_script, memory_kb  # noqa: E402
 
 from openim_bizplugin.signing import signature_headers  # noqa: E402
 from openim_bizplugin.testing import FakeOpenIM  # noqa: E402
@@ -46,11 +46,7 @@ PAD = "x" * 60_000
 def write_config(folder: Path, openim_url: str) -> Path:
     # the shipped catalogue without rate limits: a rate-limited type's messages stay one period
     # of their limit (an hour and more) past their finish, longer than this soak
-    catalogue = folder / "schemas"
-    shutil.copytree(REPO / "schemas", catalogue)
-    for toml in catalogue.glob("*/type.toml"):
-        toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
-                                if not line.startswith("rate_limit ")))
+    catalogue = catalogue_without_rate_limits(folder)
     path = folder / "soak.toml"
     path.write_text(f"""
 [server]

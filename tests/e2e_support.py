@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,3 +222,14 @@ def signed_get(base_url: str, path: str, *, client: str = "crm", timeout: float 
     """GET *path* as *client*."""
     sent = signature_headers(client, SECRETS[client], "GET", path, b"")
     return requests.get(base_url + path, headers=sent, timeout=timeout)
+
+
+def wait_for(what: str, check: Callable[[], object], seconds: float = 20) -> object:
+    """The first true value of *check*, asked every 50 ms for at most *seconds*."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

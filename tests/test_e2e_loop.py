@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,11 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from e2e_support import CALLBACK_TOKEN, config_tables, running_server, signed_get, signed_post, write_tables
+from e2e_support import (CALLBACK_TOKEN, config_tables, running_server, signed_get, signed_post, wait_for,
+                          write_tables)
 from openim_bizplugin.testing import FakeOpenIM
 
 SUBSCRIBER_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-WAIT_SECONDS = 20
 
 
 class Subscriber:
@@ -49,16 +48,6 @@ class Subscriber:
 
     def close(self) -> None:
         self._server.shutdown()
-
-
-def wait_for(what: str, check: Callable[[], object]) -> object:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -4,14 +4,14 @@ gunicorn with two worker processes, delivering to the fake OpenIM over loopback 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from e2e_support import CALLBACK_TOKEN, CRM_SECRET, REPO, child_env, config_tables, stop, write_tables
+from e2e_support import wait_for as wait_up_to
 from openim_bizplugin.client import BizAPIError, BizClient
 from openim_bizplugin.testing import FakeOpenIM
 from test_delivery_crash import delivery_counts, envelope_id
@@ -27,17 +28,8 @@ from test_delivery_crash import delivery_counts, envelope_id
 EXAMPLE = REPO / "docs" / "embedding_example.py"
 USERS = [f"u{n}" for n in range(1, 42)]  # u41: the worker test's
 WAIT_SECONDS = 30
+wait_for = functools.partial(wait_up_to, seconds=WAIT_SECONDS)
 ORDER = {"status": "paid", "at": "2026-11-26T12:00:00Z"}
-
-
-def wait_for(what: str, check: Callable[[], object]) -> object:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def plugin_config(folder: Path, openim_url: str, **delivery: object) -> Path:

@@ -7,7 +7,6 @@ restart, a file of the previous release, free pages and WAL files.
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 

@@ -19,7 +19,7 @@ import requests
 
 from e2e_support import config_tables, running_server, signed_get, signed_post, write_tables
 from test_delivery import APPS, USERS, Sidecar
-from test_e2e_loop import wait_for
+from e2e_support import wait_for
 from openim_bizplugin.testing import FakeOpenIM
 
 RECHECK = 5.0  # [openim] token_recheck_seconds

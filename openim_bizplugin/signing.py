@@ -133,15 +133,9 @@ class RequestVerifier:
                 )
             self._signers[client_id] = _make_signer(keys)
 
-    def verify(
-        self,
-        client_id: str | None,
-        token: str | None,
-        method: str,
-        path_and_query: str,
-        body: bytes,
-    ) -> VerifiedRequest:
-        """Return the verified identity of a request, or raise Unauthorized."""
+    def check_headers(self, client_id: str | None, token: str | None) -> TimestampSigner:
+        """What can be checked before the body is read: both headers present, a known
+        client, a well-formed token. Returns the client's signer, or raises Unauthorized."""
         if not client_id:
             raise Unauthorized(f"Missing {CLIENT_HEADER} header.")
         if not token:
@@ -154,6 +148,18 @@ class RequestVerifier:
                 f"Malformed {SIGNATURE_HEADER}: expected VALUE.TIMESTAMP.SIGNATURE "
                 "(hex SHA-256, then two URL-safe base64 segments)."
             )
+        return signer
+
+    def verify(
+        self,
+        client_id: str | None,
+        token: str | None,
+        method: str,
+        path_and_query: str,
+        body: bytes,
+    ) -> VerifiedRequest:
+        """Return the verified identity of a request, or raise Unauthorized."""
+        signer = self.check_headers(client_id, token)
         try:
             # No max_age: itsdangerous would reject every future timestamp,
             # but we allow `skew` seconds of clock drift.

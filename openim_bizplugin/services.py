@@ -60,7 +60,7 @@ class Services:
         # processed callbacks emit events and may release held recipients
         callbacks = CallbackProcessor(config, store, clock, on_change=subscribers.wake,
                                       on_online=engine.wake)
-        limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
+        limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, store, clock)
         return cls(config, catalog, verifier, limiter, store, openim, engine, subscribers, callbacks, clock)
 
     def start_background(self) -> None:

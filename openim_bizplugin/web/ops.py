@@ -1,6 +1,6 @@
 """Operations endpoints: ``/healthz`` (alive) and ``/readyz`` (able to work).
 
-Ready means the store answers and an OpenIM admin token can be had. The
+Ready means the store takes a write and an OpenIM admin token can be had. The
 token check runs in a helper thread with a bound, so ``/readyz`` answers
 within a few seconds even when OpenIM hangs (orchestrators time out probes).
 """
@@ -27,7 +27,7 @@ def healthz() -> Any:
 @bp.get("/readyz")
 def readyz() -> Any:
     services = current_app.extensions["bizplugin"]
-    checks = {"storage": _check(services.store.ping), "openim": _check(services.openim.admin_token)}
+    checks = {"storage": _check(services.store.check_writable), "openim": _check(services.openim.admin_token)}
     ready = all(result == "ok" for result in checks.values())
     return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503
 

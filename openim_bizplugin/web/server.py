@@ -25,6 +25,7 @@ import errno
 import gc
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -155,7 +156,7 @@ def _wake_through(services: Services, fd: int) -> None:
     services.callbacks.loop.wake = send(WAKE_CALLBACKS)  # type: ignore[method-assign]
 
 
-def _http_child(config: Config, sock: socket.socket, wake_fd: int | None) -> int:
+def _http_child(config: Config, sock: socket.socket, wake_fd: int | None, ready_fd: int) -> int:
     stop = _Stop()
     app = create_app(config)
     services: Services = app.extensions["bizplugin"]
@@ -163,6 +164,7 @@ def _http_child(config: Config, sock: socket.socket, wake_fd: int | None) -> int
         _wake_through(services, wake_fd)
     engine = httpserver.build(app, sock, engine_limits(config), request_gate(services), masked_path)
     freeze_startup_heap()
+    os.write(ready_fd, b"r")
     try:
         httpserver.run(engine, stop)
     finally:
@@ -232,15 +234,25 @@ class Supervisor:
         self.pauses = [RESTART_PAUSE_SECONDS[0]] * len(self.roles)
         self.due: dict[int, float] = {}  # slot -> when to start it again
         self.stopping = False
+        self.ready_read, self.ready_write = os.pipe()  # an HTTP child writes a byte once it accepts connections
         self.wake_read, self.wake_write = os.pipe() if "background" in self.roles else (None, None)
         if self.wake_write is not None:
             os.set_blocking(self.wake_write, False)
 
-    def run(self) -> int:
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every child; return once the HTTP ones accept connections (or *timeout* passed)."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._stop)
         for slot in range(len(self.roles)):
             self._spawn(slot)
+        waiting, deadline = self.roles.count("http"), time.monotonic() + timeout
+        while waiting > 0 and not self.stopping and time.monotonic() < deadline:
+            if select.select([self.ready_read], [], [], 0.1)[0]:
+                waiting -= len(os.read(self.ready_read, 64))
+            self._reap()
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT, then stop every child; returns the exit code."""
         while not self.stopping:
             self._reap()
             now = time.monotonic()
@@ -274,7 +286,8 @@ class Supervisor:
             if role == "http":
                 if self.wake_read is not None:
                     os.close(self.wake_read)
-                runner: Callable[[], int] = lambda: _http_child(self.config, self.sock, self.wake_write)
+                runner: Callable[[], int] = lambda: _http_child(self.config, self.sock, self.wake_write,
+                                                                self.ready_write)
             else:
                 self.sock.close()
                 runner = lambda: run_workers(self.config, wake_fd=self.wake_read)
@@ -357,6 +370,7 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
         shown_host, shown_port = sock.getsockname()[:2]
         address = f"http://{shown_host}:{shown_port}"
         supervisor = Supervisor(config, sock)
+        supervisor.start()
         log.info("listening on %s with %d HTTP processes", address, config.server.worker_count,
                  extra={"event": "serve.listening", "workers": config.server.worker_count})
         if announce is not None:

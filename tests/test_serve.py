@@ -242,24 +242,23 @@ def test_sigterm_answers_requests_in_flight_and_exits_with_idle_clients_connecte
 # -- strict HTTP --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("request_bytes", [
-    pytest.param(b"POST /openim/callback/%s/callbackAfterUserOnlineCommand HTTP/1.1\r\nHost: x\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\nzz-evil-framing\r\n{}\r\n0\r\n\r\n", id="bad-chunk-size"),
-    pytest.param(b"POST /openim/callback/%s/callbackAfterUserOnlineCommand HTTP/1.1\r\nHost: x\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}evil-framing\r\n0\r\n\r\n", id="chunk-not-terminated"),
-    pytest.param(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
-                 id="two-content-lengths"),
-    pytest.param(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Evil: a\rb\r\nContent-Length: 2\r\n\r\n{}",
-                 id="bare-cr"),
-    pytest.param(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n"
-                 b"0\r\n\r\n", id="unknown-transfer-coding"),
-    pytest.param(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: evil-coding\r\n\r\n",
-                 id="unknown-transfer-coding-alone"),
+CALLBACK_HEAD = b"POST /openim/callback/%s/callbackAfterUserOnlineCommand HTTP/1.1\r\nHost: x\r\n"
+
+
+@pytest.mark.parametrize("request_bytes", [  # each would be a 200 "continue" if read leniently
+    pytest.param(CALLBACK_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz-evil-framing\r\n{}\r\n0\r\n\r\n",
+                 id="bad-chunk-size"),
+    pytest.param(CALLBACK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}evil-framing\r\n0\r\n\r\n",
+                 id="chunk-not-terminated"),
+    pytest.param(CALLBACK_HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}", id="two-content-lengths"),
+    pytest.param(CALLBACK_HEAD + b"X-Evil: a\rb\r\nContent-Length: 2\r\n\r\n{}", id="bare-cr"),
+    pytest.param(CALLBACK_HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+                 id="unknown-transfer-coding"),
+    pytest.param(CALLBACK_HEAD + b"Transfer-Encoding: evil-coding\r\n\r\n{}", id="unknown-transfer-coding-alone"),
 ])
 def test_malformed_framing_is_a_4xx_problem_and_never_a_traceback(tmp_path, request_bytes):
     with running_server(write(tmp_path)) as running:
-        data = request_bytes.replace(b"%s", CALLBACK_TOKEN.encode()) if b"%s" in request_bytes else request_bytes
-        answer = raw_exchange(port_of(running), data)
+        answer = raw_exchange(port_of(running), request_bytes.replace(b"%s", CALLBACK_TOKEN.encode()))
         assert 400 <= status_of(answer) < 500, answer[:300]
         head, _, payload = answer.partition(b"\r\n\r\n")
         assert b"application/problem+json" in head
@@ -292,3 +291,66 @@ def test_a_locked_database_answers_503_with_retry_after_in_time_and_stores_nothi
         assert all(int(a.headers["Retry-After"]) >= 1 for a in answers)
         assert count_rows(running.db_path, "messages") == 0
         assert signed_post(running.url, body("after")).status_code == 202
+
+
+def test_readyz_is_not_ready_while_the_database_refuses_writes(tmp_path):
+    with FakeOpenIM(users=["imAdmin"]) as fake, running_server(write(tmp_path, openim={"api_url": fake.url})) as running:
+        assert requests.get(running.url + "/readyz", timeout=10).status_code == 200
+        db = sqlite3.connect(running.db_path)  # every write fails as on a full disk (SELECT 1 still answers)
+        db.execute("CREATE TRIGGER full BEFORE INSERT ON shared BEGIN SELECT RAISE(ABORT, 'database or disk is full');"
+                   " END")
+        db.execute("CREATE TRIGGER full2 BEFORE UPDATE ON shared BEGIN SELECT RAISE(ABORT, 'database or disk is full');"
+                   " END")
+        db.commit()
+        ready = requests.get(running.url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and "disk is full" in ready.json()["checks"]["storage"]
+        db.execute("DROP TRIGGER full")
+        db.execute("DROP TRIGGER full2")
+        db.commit()
+        db.close()
+        assert requests.get(running.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_redis_store_is_not_writable_when_redis_refuses_writes(tmp_path):
+    from redis_server import RedisServer
+
+    from openim_bizplugin.errors import StorageUnavailable
+    from openim_bizplugin.store.redis import RedisStore
+
+    server = RedisServer(tmp_path).start()
+    try:
+        store = RedisStore(server.url)
+        store.check_writable()
+        store._redis.config_set("maxmemory-policy", "noeviction")
+        store._redis.config_set("maxmemory", "1")  # out of memory: Redis refuses every write
+        with pytest.raises(StorageUnavailable):
+            store.check_writable()
+        store._redis.config_set("maxmemory", "0")
+        store.check_writable()
+        store.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_the_rate_limit_is_counted_in_the_store_for_everyone_sharing_it(tmp_path, backend):
+    from redis_server import RedisServer
+
+    from openim_bizplugin.store.redis import RedisStore
+    from openim_bizplugin.store.sqlite import SqliteStore
+
+    server = RedisServer(tmp_path).start() if backend == "redis" else None
+    try:
+        def open_one() -> Any:
+            return RedisStore(server.url) if server else SqliteStore(tmp_path / "shared.db")
+
+        one, two = open_one(), open_one()  # two processes, or two replicas
+        now = int(time.time() * 1000)
+        taken = [(one if n % 2 else two).take_rate("client:crm", 5, 60_000, now + n) for n in range(12)]
+        assert taken[:5] == [0] * 5 and all(0 < wait <= 60_000 for wait in taken[5:]), taken
+        assert one.take_rate("client:ops", 5, 60_000, now) == 0  # each key has its own count
+        one.close()
+        two.close()
+    finally:
+        if server:
+            server.stop()

@@ -20,14 +20,10 @@ in flight end and unsent leases are given back) and the supervisor exits.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import gc
 import logging
 import os
-import select
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -43,12 +39,10 @@ from ..errors import BizError, PayloadTooLarge
 from ..openim.client import OpenIMError
 from ..services import Services
 from . import httpserver
+from .supervisor import Runner, Stop, Supervisor, listening_socket
 from .app import create_app
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-RESTART_PAUSE_SECONDS = (0.5, 30.0)  # a dead child is started again after this, doubling while it keeps dying
-HEALTHY_SECONDS = 30.0  # a child that lived this long starts again after the shortest pause
 WAKE_DELIVERY, WAKE_CALLBACKS = b"d", b"c"
 
 
@@ -130,21 +124,6 @@ def serving(app: Flask, host: str = "127.0.0.1") -> Iterator[int]:
 
 
 # -- the children -----------------------------------------------------------------------------
-class _Stop:
-    """Set by SIGTERM/SIGINT in a child process."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self.set)
-
-    def set(self, *_: object) -> None:
-        self.flag = True
-
-    def __call__(self) -> bool:
-        return self.flag
-
-
 def _wake_through(services: Services, fd: int) -> None:
     """Make the engine's and the callback processor's wake() reach the background process."""
     def send(byte: bytes) -> Callable[[], None]:
@@ -156,20 +135,35 @@ def _wake_through(services: Services, fd: int) -> None:
     services.callbacks.loop.wake = send(WAKE_CALLBACKS)  # type: ignore[method-assign]
 
 
-def _http_child(config: Config, sock: socket.socket, wake_fd: int | None, ready_fd: int) -> int:
-    stop = _Stop()
-    app = create_app(config)
-    services: Services = app.extensions["bizplugin"]
-    if wake_fd is not None:
-        _wake_through(services, wake_fd)
-    engine = httpserver.build(app, sock, engine_limits(config), request_gate(services), masked_path)
+def _run_engine(app: Flask | Callable, sock: socket.socket, limits: httpserver.Limits, gate: httpserver.Gate,
+                stop: Stop, ready_fd: int) -> None:
+    engine = httpserver.build(app, sock, limits, gate, masked_path)
     freeze_startup_heap()
     os.write(ready_fd, b"r")
-    try:
-        httpserver.run(engine, stop)
-    finally:
-        services.close()
-    return 0
+    httpserver.run(engine, stop)
+
+
+def _http_runner(config: Config, sock: socket.socket, wake: tuple[int, int] | None) -> Runner:
+    def run(stop: Stop, ready_fd: int) -> int:
+        app = create_app(config)
+        services: Services = app.extensions["bizplugin"]
+        if wake is not None:
+            os.close(wake[0])
+            _wake_through(services, wake[1])
+        try:
+            _run_engine(app, sock, engine_limits(config), request_gate(services), stop, ready_fd)
+        finally:
+            services.close()
+        return 0
+    return run
+
+
+def _background_runner(config: Config, sock: socket.socket, wake: tuple[int, int]) -> Runner:
+    def run(stop: Stop, _ready_fd: int) -> int:
+        sock.close()
+        os.close(wake[1])
+        return run_workers(config, wake_fd=wake[0], stop=stop)
+    return run
 
 
 def _relay_wakes(services: Services, fd: int) -> None:
@@ -189,7 +183,8 @@ def _relay_wakes(services: Services, fd: int) -> None:
     threading.Thread(target=relay, name="wake-relay", daemon=True).start()
 
 
-def run_workers(config: Config, announce: TextIO | None = None, *, wake_fd: int | None = None) -> int:
+def run_workers(config: Config, announce: TextIO | None = None, *, wake_fd: int | None = None,
+                stop: Callable[[], bool] | None = None) -> int:
     """``openim-bizplugin worker`` (and the background process of ``serve``): delivery,
     callback processing and subscriber events, no HTTP, until SIGTERM/SIGINT.
 
@@ -197,7 +192,7 @@ def run_workers(config: Config, announce: TextIO | None = None, *, wake_fd: int 
     ``worker`` command has no ``/metrics`` (the queue depth is read from the
     shared store by every ``serve``).
     """
-    stop = _Stop()
+    stop = stop or Stop()
     services = Services.build(config)
     if wake_fd is not None:
         counters.install(services)
@@ -211,152 +206,8 @@ def run_workers(config: Config, announce: TextIO | None = None, *, wake_fd: int 
         print(f"delivering with {workers} workers", file=announce, flush=True)
     while not stop():
         time.sleep(0.1)
-    services.close()
+    services.close()  # rounds in flight end; leases not attempted are given back
     return 0
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: SIGTERM this child when the supervisor dies (kill -9 included)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before that took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-# -- the supervisor ---------------------------------------------------------------------------
-class Supervisor:
-    """Forks the children of ``serve``, starts again those that die, stops them all on SIGTERM."""
-
-    def __init__(self, config: Config, sock: socket.socket) -> None:
-        self.config, self.sock = config, sock
-        self.roles = ["http"] * config.server.worker_count + (["background"] if config.delivery.workers else [])
-        self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
-        self.pauses = [RESTART_PAUSE_SECONDS[0]] * len(self.roles)
-        self.due: dict[int, float] = {}  # slot -> when to start it again
-        self.stopping = False
-        self.ready_read, self.ready_write = os.pipe()  # an HTTP child writes a byte once it accepts connections
-        self.wake_read, self.wake_write = os.pipe() if "background" in self.roles else (None, None)
-        if self.wake_write is not None:
-            os.set_blocking(self.wake_write, False)
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Start every child; return once the HTTP ones accept connections (or *timeout* passed)."""
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._stop)
-        for slot in range(len(self.roles)):
-            self._spawn(slot)
-        waiting, deadline = self.roles.count("http"), time.monotonic() + timeout
-        while waiting > 0 and not self.stopping and time.monotonic() < deadline:
-            if select.select([self.ready_read], [], [], 0.1)[0]:
-                waiting -= len(os.read(self.ready_read, 64))
-            self._reap()
-
-    def run(self) -> int:
-        """Supervise until SIGTERM/SIGINT, then stop every child; returns the exit code."""
-        while not self.stopping:
-            self._reap()
-            now = time.monotonic()
-            for slot, when in list(self.due.items()):
-                if when <= now:
-                    del self.due[slot]
-                    self._spawn(slot)
-            time.sleep(0.1)
-        return self._stop_children()
-
-    def _stop(self, *_: object) -> None:
-        self.stopping = True
-
-    def _spawn(self, slot: int) -> None:
-        role, parent = self.roles[slot], os.getpid()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the child installs its own first
-        pid = os.fork()
-        if pid == 0:
-            os._exit(self._child(role, parent, blocked))
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        self.children[pid] = (slot, time.monotonic())
-        log.info("started %s process %d", role, pid, extra={"event": "serve.child_started", "role": role,
-                                                           "pid": pid})
-
-    def _child(self, role: str, parent: int, blocked: set) -> int:
-        code = 1
-        try:
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-            _die_with_parent(parent)
-            if role == "http":
-                if self.wake_read is not None:
-                    os.close(self.wake_read)
-                runner: Callable[[], int] = lambda: _http_child(self.config, self.sock, self.wake_write,
-                                                                self.ready_write)
-            else:
-                self.sock.close()
-                runner = lambda: run_workers(self.config, wake_fd=self.wake_read)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            code = runner()
-        except BaseException:
-            log.exception("%s process failed", role)
-        finally:
-            logging.shutdown()
-        return code
-
-    def _reap(self) -> None:
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            slot, started = self.children.pop(pid)
-            lived = time.monotonic() - started
-            self.pauses[slot] = RESTART_PAUSE_SECONDS[0] if lived > HEALTHY_SECONDS else min(
-                self.pauses[slot] * 2, RESTART_PAUSE_SECONDS[1])
-            self.due[slot] = time.monotonic() + self.pauses[slot]
-            log.error("%s process %d ended (%s); starting another in %.1f s", self.roles[slot], pid,
-                      _exit_text(status), self.pauses[slot],
-                      extra={"event": "serve.child_died", "role": self.roles[slot], "pid": pid})
-
-    def _stop_children(self) -> int:
-        log.info("stopping: %d processes drain", len(self.children), extra={"event": "serve.stopping"})
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.server.shutdown_seconds + 5
-        while self.children and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                pid, _status = os.waitpid(-1, os.WNOHANG)
-                if pid:
-                    self.children.pop(pid, None)
-                    continue
-            time.sleep(0.05)
-        for pid in self.children:  # still there after the grace period
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in list(self.children):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        return 0
-
-
-def _exit_text(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.waitstatus_to_exitcode(status)}"
-
-
-def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """The socket every HTTP process accepts on."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise BizError(f"cannot listen on {host}:{port}: {exc.strerror or errno.errorcode.get(exc.errno)}") from None
-    sock.listen(backlog)
-    sock.set_inheritable(True)
-    return sock
 
 
 def serve(config: Config, *, host: str | None = None, port: int | None = None,
@@ -367,14 +218,39 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
         counters.share_across_processes(metrics_dir)
         create_app(config).extensions["bizplugin"].close()  # a config or store problem stops us here
         sock = listening_socket(host or config.server.host, config.server.port if port is None else port)
-        shown_host, shown_port = sock.getsockname()[:2]
-        address = f"http://{shown_host}:{shown_port}"
-        supervisor = Supervisor(config, sock)
-        supervisor.start()
-        log.info("listening on %s with %d HTTP processes", address, config.server.worker_count,
-                 extra={"event": "serve.listening", "workers": config.server.worker_count})
-        if announce is not None:
-            print(f"listening on {address}", file=announce, flush=True)
-        return supervisor.run()
+        wake = None
+        if config.delivery.workers:
+            wake = os.pipe()
+            os.set_blocking(wake[1], False)
+        children = [("http", _http_runner(config, sock, wake))] * config.server.worker_count
+        if wake is not None:
+            children.append(("background", _background_runner(config, sock, wake)))
+        return _supervise(sock, children, config.server.shutdown_seconds, announce)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def serve_app(app: Callable, *, workers: int, limits: httpserver.Limits, host: str = "127.0.0.1", port: int = 0,
+              announce: TextIO | None = None) -> int:
+    """Any WSGI *app* on serve's engine and processes, without a background process or the
+    gate: what the benchmarks compare the sidecar with."""
+    sock = listening_socket(host, port)
+
+    def run(stop: Stop, ready_fd: int) -> int:
+        _run_engine(app, sock, limits, lambda *_: None, stop, ready_fd)
+        return 0
+    return _supervise(sock, [("http", run)] * workers, limits.shutdown_seconds, announce)
+
+
+def _supervise(sock: socket.socket, children: list[tuple[str, Runner]], shutdown_seconds: float,
+               announce: TextIO | None) -> int:
+    supervisor = Supervisor(children, shutdown_seconds)
+    supervisor.start()
+    shown_host, shown_port = sock.getsockname()[:2]
+    address = f"http://{shown_host}:{shown_port}"
+    workers = sum(role == "http" for role, _ in children)
+    log.info("listening on %s with %d HTTP processes", address, workers,
+             extra={"event": "serve.listening", "workers": workers})
+    if announce is not None:
+        print(f"listening on {address}", file=announce, flush=True)
+    return supervisor.run()

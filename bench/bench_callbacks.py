@@ -112,7 +112,7 @@ def bare_server() -> int:
     """Serve the bare callback endpoint exactly the way ``openim_bizplugin.server.serve`` serves the app."""
     from flask import Flask, Response, request
 
-    from openim_bizplugin.server import masked_path
+    from openim_bizplugin.web.server import masked_path
 
     app = Flask("bare")
 

@@ -48,10 +48,11 @@ from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (LISTENING, Child, console_script, cpu_seconds, dump_profiles, filesystem_of,  # noqa: E402
-                     fsync_ms, profile_threads, serve_like_the_sidecar)
+from _common import (LISTENING, Child, FakeOpenIMProcess, console_script, cpu_seconds, dump_profiles,  # noqa: E402
+                     filesystem_of, fsync_ms, memory_kb, profile_threads, serve_like_the_sidecar)
 
-REPO = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 PATH = "/v1/messages"
 CLIENT_ID = "bench"
 SECRET = "bench-secret-0123456789abcdef"
@@ -91,7 +92,7 @@ def profiled_sidecar(config: str, out: str, clock: str) -> int:
     return code
 
 
-def write_config(directory: Path, db_dir: Path) -> Path:
+def write_config(directory: Path, db_dir: Path, api_url: str = "http://127.0.0.1:9", delivery_workers: int = 0) -> Path:
     config = directory / "bench.toml"
     config.write_text(textwrap.dedent(f"""\
         [server]
@@ -99,8 +100,8 @@ def write_config(directory: Path, db_dir: Path) -> Path:
         port = 0
 
         [openim]
-        api_url = "http://127.0.0.1:9"
-        secret = "unused-by-this-benchmark"
+        api_url = "{api_url}"
+        secret = "openIM123"
         admin_user_id = "imAdmin"
         sender_id = "imAdmin"
 
@@ -114,7 +115,7 @@ def write_config(directory: Path, db_dir: Path) -> Path:
         dir = "{(REPO / 'schemas').as_posix()}"
 
         [delivery]
-        workers = 0  # intake only: nothing is sent to OpenIM during the benchmark
+        workers = {delivery_workers}  # 0: intake only, nothing is sent to OpenIM during the benchmark
 
         [clients.{CLIENT_ID}]
         secrets = ["{SECRET}"]
@@ -152,7 +153,8 @@ def drive(host: str, port: int, tag: str, recipients: int, start: float, end: fl
     """
     from openim_bizplugin.signing import signature_headers
 
-    users = [f"user-{i:04d}" for i in range(recipients)]
+    first = int(tag.rsplit("w", 1)[1].split("p")[0]) * 1000  # this worker's users (a type's per-recipient
+    # rate limit would hold back repeats), among the 10,000 the fake OpenIM of bench_delivery.py knows
     result = WorkerResult()
     conn = HTTPConnection(host, port, timeout=30)
     n = 0
@@ -163,7 +165,7 @@ def drive(host: str, port: int, tag: str, recipients: int, start: float, end: fl
         if began >= end:
             break
         n += 1
-        body = body_for(tag, n, users)
+        body = body_for(tag, n, [f"u{(first + n * recipients + i) % 10_000:05d}" for i in range(recipients)])
         headers = signature_headers(CLIENT_ID, SECRET, "POST", PATH, body)
         headers["Content-Type"] = "application/json"
         try:
@@ -198,14 +200,13 @@ def _drive_in_process(queue, *args) -> None:  # type: ignore[no-untyped-def]
 
 
 def process_usage(pid: int) -> tuple[int, float]:
-    """Open file descriptors and resident MB of process *pid* (Linux /proc), or (-1, nan)."""
+    """Open file descriptors of process *pid* and resident MB of it and its children (Linux /proc),
+    or (-1, nan)."""
     try:
         fds = len(os.listdir(f"/proc/{pid}/fd"))
-        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return -1, float("nan")
-    rss_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return fds, rss_kb / 1024
+    return fds, memory_kb(pid).get("VmRSS", 0) / 1024
 
 
 def generator_cpu_seconds() -> float:
@@ -394,6 +395,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--generator", choices=("thread", "process"), default="thread",
                    help="load generator workers: threads of this process or processes (default thread)")
     p.add_argument("--db-dir", help="folder for the sidecar's SQLite file (default: a temp folder)")
+    p.add_argument("--delivery-workers", type=int, default=4,
+                   help="the sidecar's [delivery] workers, sending to a fake OpenIM in a process of its own, as "
+                        "serve does by default (default 4; 0: intake only, nothing is sent)")
     p.add_argument("--sidecar-cmd", metavar="CMD",
                    help="start side A with this shell-split command instead of `openim-bizplugin serve -c "
                         "{config}` (e.g. another checkout or a patched build); {config} is replaced, and the "
@@ -427,7 +431,8 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     db_dir = Path(args.db_dir).resolve() if args.db_dir else work
     db_dir.mkdir(parents=True, exist_ok=True)
-    config = write_config(work, db_dir)
+    fake = FakeOpenIMProcess(BENCH / "bench_delivery.py", work) if args.delivery_workers else None
+    config = write_config(work, db_dir, fake.url if fake else "http://127.0.0.1:9", args.delivery_workers)
     db = db_dir / "bench.db"
     if db.exists():
         raise SystemExit(f"{db} exists already; the durability check needs a fresh database")
@@ -470,6 +475,9 @@ def main(argv: list[str]) -> int:
     finally:
         for server in servers.values():
             server.stop()
+        if fake:
+            print(f"fake OpenIM: {fake.stats()['delivered']} recipients delivered")
+            fake.stop()
         if args.keep:
             print(f"kept {work}")
         else:

@@ -44,6 +44,7 @@ from .app import create_app
 
 log = logging.getLogger(__name__)
 WAKE_DELIVERY, WAKE_CALLBACKS = b"d", b"c"
+BACKGROUND_NICENESS = 10  # the background process's scheduling priority below the HTTP processes
 
 
 def masked_path(path: str) -> str:
@@ -162,6 +163,9 @@ def _background_runner(config: Config, sock: socket.socket, wake: tuple[int, int
     def run(stop: Stop, _ready_fd: int) -> int:
         sock.close()
         os.close(wake[1])
+        # when CPU is short, answering requests (callers, and OpenIM waiting on its callbacks)
+        # comes first; the queue is durable and drains once the HTTP processes idle
+        os.nice(BACKGROUND_NICENESS)
         return run_workers(config, wake_fd=wake[0], stop=stop)
     return run
 

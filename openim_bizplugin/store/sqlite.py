@@ -74,7 +74,9 @@ def sliding_window_wait_ms(previous: int, current: int, count: int, period_ms: i
     """How long until one more request fits a sliding window counter, *offset_ms* into the current
     window: the previous window's weight must shrink enough, or the window must turn."""
     until_turn = period_ms - offset_ms
-    if current + 1 > count or not previous:
+    if current + 1 > count:  # this window is full: after the turn it weighs as the previous one
+        return until_turn + max(0, int(period_ms * (1 - (count - 1) / current))) + 1
+    if not previous:
         return max(until_turn, 1)
     return max(int(until_turn - (count - 1 - current) * period_ms / previous) + 1, 1)
 

@@ -156,19 +156,25 @@ def child_pids(pid: int) -> list[int]:
 
 def memory_kb(pid: int) -> dict[str, int]:
     """VmRSS (resident now) and VmHWM (peak resident) of *pid* and its children, summed, in kB;
-    empty once it has exited."""
+    empty once it has exited. With children (``serve``), VmRSS is the sum of their proportional
+    set sizes (Pss): pages the forked processes share are counted once, not once per process."""
     found: dict[str, int] = {}
-    for each in [pid, *child_pids(pid)]:
+    pids = [pid, *child_pids(pid)]
+    for each in pids:
         try:
             text = Path(f"/proc/{each}/status").read_text()
+            if len(pids) > 1:
+                text += Path(f"/proc/{each}/smaps_rollup").read_text().replace("Pss:", "VmPss:", 1)
         except OSError:
             if each == pid:
                 return {}
             continue
         for line in text.splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "VmPss"):
                 found[key] = found.get(key, 0) + int(value.split()[0])
+    if "VmPss" in found:
+        found["VmRSS"] = found.pop("VmPss")
     return found
 
 

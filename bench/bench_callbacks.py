@@ -350,7 +350,7 @@ class BurstMaker:
     """
 
     def __init__(self, fake, seed: int = 7) -> None:  # type: ignore[no-untyped-def]
-        from openim_bizplugin.testing import KEYED_CALLBACKS, _callback_key, _go_json, _with_query
+        from openim_bizplugin.openim.fake import KEYED_CALLBACKS, _callback_key, _go_json, _with_query
 
         self.fake, self.rng = fake, random.Random(seed)
         self._go_json, self._key, self._with_query, self._keyed = _go_json, _callback_key, _with_query, KEYED_CALLBACKS
@@ -365,7 +365,7 @@ class BurstMaker:
         return [self.one(kind) for kind in self.rng.choices(self.kinds, self.weights, k=n)]
 
     def one(self, kind: str) -> Call:
-        from openim_bizplugin.testing import Delivery
+        from openim_bizplugin.openim.fake import Delivery
 
         fake, rng = self.fake, self.rng
         self.seq_ms += 1

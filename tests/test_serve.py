@@ -16,7 +16,6 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -275,15 +274,14 @@ def test_a_locked_database_answers_503_with_retry_after_in_time_and_stores_nothi
     with running_server(config) as running:
         locker = sqlite3.connect(running.db_path, isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        answers: list[requests.Response] = []
+        senders = [threading.Thread(target=lambda n=n: answers.append(signed_post(running.url, body(n), timeout=8)))
+                   for n in range(6)]
         try:
-            with contextlib.ExitStack():
-                answers: list[requests.Response] = []
-                senders = [threading.Thread(target=lambda n=n: answers.append(
-                    signed_post(running.url, body(n), timeout=8))) for n in range(6)]
-                for sender in senders:
-                    sender.start()
-                for sender in senders:
-                    sender.join(15)
+            for sender in senders:
+                sender.start()
+            for sender in senders:
+                sender.join(15)
         finally:
             locker.execute("ROLLBACK")
             locker.close()

@@ -33,31 +33,22 @@ LISTENING = "listening on http://"  # what `openim-bizplugin serve` and the bare
 
 # -- side B of the request benchmarks: a bare endpoint served like the sidecar ------------------
 def serve_like_the_sidecar(app, log_path=lambda path: path.split("?", 1)[0]) -> int:  # type: ignore[no-untyped-def]
-    """Serve the Flask *app* the way ``openim_bizplugin.web.server.serve`` serves the sidecar: werkzeug's
-    threaded server, one logging line per request (the path through *log_path*), SIGTERM stops it
-    after the requests in flight; announces ``listening on http://HOST:PORT`` on stdout."""
+    """Serve the Flask *app* the way ``openim-bizplugin serve`` serves the sidecar: the same HTTP
+    engine with its default limits, as many HTTP processes (``[server] workers``' default, the CPU
+    count), one logging line per request (the path through *log_path*); SIGTERM stops it after the
+    requests in flight; announces ``listening on http://HOST:PORT`` on stdout."""
     import logging
-    import signal
-    import threading
 
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
-    log = logging.getLogger("bare")
-
-    class Handler(WSGIRequestHandler):  # the sidecar's _RequestHandler: one logging line per request
-        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            log.info('%s "%s %s" %s', self.address_string(), self.command, log_path(self.path), code)
+    from openim_bizplugin.config import ServerConfig
+    from openim_bizplugin.web import server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Handler)
-    server.daemon_threads = False
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    print(f"{LISTENING}{server.host}:{server.port}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    return 0
+    defaults = ServerConfig()
+    limits = server.httpserver.Limits(defaults.threads, defaults.max_connections, defaults.header_timeout_seconds,
+                                      defaults.body_timeout_seconds, defaults.keepalive_seconds,
+                                      defaults.shutdown_seconds, defaults.max_body_bytes * 4 + 65536)
+    server.masked_path = log_path  # what the access lines show
+    return server.serve_app(app, workers=defaults.worker_count, limits=limits, announce=sys.stdout)
 
 
 # -- the sidecar's config ----------------------------------------------------------------------
@@ -128,7 +119,7 @@ class Child:
         with log_path.open("wb") as log:
             spawned = time.monotonic()
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, stdin=stdin, cwd=cwd, text=True,
-                                    bufsize=1)
+                                    bufsize=1, start_new_session=True)  # a group of its own: see stop()
         deadline = spawned + timeout
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -142,9 +133,13 @@ class Child:
         raise SystemExit(f"{name} did not start ({' '.join(argv)}):\n{tail}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        """Signal this child (by pid) and wait for it; SIGKILL if it does not exit in *timeout*."""
+        """Signal this child (by pid) and wait for it; SIGKILL if it does not exit in *timeout*.
+        SIGKILL goes to its whole process group: a crash of ``serve`` takes all its processes."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -191,27 +186,57 @@ def console_script(name: str = "openim-bizplugin") -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live processes whose parent is *pid* (``serve``'s HTTP and background processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (peak resident) of *pid* in kB; empty once it has exited."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    found = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
+    """VmRSS (resident now) and VmHWM (peak resident) of *pid* and its children, summed, in kB;
+    empty once it has exited. With children (``serve``), VmRSS is the sum of their proportional
+    set sizes (Pss): pages the forked processes share are counted once, not once per process."""
+    found: dict[str, int] = {}
+    pids = [pid, *child_pids(pid)]
+    for each in pids:
+        try:
+            text = Path(f"/proc/{each}/status").read_text()
+            if len(pids) > 1:
+                text += Path(f"/proc/{each}/smaps_rollup").read_text().replace("Pss:", "VmPss:", 1)
+        except OSError:
+            if each == pid:
+                return {}
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "VmPss"):
+                found[key] = found.get(key, 0) + int(value.split()[0])
+    if "VmPss" in found:
+        found["VmRSS"] = found.pop("VmPss")
     return found
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process *pid* so far, or nan once it has exited."""
+    """User + system CPU seconds of process *pid* so far, its children's included (live ones, and
+    those it waited for), or nan once it has exited."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(f) for f in fields[11:15])
+    for child in child_pids(pid):
+        try:
+            ticks += sum(int(f) for f in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:15])
+        except OSError:
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:

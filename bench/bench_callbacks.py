@@ -346,7 +346,7 @@ class BurstMaker:
         return [self.one(kind) for kind in self.rng.choices(self.kinds, self.weights, k=n)]
 
     def one(self, kind: str) -> Call:
-        from openim_bizplugin.testing import Delivery
+        from openim_bizplugin.openim.fake import Delivery
 
         fake, rng = self.fake, self.rng
         self.seq_ms += 1

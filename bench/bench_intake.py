@@ -45,11 +45,13 @@ from http.client import HTTPConnection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (LISTENING, Child, add_common_options, console_script, cpu_seconds, dist_version,  # noqa: E402
-                     dump_profiles, filesystem_of, fsync_ms, generator_cpu_seconds, merged_counts, percentile_ms,
-                     post_once, profile_threads, run_senders, serve_like_the_sidecar, sidecar_cmd_argv, sqlite_files,
-                     tear_down, usable_cpus, write_sidecar_config)
+from _common import (LISTENING, Child, FakeOpenIMProcess, add_common_options, console_script,  # noqa: E402
+                     cpu_seconds, dist_version, dump_profiles, filesystem_of, fsync_ms, generator_cpu_seconds,
+                     memory_kb, merged_counts, percentile_ms, post_once, profile_threads, run_senders,
+                     serve_like_the_sidecar, sidecar_cmd_argv, sqlite_files, tear_down, usable_cpus,
+                     write_sidecar_config)
 
+BENCH = Path(__file__).resolve().parent
 PATH = "/v1/messages"
 CLIENT_ID = "bench"
 SECRET = "bench-secret-0123456789abcdef"
@@ -89,13 +91,12 @@ def profiled_sidecar(config: str, out: str, clock: str) -> int:
     return code
 
 
-def write_config(directory: Path, db_dir: Path) -> Path:
-    # workers = 0: intake only, nothing is sent to OpenIM during the benchmark
-    return write_sidecar_config(directory / "bench.toml", api_url="http://127.0.0.1:9",
-                                openim_secret="unused-by-this-benchmark", admin="imAdmin",
-                                callback_token="bench-callback-token-0123456789",
-                                storage_url=f"sqlite:///{(db_dir / 'bench.db').as_posix()}", workers=0,
-                                client=CLIENT_ID, client_secret=SECRET)
+def write_config(directory: Path, db_dir: Path, api_url: str = "http://127.0.0.1:9", delivery_workers: int = 0) -> Path:
+    # delivery_workers = 0: intake only, nothing is sent to OpenIM during the benchmark
+    return write_sidecar_config(directory / "bench.toml", api_url=api_url, openim_secret="openIM123",
+                                admin="imAdmin", callback_token="bench-callback-token-0123456789",
+                                storage_url=f"sqlite:///{(db_dir / 'bench.db').as_posix()}",
+                                workers=delivery_workers, client=CLIENT_ID, client_secret=SECRET)
 
 
 # -- the load generator ------------------------------------------------------------------------
@@ -127,7 +128,8 @@ def drive(host: str, port: int, tag: str, recipients: int, start: float, end: fl
     """
     from openim_bizplugin.signing import signature_headers
 
-    users = [f"user-{i:04d}" for i in range(recipients)]
+    first = int(tag.rsplit("w", 1)[1].split("p")[0]) * 1000  # this worker's users (a type's per-recipient
+    # rate limit would hold back repeats), among the 10,000 the fake OpenIM of bench_delivery.py knows
     result = WorkerResult()
     conn = HTTPConnection(host, port, timeout=30)
     n = 0
@@ -138,7 +140,7 @@ def drive(host: str, port: int, tag: str, recipients: int, start: float, end: fl
         if began >= end:
             break
         n += 1
-        body = body_for(tag, n, users)
+        body = body_for(tag, n, [f"u{(first + n * recipients + i) % 10_000:05d}" for i in range(recipients)])
         headers = signature_headers(CLIENT_ID, SECRET, "POST", PATH, body)
         headers["Content-Type"] = "application/json"
         answer = post_once(conn, PATH, body, headers, result.errors)
@@ -164,14 +166,13 @@ def drive(host: str, port: int, tag: str, recipients: int, start: float, end: fl
 
 
 def process_usage(pid: int) -> tuple[int, float]:
-    """Open file descriptors and resident MB of process *pid* (Linux /proc), or (-1, nan)."""
+    """Open file descriptors of process *pid* and resident MB of it and its children (Linux /proc),
+    or (-1, nan)."""
     try:
         fds = len(os.listdir(f"/proc/{pid}/fd"))
-        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return -1, float("nan")
-    rss_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return fds, rss_kb / 1024
+    return fds, memory_kb(pid).get("VmRSS", 0) / 1024
 
 
 @dataclass
@@ -316,6 +317,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", default="BABAB", help="order of rounds, A=sidecar B=bare (default BABAB)")
     p.add_argument("--generator", choices=("thread", "process"), default="thread",
                    help="load generator workers: threads of this process or processes (default thread)")
+    p.add_argument("--delivery-workers", type=int, default=4,
+                   help="the sidecar's [delivery] workers, sending to a fake OpenIM in a process of its own, as "
+                        "serve does by default (default 4; 0: intake only, nothing is sent)")
     add_common_options(p, db_files="SQLite file", profile_metavar="OUT.prof",
                        profile_help="run the sidecar under cProfile (all request threads) and write stats here; "
                                     "the figures of such a run are not representative",
@@ -341,7 +345,8 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-intake-"))
     db_dir = Path(args.db_dir).resolve() if args.db_dir else work
     db_dir.mkdir(parents=True, exist_ok=True)
-    config = write_config(work, db_dir)
+    fake = FakeOpenIMProcess(BENCH / "bench_delivery.py", work) if args.delivery_workers else None
+    config = write_config(work, db_dir, fake.url if fake else "http://127.0.0.1:9", args.delivery_workers)
     db = db_dir / "bench.db"
     if db.exists():
         raise SystemExit(f"{db} exists already; the durability check needs a fresh database")
@@ -382,6 +387,9 @@ def main(argv: list[str]) -> int:
         if args.summary_json:
             write_summary(args.summary_json, args, rounds, accepted, stored, durable)
     finally:
+        if fake:
+            print(f"fake OpenIM: {fake.stats()['delivered']} recipients delivered")
+            fake.stop()
         tear_down(work, args.keep, servers.values(), sqlite_files(db))
     if not durable:
         return 1

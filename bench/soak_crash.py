@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -70,7 +71,8 @@ class Server:
     def start(self) -> None:
         log = (self.logs / f"{self.name}-{next(self.generation)}.log").open("wb")
         self.proc = subprocess.Popen([console_script(), "serve", "-c", str(self.config)],
-                                     stdout=subprocess.PIPE, stderr=log, text=True)
+                                     stdout=subprocess.PIPE, stderr=log, text=True,
+                                     start_new_session=True)  # kill() takes all of its processes
         line = self.proc.stdout.readline()
         if not line.startswith("listening on "):
             raise SystemExit(f"{self.name} did not start: {line!r}")
@@ -78,7 +80,7 @@ class Server:
 
     def kill(self) -> None:
         if self.proc:
-            self.proc.send_signal(signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 

@@ -40,6 +40,17 @@ class ServerConfig:
     signature_max_age_seconds: int = 300
     signature_skew_seconds: int = 30
     idempotency_retention_seconds: int = 86_400
+    workers: int | None = None  # HTTP worker processes of `serve`; None: the CPU count
+    threads: int = 8  # request threads per worker process
+    max_connections: int = 1000  # open connections per worker process (more wait in the listen backlog)
+    header_timeout_seconds: float = 10.0  # a request's headers must arrive within this
+    body_timeout_seconds: float = 30.0  # a whole request (headers and body) must arrive within this
+    keepalive_seconds: float = 30.0  # an idle kept-alive connection is closed after this
+    shutdown_seconds: float = 10.0  # SIGTERM: requests in flight get this long to finish
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,9 @@ class OpenIMConfig:
 class StorageConfig:
     url: str
     sqlite_path: Path | None  # set for sqlite:// URLs, resolved against the config folder; None for redis://
+    # how long accepting a message waits for SQLite's write lock (this process's other writers, then
+    # another process's) before answering 503 with Retry-After; a lock wait is at most twice this
+    lock_wait_seconds: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -289,6 +303,13 @@ def _server(s: _Section) -> ServerConfig:
         signature_max_age_seconds=s.int("signature_max_age_seconds", d.signature_max_age_seconds),
         signature_skew_seconds=s.int("signature_skew_seconds", d.signature_skew_seconds, minimum=0),
         idempotency_retention_seconds=s.int("idempotency_retention_seconds", d.idempotency_retention_seconds),
+        workers=s.int("workers", 0, minimum=0, maximum=256) or None,
+        threads=s.int("threads", d.threads, maximum=256),
+        max_connections=s.int("max_connections", d.max_connections, minimum=16),
+        header_timeout_seconds=s.float("header_timeout_seconds", d.header_timeout_seconds),
+        body_timeout_seconds=s.float("body_timeout_seconds", d.body_timeout_seconds),
+        keepalive_seconds=s.float("keepalive_seconds", d.keepalive_seconds),
+        shutdown_seconds=s.float("shutdown_seconds", d.shutdown_seconds),
     )
     s.done()
     return cfg
@@ -316,12 +337,13 @@ def _openim(s: _Section) -> OpenIMConfig:
 
 def _storage(s: _Section, base: Path) -> StorageConfig:
     url = s.str("url", "sqlite:///bizplugin.db")
+    lock_wait = s.float("lock_wait_seconds", StorageConfig.lock_wait_seconds)
     s.done()
     if url.startswith("sqlite:///"):
         rest = url[len("sqlite:///"):]
         if not rest or rest == "/":
             raise s.fail("url", "sqlite URL needs a file name (sqlite:///relative.db or sqlite:////abs/path.db)")
-        return StorageConfig(url, base / rest if not rest.startswith("/") else Path(rest))
+        return StorageConfig(url, base / rest if not rest.startswith("/") else Path(rest), lock_wait)
     if url.startswith(("redis://", "rediss://")):
         problem = _redis_url_problem(url)
         if problem:

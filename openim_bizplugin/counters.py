@@ -25,21 +25,26 @@ What is counted (all counters end in ``_total`` on the wire)::
 Each app has its own registry, not prometheus-client's global default, so
 several apps in one process (tests, the demo) never collide. Within a process
 the app's views, its delivery engine, callback processor and OpenIM client
-all count into the same :class:`Metrics` (:func:`install` hands it to them):
-``serve`` runs them together, so its ``/metrics`` covers everything that
-process did. The ``worker`` command has no HTTP server and its counts are not
-scraped; the queue depth comes from the shared store, so any ``serve``
+all count into the same :class:`Metrics` (:func:`install` hands it to them).
+``serve`` runs several processes: :func:`share_across_processes` makes every
+counter of each of them a file in one folder (prometheus-client's
+multiprocess mode), and a scrape adds up those files, so any of its HTTP
+processes answers the totals of the whole service, the background process's
+deliveries included. The ``worker`` command has no HTTP server and its counts
+are not scraped; the queue depth comes from the shared store, so any ``serve``
 replica's ``/metrics`` shows the whole queue.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .errors import StorageUnavailable
@@ -84,7 +89,10 @@ class Metrics:
                                  "without any)", ["endpoint", "err_code"], registry=r)
         self._token_refused = Gauge("bizplugin_openim_admin_token_refused", "1 while OpenIM refuses this process "
                                     "the admin token, by errCode (1002 wrong secret, 1001 not an admin user id, "
-                                    "1004 admin user missing): delivery waits", ["err_code"], registry=r)
+                                    "1004 admin user missing): delivery waits", ["err_code"], registry=r,
+                                    multiprocess_mode="max")
+        self._refused_code: str | None = None
+        self._store = store
         if store is not None:
             r.register(QueueDepth(store))
 
@@ -117,9 +125,13 @@ class Metrics:
 
     def admin_token_refused(self, err_code: int | None) -> None:
         """OpenIM refuses the admin token with *err_code*, or (None) grants it again."""
-        self._token_refused.clear()  # one refusal at a time: the gauge names the current one
-        if err_code is not None:
-            self._token_refused.labels(str(err_code)).set(1)
+        # one refusal at a time: the gauge names the current one (set back to 0, not cleared:
+        # under multiprocess mode a cleared child would keep its last value in its file)
+        if self._refused_code is not None:
+            self._token_refused.labels(self._refused_code).set(0)
+        self._refused_code = None if err_code is None else str(err_code)
+        if self._refused_code is not None:
+            self._token_refused.labels(self._refused_code).set(1)
 
     def deleted(self, what: str, count: int) -> None:
         """The retention sweep deleted *count* of *what* (messages, recipients, presence, callbacks)."""
@@ -127,8 +139,15 @@ class Metrics:
             self._deleted.labels(what).inc(count)
 
     def exposition(self) -> bytes:
-        """The Prometheus text of this registry, as ``GET /metrics`` answers it."""
-        return generate_latest(self.registry)
+        """The Prometheus text of this registry, as ``GET /metrics`` answers it: under
+        :func:`share_across_processes`, the counters of every process of the service."""
+        if _SHARED_DIR not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        if self._store is not None:
+            registry.register(QueueDepth(self._store))
+        return generate_latest(registry)
 
 
 class _Discard(Metrics):
@@ -166,6 +185,14 @@ class _Discard(Metrics):
 
 
 DISCARD: Metrics = _Discard()
+_SHARED_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_across_processes(directory: str) -> None:
+    """Keep the counters made from now on (in this process and the processes it forks) in
+    files in *directory*, which must be empty; a scrape adds up every process's files."""
+    os.environ[_SHARED_DIR] = directory
+    values.ValueClass = values.MultiProcessValue()
 
 
 def _outcome_kind(item: WorkItem, outcome: Outcome) -> tuple[str, str]:

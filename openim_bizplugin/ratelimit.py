@@ -1,57 +1,39 @@
 """The API rate limit per client (``[clients.<id>] rate_limit = "50/second"``).
 
-A token bucket per client: ``count`` requests may come at once, refilled
-evenly over the period. Over it the caller gets 429 with ``Retry-After``. The
-buckets live in this process, so each replica enforces the limit on its own
-share of the traffic.
+A sliding window counter: the requests of the current window plus those of
+the previous one, weighted by how much of it still overlaps the last period,
+may not pass ``count``. Over it the caller gets 429 with ``Retry-After``. The
+counts live in the store (:meth:`~openim_bizplugin.store.base.Store.take_rate`),
+so the limit holds for the whole service: every process of ``serve`` and every
+replica sharing the SQLite file or the Redis database.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping
 
 from .catalog.registry import RateLimit
 from .errors import RateLimited
-
-
-class _Bucket:
-    def __init__(self, limit: RateLimit, now: float) -> None:
-        self.capacity = float(limit.count)
-        self.per_second = limit.count / limit.period_seconds
-        self.tokens, self.updated = self.capacity, now
-
-    def take(self, now: float) -> float:
-        """0 when a request may go now, else the seconds until one may."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.per_second)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.per_second
+from .store.base import Store
 
 
 class ClientRateLimiter:
-    """Checks each client's requests against its configured rate."""
+    """Checks each client's requests against its configured rate, counted in *store*."""
 
-    def __init__(self, limits: Mapping[str, str | None], clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
+    def __init__(self, limits: Mapping[str, str | None], store: Store,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.clock, self.store = clock, store
         self._limits = {client: RateLimit.parse(text) for client, text in limits.items() if text}
-        self._buckets: dict[str, _Bucket] = {}
-        self._lock = threading.Lock()
 
     def check(self, client_id: str) -> None:
-        """Raise RateLimited (429, Retry-After) when *client_id* is over its rate."""
+        """Count a request of *client_id*, or raise RateLimited (429, Retry-After) when it is over its rate."""
         limit = self._limits.get(client_id)
         if limit is None:
             return
-        with self._lock:
-            now = self.clock()
-            bucket = self._buckets.setdefault(client_id, _Bucket(limit, now))
-            wait = bucket.take(now)
-        if wait:
-            retry_after = max(1, math.ceil(wait))
+        wait_ms = self.store.take_rate(f"client:{client_id}", limit.count, int(limit.period_seconds * 1000),
+                                       int(self.clock() * 1000))
+        if wait_ms:
             raise RateLimited(f"client {client_id!r} is over its rate limit of {limit.text}",
-                              headers={"Retry-After": str(retry_after)})
+                              headers={"Retry-After": str(max(1, math.ceil(wait_ms / 1000)))})

@@ -72,7 +72,7 @@ class Services:
                                       on_online=engine.wake)
         spool = CallbackSpool(config.callback_spool_dir or default_spool_dir(config.storage), store,
                               max_bytes=config.callback_spool_max_bytes, on_stored=callbacks.wake)
-        limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, clock)
+        limiter = ClientRateLimiter({c.client_id: c.rate_limit for c in config.clients.values()}, store, clock)
         readiness = OpenIMReadiness(openim, config.openim.sender_id, clock=clock)
         retention = RetentionSweeper(config, store, clock, owner=owner)
         return cls(config, catalog, verifier, limiter, store, openim, release, engine, subscribers, callbacks, spool,

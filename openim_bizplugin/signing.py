@@ -147,6 +147,23 @@ class RequestVerifier:
                 )
             self._signers[client_id] = _make_signer(keys)
 
+    def check_headers(self, client_id: str | None, token: str | None) -> TimestampSigner:
+        """What can be checked before the body is read: both headers present, a known
+        client, a well-formed token. Returns the client's signer, or raises Unauthorized."""
+        if not client_id:
+            raise Unauthorized(f"Missing {CLIENT_HEADER} header.")
+        if not token:
+            raise Unauthorized(f"Missing {SIGNATURE_HEADER} header.")
+        signer = self._signers.get(client_id)
+        if signer is None:
+            raise Unauthorized(f"Unknown client {client_id[:64]!r} in {CLIENT_HEADER}.")
+        if not _TOKEN_RE.fullmatch(token):
+            raise Unauthorized(
+                f"Malformed {SIGNATURE_HEADER}: expected VALUE.TIMESTAMP.SIGNATURE "
+                "(hex SHA-256, then two URL-safe base64 segments)."
+            )
+        return signer
+
     def verify(
         self,
         client_id: str | None,
@@ -160,18 +177,7 @@ class RequestVerifier:
 
         *idempotency_key* is the request's ``Idempotency-Key`` header, None when it has none.
         """
-        if not client_id:
-            raise Unauthorized(f"Missing {CLIENT_HEADER} header.")
-        if not token:
-            raise Unauthorized(f"Missing {SIGNATURE_HEADER} header.")
-        signer = self._signers.get(client_id)
-        if signer is None:
-            raise Unauthorized(f"Unknown client {client_id[:64]!r} in {CLIENT_HEADER}.")
-        if not _TOKEN_RE.fullmatch(token):
-            raise Unauthorized(
-                f"Malformed {SIGNATURE_HEADER}: expected VALUE.TIMESTAMP.SIGNATURE "
-                "(hex SHA-256, then two URL-safe base64 segments)."
-            )
+        signer = self.check_headers(client_id, token)
         try:
             # No max_age: itsdangerous would reject every future timestamp,
             # but we allow `skew` seconds of clock drift.

@@ -191,7 +191,8 @@ def running_server(config_path: Path, *, max_open_files: int | None = None) -> I
     with stderr_path.open("ab") as stderr:
         process = subprocess.Popen([*command(), "serve", "-c", str(config_path)],
                                    stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
-                                   text=True, env=child_env(), preexec_fn=limit_files)
+                                   text=True, env=child_env(), preexec_fn=limit_files,
+                                   start_new_session=True)  # its children form its own group (kill9)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
     reader.start()

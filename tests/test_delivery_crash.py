@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -58,7 +60,12 @@ def write_crash_config(directory: Path, fake: FakeOpenIM, **delivery: Any) -> Pa
 
 
 def kill9(process: subprocess.Popen) -> None:
-    process.kill()  # SIGKILL: no shutdown code runs, leases and open transactions are left behind
+    """SIGKILL the process and, for ``serve`` (a session of its own), every process it started:
+    no shutdown code runs, leases and open transactions are left behind."""
+    if os.getpgid(process.pid) == process.pid:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.kill()
     process.wait(timeout=10)
 
 

@@ -10,6 +10,7 @@ id follows it from acceptance through OpenIM to the callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -31,7 +32,7 @@ from e2e_support import (CALLBACK_TOKEN, SECRETS, config_tables, running_server,
 from openim_bizplugin import logs
 from openim_bizplugin.web.app import create_app
 from openim_bizplugin.config import load_config
-from openim_bizplugin.web.server import _RequestHandler  # serve's handler: access lines through logging
+from openim_bizplugin.web.server import serving  # serve's engine: access lines through logging
 from openim_bizplugin.signing import signature_headers
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -209,9 +210,8 @@ def test_a_whole_flow_logs_no_secret_and_one_grep_follows_the_message(tmp_path, 
         app = create_app(config)
         services = app.extensions["bizplugin"]
         services.subscribers.step()  # a new subscriber starts after the newest event: before ours
-        server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_RequestHandler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        base = f"http://127.0.0.1:{server.port}"
+        engine = contextlib.ExitStack()
+        base = f"http://127.0.0.1:{engine.enter_context(serving(app))}"
         try:
             # 1. a signed request is accepted
             body = json.dumps({"type": "action.required", "version": 1, "to": {"users": ["u1"]}, "data": {
@@ -244,7 +244,7 @@ def test_a_whole_flow_logs_no_secret_and_one_grep_follows_the_message(tmp_path, 
             status = signed_get(base, f"/v1/messages/{message_id}", client="ops").json()
             assert status["recipients"][0]["status"] == "acknowledged"
         finally:
-            server.shutdown()
+            engine.close()
             services.close()
             subscriber.close()
         tokens = {call.token for call in fake.calls if call.token}

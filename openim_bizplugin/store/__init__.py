@@ -25,7 +25,8 @@ def open_store(config: StorageConfig, event_types: frozenset[str] = frozenset(),
         except StorageUnavailable as exc:
             raise ConfigError(f"storage.url: {exc.detail} ({shown_url(config.url)})") from None
     try:
-        return SqliteStore(config.sqlite_path, event_types, batch_size=batch_size)
+        return SqliteStore(config.sqlite_path, event_types, batch_size=batch_size,
+                           lock_wait_seconds=config.lock_wait_seconds)
     except StorageUnavailable as exc:
         raise ConfigError(f"storage.url: {exc.detail} ({config.sqlite_path})") from None
 

@@ -582,6 +582,15 @@ class Store(Protocol):
     def ping(self) -> None:
         """Raise StorageUnavailable when the store cannot be reached."""
 
+    def take_rate(self, key: str, count: int, period_ms: int, now_ms: int) -> int:
+        """Count one request against *count* per *period_ms* for *key* (a sliding window counter:
+        this window's requests plus the previous window's, weighted by its overlap with the last
+        period) and return 0, or, when that would pass *count*, count nothing and return the
+        milliseconds to wait. Shared by every process and replica of the store."""
+
+    def check_writable(self) -> None:
+        """Raise StorageUnavailable unless the store takes a write now (``/readyz``)."""
+
     def close(self) -> None:
         """Release connections."""
 

@@ -53,6 +53,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -60,6 +61,9 @@ from typing import Any
 
 import redis
 import redis.exceptions as rexc
+from limits import RateLimitItemPerSecond
+from limits.storage import RedisStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 
 from ..errors import StorageUnavailable
 from . import redis_retention, redis_scripts, redis_tracking
@@ -125,6 +129,7 @@ class RedisStore(RedisTrackingMixin, RedisSessionsMixin, RedisRetentionMixin):
         self.url, self.prefix, self.event_types, self.events_kept = url, prefix, event_types, events_kept
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
                                            socket_timeout=30, health_check_interval=30)
+        self._limiter = SlidingWindowCounterRateLimiter(RedisStorage(url, key_prefix=prefix + "rate", socket_connect_timeout=5, socket_timeout=30))
         self._scripts = {name: self._redis.register_script(redis_scripts.PRELUDE + source)
                          for name, source in {**redis_scripts.QUEUE, **redis_tracking.SCRIPTS,
                                                 **redis_retention.SCRIPTS}.items()}
@@ -418,6 +423,19 @@ class RedisStore(RedisTrackingMixin, RedisSessionsMixin, RedisRetentionMixin):
     @translated
     def ping(self) -> None:
         self._redis.ping()
+
+    @translated
+    def take_rate(self, key: str, count: int, period_ms: int, now_ms: int) -> int:
+        # the limits library's sliding window counter: the same algorithm as SQLite's, in one Lua script
+        item = RateLimitItemPerSecond(count, max(1, period_ms // 1000))
+        if self._limiter.hit(item, key):
+            return 0
+        return max(1, int((self._limiter.get_window_stats(item, key).reset_time - time.time()) * 1000))
+
+    @translated
+    def check_writable(self) -> None:
+        # refused when Redis is out of memory (noeviction), cannot persist (MISCONF) or is a replica
+        self._redis.set(self.prefix + "readyz", "1", px=60_000)
 
     def close(self) -> None:
         self._redis.close()

@@ -75,6 +75,17 @@ EXPIRY_SWEEP_MS = 1_000
 PENDING_SENDS_KEPT_MS = 2 * 86_400_000  # a rate limit's window is a day at most
 
 
+def sliding_window_wait_ms(previous: int, current: int, count: int, period_ms: int, offset_ms: int) -> int:
+    """How long until one more request fits a sliding window counter, *offset_ms* into the current
+    window: the previous window's weight must shrink enough, or the window must turn."""
+    until_turn = period_ms - offset_ms
+    if current + 1 > count:  # this window is full: after the turn it weighs as the previous one
+        return until_turn + max(0, int(period_ms * (1 - (count - 1) / current))) + 1
+    if not previous:
+        return max(until_turn, 1)
+    return max(int(until_turn - (count - 1 - current) * period_ms / previous) + 1, 1)
+
+
 def inbox_path(path: str) -> str:
     """The callback inbox beside the main file: ``bizplugin.db`` → ``bizplugin-callbacks.db``."""
     stem, dot, suffix = path.rpartition(".")
@@ -420,8 +431,10 @@ class SqliteStore(TrackingMixin, SessionsMixin, RetentionMixin):
 
     def __init__(self, path: str | Path, event_types: frozenset[str] = frozenset(),
                  events_kept: int = EVENTS_KEPT, batch_size: int = MAX_BATCH,
-                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS, lock_wait_seconds: float | None = None) -> None:
         self.path = str(path)
+        # accepting a message waits this long at most for the write lock (a caller is waiting), then 503
+        self.lock_wait_seconds = lock_wait_seconds
         self.event_types, self.events_kept = event_types, events_kept
         self.batch_size = batch_size  # users per batch_send_msg of a batched message (delivery.batch_size)
         self._answers: collections.OrderedDict[int, dict] = collections.OrderedDict()  # _done_batch_answers
@@ -449,7 +462,7 @@ class SqliteStore(TrackingMixin, SessionsMixin, RetentionMixin):
 
     # -- the Store interface ------------------------------------------------
     def accept(self, message: NewMessage, replay: ReplayKey | None, *, retention_ms: int) -> Accepted:
-        with self._write() as db:
+        with self._db.write(wait_seconds=self.lock_wait_seconds) as db:
             earlier = self._earlier(db, message, replay, retention_ms)
             if earlier is not None:
                 return earlier
@@ -964,6 +977,31 @@ class SqliteStore(TrackingMixin, SessionsMixin, RetentionMixin):
 
     def ping(self) -> None:
         self._read("SELECT 1")
+
+    def take_rate(self, key: str, count: int, period_ms: int, now_ms: int) -> int:
+        window, offset = divmod(now_ms, period_ms)
+        prefix = f"rate:{key}:"
+        previous_name, current_name = f"{prefix}{window - 1}", f"{prefix}{window}"
+        with self._db.write(durable=False, wait_seconds=self.lock_wait_seconds) as db:  # a count, not a message
+            found = dict(db.execute("SELECT name, value FROM shared WHERE name IN (?, ?)",
+                                    (previous_name, current_name)).fetchall())
+            previous, current = int(found.get(previous_name, 0)), int(found.get(current_name, 0))
+            if previous * (period_ms - offset) / period_ms + current + 1 > count:
+                return sliding_window_wait_ms(previous, current, count, period_ms, offset)
+            db.execute("INSERT INTO shared (name, value, owner, expires_ms) VALUES (?, '1', NULL, ?)"
+                       " ON CONFLICT (name) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                       (current_name, (window + 2) * period_ms))
+            if not current:  # a new window: the key's windows before the previous one count no more
+                db.execute("DELETE FROM shared WHERE name > ? AND name < ? AND expires_ms <= ?",
+                           (prefix, prefix[:-1] + ";", now_ms))
+        return 0
+
+    def check_writable(self) -> None:
+        # a durable write of a row, as accepting a message makes: a full disk, a read-only file or a
+        # lock held elsewhere fails it as it fails the messages
+        with self._db.write(wait_seconds=self.lock_wait_seconds or 2.0) as db:
+            db.execute("INSERT INTO shared (name, value, owner, expires_ms) VALUES ('readyz', ?, NULL, 0)"
+                       " ON CONFLICT (name) DO UPDATE SET value = excluded.value", (str(time.time_ns()),))
 
     def close(self) -> None:
         self._db.close()

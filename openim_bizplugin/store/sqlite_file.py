@@ -69,9 +69,10 @@ def _adds_nothing(db: sqlite3.Connection, statement: str) -> bool:
 
 
 class _Connection(sqlite3.Connection):
-    """A connection that remembers its ``synchronous`` level (a write may lower it)."""
+    """A connection that remembers its ``synchronous`` level (a write may lower it) and busy timeout."""
 
     synchronous = ""
+    busy_ms = BUSY_TIMEOUT_MS
 
 
 class SqliteFile:
@@ -126,7 +127,7 @@ class SqliteFile:
                 db.close()
 
     @contextlib.contextmanager
-    def write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def write(self, durable: bool = True, wait_seconds: float | None = None) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; any SQLite failure becomes a 503.
 
         With *durable* False the commit runs at ``synchronous=NORMAL``: no fsync,
@@ -138,14 +139,27 @@ class SqliteFile:
         load; busy_timeout still covers writers in other processes. Inside a
         transaction this thread already holds (see :meth:`batch`), a write is
         a savepoint of it: undone alone when it fails, committed with it.
+
+        With *wait_seconds*, neither wait (for this process's writers, then for
+        another process's lock) lasts longer than that: StorageBusy (503 with
+        Retry-After) instead, with nothing written. Without it a write waits
+        as long as BUSY_TIMEOUT_MS (background work, which has no caller
+        giving up on it).
         """
         outer = getattr(self._local, "db", None)
         if outer is not None:
             with self._savepoint(outer):
                 yield outer
             return
-        with self._writer, self.borrow() as db, self._transaction(db, self.synchronous if durable else "NORMAL"):
-            yield db
+        if not self._writer.acquire(timeout=-1 if wait_seconds is None else wait_seconds):
+            raise StorageBusy(f"the database is busy: no write could start within {wait_seconds:g} s",
+                              headers={"Retry-After": str(max(1, round(wait_seconds or 1)))})
+        try:
+            busy_ms = BUSY_TIMEOUT_MS if wait_seconds is None else int(wait_seconds * 1000)
+            with self.borrow() as db, self._transaction(db, self.synchronous if durable else "NORMAL", busy_ms):
+                yield db
+        finally:
+            self._writer.release()
 
     def execute_now(self, sql: str, params: tuple, wait_seconds: float = 0.0) -> int:
         """One statement in a transaction of its own, without queueing: StorageBusy when
@@ -175,12 +189,21 @@ class SqliteFile:
             self._writer.release()
 
     @contextlib.contextmanager
-    def _transaction(self, db: _Connection, synchronous: str) -> Iterator[None]:
+    def _transaction(self, db: _Connection, synchronous: str, busy_ms: int = BUSY_TIMEOUT_MS) -> Iterator[None]:
         try:
             if db.synchronous != synchronous:  # a pragma that takes effect outside a transaction only
                 db.execute(f"PRAGMA synchronous = {synchronous}")
                 db.synchronous = synchronous
-            db.execute("BEGIN IMMEDIATE")
+            if db.busy_ms != busy_ms:
+                db.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                db.busy_ms = busy_ms
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) and busy_ms < BUSY_TIMEOUT_MS:
+                    raise StorageBusy(f"the database is locked by another process: {exc}",
+                                      headers={"Retry-After": str(max(1, round(busy_ms / 1000)))}) from None
+                raise
             self._local.db = db
             try:
                 yield

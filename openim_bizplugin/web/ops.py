@@ -1,6 +1,6 @@
 """Operations endpoints: ``/healthz`` (alive) and ``/readyz`` (able to work).
 
-Ready means the store answers and OpenIM answers an admin call now (see
+Ready means the store takes a write and OpenIM answers an admin call now (see
 :mod:`~openim_bizplugin.openim.readiness`: asked of OpenIM itself at most a
 few seconds ago, never judged from a cached token). Both checks have a
 bound, so ``/readyz`` answers within a few seconds even when OpenIM hangs
@@ -29,7 +29,7 @@ def healthz() -> Any:
 @bp.get("/readyz")
 def readyz() -> Any:
     services = current_app.extensions["bizplugin"]
-    checks = {"storage": _check(services.store.ping), "openim": services.openim_readiness.check().detail}
+    checks = {"storage": _check(services.store.check_writable), "openim": services.openim_readiness.check().detail}
     ready = all(result == "ok" for result in checks.values())
     if checks["openim"] == "ok":
         _check(services.release.get)  # which OpenIM release: probed once per process, then known

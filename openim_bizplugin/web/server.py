@@ -39,8 +39,8 @@ from ..errors import BizError, PayloadTooLarge
 from ..openim.client import OpenIMError
 from ..services import Services
 from . import httpserver
-from .supervisor import Runner, Stop, Supervisor, listening_socket
 from .app import create_app
+from .supervisor import Runner, Stop, Supervisor, listening_socket
 
 log = logging.getLogger(__name__)
 WAKE_DELIVERY, WAKE_CALLBACKS = b"d", b"c"

@@ -234,3 +234,13 @@ def wait_for(what: str, check: Callable[[], object], seconds: float = 20) -> obj
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill9(process: subprocess.Popen) -> None:
+    """SIGKILL the process and, for ``serve`` (a session of its own), every process it started:
+    no shutdown code runs, leases and open transactions are left behind."""
+    if os.getpgid(process.pid) == process.pid:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.kill()
+    process.wait(timeout=10)

@@ -32,7 +32,7 @@ import pytest
 import requests
 
 from conftest import write_config
-from e2e_support import CALLBACK_TOKEN, child_env, config_tables, running_server, write_tables
+from e2e_support import CALLBACK_TOKEN, child_env, config_tables, kill9, running_server, write_tables
 from openim_bizplugin.callbacks.spool import CallbackSpool, SpoolFull, decode, encode
 from openim_bizplugin.config import load_config
 from openim_bizplugin.store.sqlite import SqliteStore, inbox_path
@@ -314,8 +314,8 @@ def test_a_sidecar_killed_right_after_answering_loses_no_callback(tmp_path, fake
         url = f"{sidecar.url}/openim/callback/{CALLBACK_TOKEN}"
         with write_locked(db, Path(inbox_path(str(db)))):
             answers = [fake.post_callback(url, ONLINE, payload) for payload in presence_of(fake, users)]
-            sidecar.process.kill()  # SIGKILL right after the last answer, the store still locked
-            sidecar.process.wait(10)
+            kill9(sidecar.process)  # SIGKILL to every process of serve right after the last answer,
+            # the store still locked
     assert answers == [(200, CONTINUE)] * 40
     assert inbox(db) == []  # none was in the store when the process died
     tables["delivery"] = {"workers": 1}  # the next start replays the dead process's spool and applies it

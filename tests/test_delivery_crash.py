@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import time
@@ -29,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from e2e_support import OPS_SECRET, child_env, command, config_tables, running_server, write_tables
+from e2e_support import OPS_SECRET, child_env, command, config_tables, kill9, running_server, write_tables
 from openim_bizplugin import cli
 from openim_bizplugin.client import BizClient
 from openim_bizplugin.store.base import FINAL_STATUSES
@@ -57,16 +55,6 @@ def write_crash_config(directory: Path, fake: FakeOpenIM, **delivery: Any) -> Pa
     tables["delivery"] = {"workers": 2, "lease_seconds": 1, "backoff_base_seconds": 0.05,
                           "backoff_max_seconds": 0.2, "max_attempts": 20, **delivery}
     return write_tables(directory / "config.toml", tables)
-
-
-def kill9(process: subprocess.Popen) -> None:
-    """SIGKILL the process and, for ``serve`` (a session of its own), every process it started:
-    no shutdown code runs, leases and open transactions are left behind."""
-    if os.getpgid(process.pid) == process.pid:
-        os.killpg(process.pid, signal.SIGKILL)
-    else:
-        process.kill()
-    process.wait(timeout=10)
 
 
 @contextlib.contextmanager

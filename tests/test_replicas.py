@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 import redis
 
-from e2e_support import OPS_SECRET, RunningServer, config_tables, running_server, write_tables
+from e2e_support import OPS_SECRET, RunningServer, config_tables, kill9, running_server, write_tables
 from redis_server import RedisServer
-from test_delivery_crash import (CHECK, NOTIFY, SEND_MSG, delivery_counts, envelope_id, fake, kill9,  # noqa: F401
+from test_delivery_crash import (CHECK, NOTIFY, SEND_MSG, delivery_counts, envelope_id, fake,  # noqa: F401
                                  send, wait_until)
 from openim_bizplugin.client import BizClient
 from openim_bizplugin.testing import Call, FakeOpenIM

@@ -98,7 +98,7 @@ def wait_until(check: Any, what: str, seconds: float = 20) -> Any:
 
 
 def test_serve_runs_its_workers_and_restarts_a_background_process_that_dies(tmp_path):
-    with FakeOpenIM(users=["imAdmin", "u1", "u2"]) as fake:
+    with FakeOpenIM(users=["imAdmin", "u1", "u2"], online=["u1", "u2"]) as fake:
         config = write(tmp_path, openim={"api_url": fake.url}, delivery={"workers": 2})
         with running_server(config) as running:
             kids = wait_until(lambda: len(children(running.process.pid)) == 3 and children(running.process.pid),
@@ -120,7 +120,8 @@ def started(running: RunningServer, role: str) -> set[int]:
 
 
 def test_metrics_show_the_service_totals_whichever_process_answers(tmp_path):
-    with FakeOpenIM(users=["imAdmin", *[f"u{n}" for n in range(6)]]) as fake:
+    users = [f"u{n}" for n in range(6)]
+    with FakeOpenIM(users=["imAdmin", *users], online=users) as fake:
         config = write(tmp_path, openim={"api_url": fake.url}, delivery={"workers": 1})
         with running_server(config) as running:
             for n in range(6):
@@ -356,7 +357,7 @@ def test_the_rate_limit_is_counted_in_the_store_for_everyone_sharing_it(tmp_path
 
 def test_sigterm_reaches_the_background_process_which_gives_its_leases_back(tmp_path):
     users = [f"u{n}" for n in range(30)]
-    with FakeOpenIM(users=["imAdmin", *users]) as fake:
+    with FakeOpenIM(users=["imAdmin", *users], online=users) as fake:
         config = write(tmp_path, openim={"api_url": fake.url}, delivery={"workers": 1, "lease_seconds": 600})
         fake.delay_next("/msg/send_business_notification", 2, times=100)  # a slow OpenIM: a long round
         with running_server(config) as running:

@@ -100,10 +100,11 @@ def request_gate(services: Services) -> httpserver.Gate:
 
 def engine_limits(config: Config) -> httpserver.Limits:
     s = config.server
-    # the engine buffers more than max_body_bytes: the callback endpoint answers OpenIM itself for a
-    # body a little over it, and /v1 refuses an announced one at the gate
+    # the engine buffers more than either body limit: the callback endpoint answers OpenIM "continue"
+    # itself for a callback over [callbacks] max_body_bytes, and /v1 refuses an announced one at the gate
+    buffered = max(s.max_body_bytes, config.callback_max_body_bytes) * 4 + 65536
     return httpserver.Limits(s.threads, s.max_connections, s.header_timeout_seconds, s.body_timeout_seconds,
-                             s.keepalive_seconds, s.shutdown_seconds, s.max_body_bytes * 4 + 65536)
+                             s.keepalive_seconds, s.shutdown_seconds, buffered)
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ class Services:
         openim = OpenIMClient(config.openim, store, clock=clock, owner=owner,
                               refusal_recheck_seconds=config.openim.token_recheck_seconds)
         subscribers = SubscriberDispatcher(config, store, owner=owner)
+        subscribers.enrol()
         release = OpenIMRelease(openim, config.openim.version, config.openim.sender_id, clock=clock)
         engine = build_engine(config, store, openim, release, clock, owner, on_events=subscribers.wake)
         # processed callbacks emit events and may release held recipients

@@ -371,3 +371,14 @@ def test_the_loop_delivers_in_a_thread_when_woken(dispatcher, receivers, store, 
     finally:
         d.stop()
     assert receiver.types() == ["user.online"]
+
+
+def test_a_subscriber_gets_events_from_before_its_sender_first_looked(dispatcher, receivers, store, clock):
+    # serve: the HTTP processes may deliver (and record message.sent) before the background
+    # process's dispatcher takes its first round; the subscriber was added when the service started
+    receiver, secret = receivers()
+    d = dispatcher(SubscriberConfig(receiver.url, secret, PRESENCE_EVENTS), register=False)
+    d.enrol()  # Services.build, as the service starts
+    presence(store, clock, "u2", True)
+    drain(d)
+    assert [r.payload["data"]["user_id"] for r in receiver.taken] == ["u2"]

@@ -44,7 +44,7 @@ import requests
 
 from ..background import IDLE_POLL_SECONDS, BackgroundLoop
 from ..config import Config, SubscriberConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageUnavailable
 from ..retry import backoff_seconds
 from ..store.base import EventRecord, Store, SubscriberCursor
 from .deadline import DeadlineExceeded, DeadlineSession
@@ -163,6 +163,16 @@ class SubscriberDispatcher:
         self.loops = [BackgroundLoop(f"subscriber-{n}", functools.partial(self._serve, sub),
                                      functools.partial(self._idle_for, sub))
                       for n, sub in enumerate(self.subscribers)]
+
+    def enrol(self) -> None:
+        """Give each configured subscriber its place in the outbox now, as the service starts: a new
+        subscriber gets the events after it was added, and under ``serve`` the process that sends
+        them may start after the HTTP processes have accepted (and delivered) the first messages."""
+        try:
+            for sub in self.subscribers:
+                self.store.subscriber_cursor(sub.name)
+        except StorageUnavailable as exc:  # the loop enrols them on its first round instead
+            log.warning("subscribers not enrolled at start: %s", exc.detail, extra={"event": "subscribers.enrol"})
 
     # -- one round -----------------------------------------------------------------------
     def step(self) -> int:

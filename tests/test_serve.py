@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from e2e_support import (CALLBACK_TOKEN, RunningServer, config_tables, count_rows, running_server, signed_post,
-                         write_tables)
+                         wait_for, write_tables)
 from openim_bizplugin.signing import signature_headers
 from openim_bizplugin.testing import FakeOpenIM
 
@@ -84,16 +84,6 @@ def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
-def wait_until(check: Any, what: str, seconds: float = 20) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # -- processes ------------------------------------------------------------------------------------
 
 
@@ -101,16 +91,17 @@ def test_serve_runs_its_workers_and_restarts_a_background_process_that_dies(tmp_
     with FakeOpenIM(users=["imAdmin", "u1", "u2"], online=["u1", "u2"]) as fake:
         config = write(tmp_path, openim={"api_url": fake.url}, delivery={"workers": 2})
         with running_server(config) as running:
-            kids = wait_until(lambda: len(children(running.process.pid)) == 3 and children(running.process.pid),
-                              "two HTTP processes and a background one")
+            kids = wait_for("two HTTP processes and a background one",
+                            lambda: len(children(running.process.pid)) == 3 and children(running.process.pid))
             assert signed_post(running.url, body(1)).status_code == 202
-            wait_until(lambda: fake.deliveries_to(user="u1"), "u1's delivery")
+            wait_for("u1's delivery", lambda: fake.deliveries_to(user="u1"))
             background = [pid for pid in kids if pid in started(running, "background")]
             assert len(background) == 1 and len(started(running, "http")) == 2
             os.kill(background[0], signal.SIGKILL)
-            wait_until(lambda: len(set(children(running.process.pid)) - set(kids)) == 1, "a new background process")
+            wait_for("a new background process",
+                     lambda: len(set(children(running.process.pid)) - set(kids)) == 1)
             assert signed_post(running.url, body(2)).status_code == 202
-            wait_until(lambda: fake.deliveries_to(user="u2"), "u2's delivery by the new background process")
+            wait_for("u2's delivery by the new background process", lambda: fake.deliveries_to(user="u2"))
 
 
 def started(running: RunningServer, role: str) -> set[int]:
@@ -126,7 +117,7 @@ def test_metrics_show_the_service_totals_whichever_process_answers(tmp_path):
         with running_server(config) as running:
             for n in range(6):
                 assert signed_post(running.url, body(n)).status_code == 202
-            wait_until(lambda: len(fake.delivered) == 6, "six deliveries")
+            wait_for("six deliveries", lambda: len(fake.delivered) == 6)
 
             def totals() -> tuple[float, float]:
                 text = requests.get(running.url + "/metrics", timeout=10).text  # a new connection each
@@ -136,7 +127,7 @@ def test_metrics_show_the_service_totals_whichever_process_answers(tmp_path):
                                                         re.M))
                 return accepted, sent
 
-            wait_until(lambda: totals() == (6, 6), "the background process's deliveries in /metrics")
+            wait_for("the background process's deliveries in /metrics", lambda: totals() == (6, 6))
             assert {totals() for _ in range(20)} == {(6.0, 6.0)}
 
 
@@ -190,7 +181,7 @@ def test_half_sent_bodies_cost_bounded_memory_and_unsigned_ones_are_refused_befo
     config = write(tmp_path, server={"threads": 4})
     with running_server(config) as running:
         port, pid = port_of(running), running.process.pid
-        wait_until(lambda: len(children(pid)) == 2, "two HTTP processes")
+        wait_for("two HTTP processes", lambda: len(children(pid)) == 2)
         before = tree_rss_mb(pid)
         unsigned = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
                    b"Content-Length: %d\r\n\r\n" % (2 * MiB)
@@ -364,7 +355,7 @@ def test_sigterm_reaches_the_background_process_which_gives_its_leases_back(tmp_
             raw = json.dumps({"type": "profile.updated", "version": 1, "to": {"users": users},
                               "data": {"fields": ["nickname"]}}).encode()
             assert signed_post(running.url, raw).status_code == 202
-            wait_until(lambda: fake.calls_to("/msg/send_business_notification"), "the first send in flight")
+            wait_for("the first send in flight", lambda: fake.calls_to("/msg/send_business_notification"))
             running.process.send_signal(signal.SIGTERM)
             running.process.wait(timeout=20)
         db = sqlite3.connect(running.db_path)

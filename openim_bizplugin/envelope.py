@@ -17,16 +17,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from .catalog.registry import (
-    MAX_VIOLATIONS,
-    MODES,
-    OFFLINE_POLICIES,
-    PRIORITIES,
-    BoundedValidator,
-    Catalog,
-    MessageType,
-    violations,
-)
+from .catalog.registry import (MAX_VIOLATIONS, MODES, OFFLINE_POLICIES, PRIORITIES, BoundedValidator, Catalog,
+                               MessageType, violations)
 from .errors import Forbidden, NotFound, Unprocessable, Violation
 
 MAX_ID_LENGTH = 128

@@ -39,19 +39,8 @@ from jsonschema.exceptions import SchemaError, ValidationError
 
 from ..errors import ConfigError, Violation
 from ..strictjson import DuplicateKey, object_without_duplicates
-from .bounded import (
-    BUDGET,
-    VALIDATION_BUDGET,
-    BoundedValidator,
-    Budget,
-    TooCostly,
-    inline_local_refs,
-    json_pointer,
-    pattern_degree,
-    schema_keywords,
-    schema_patterns,
-    shorten,
-)
+from .bounded import (BUDGET, VALIDATION_BUDGET, BoundedValidator, Budget, TooCostly, inline_local_refs, json_pointer,
+                      pattern_degree, schema_keywords, schema_patterns, shorten)
 
 MODES = ("notification", "custom")
 PRIORITIES = ("high", "normal", "low")

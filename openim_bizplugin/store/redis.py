@@ -67,24 +67,9 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 
 from ..errors import StorageUnavailable
 from . import redis_retention, redis_scripts, redis_tracking
-from .base import (
-    EVENTS_KEPT,
-    PRIORITY_RANK,
-    Accepted,
-    DeadLetter,
-    FailedRecipient,
-    IdempotencyMismatch,
-    MessageRecord,
-    NewMessage,
-    Outcome,
-    PresenceCounts,
-    RecentMessage,
-    RecipientRecord,
-    ReplayKey,
-    WorkItem,
-    recipient_data,
-    stored_message,
-)
+from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch,
+                   MessageRecord, NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey,
+                   WorkItem, recipient_data, stored_message)
 from .redis_errors import translated
 from .redis_retention import RedisRetentionMixin
 from .redis_sessions import RedisSessionsMixin

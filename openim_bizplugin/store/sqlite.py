@@ -23,26 +23,9 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from .base import (
-    EVENTS_KEPT,
-    PRIORITY_RANK,
-    Accepted,
-    DeadLetter,
-    FailedRecipient,
-    IdempotencyMismatch,
-    MessageRecord,
-    NewMessage,
-    Outcome,
-    PresenceCounts,
-    RecentMessage,
-    RecipientRecord,
-    ReplayKey,
-    WorkItem,
-    batch_answers,
-    delivered_in_batches,
-    recipient_data,
-    stored_message,
-)
+from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch,
+                   MessageRecord, NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey,
+                   WorkItem, batch_answers, delivered_in_batches, recipient_data, stored_message)
 from .sqlite_file import BUSY_TIMEOUT_MS, SqliteFile
 from .sqlite_retention import RetentionMixin, adopt_incremental_vacuum
 from .sqlite_sessions import SessionsMixin

@@ -17,15 +17,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from .base import (
-    Answer,
-    CallbackRecord,
-    EventRecord,
-    PresenceState,
-    SubscriberCursor,
-    batch_answers,
-    recipient_data,
-)
+from .base import (Answer, CallbackRecord, EventRecord, PresenceState, SubscriberCursor, batch_answers, recipient_data)
 from .sqlite_file import SqliteFile
 
 DONE_BATCHES_KEPT = 8  # parsed answers of sent batches kept for callbacks about their users

@@ -120,3 +120,18 @@ def test_held_message_goes_out_when_the_online_callback_arrives(server, fake):
     _callback(fake, server, "callbackAfterUserOnlineCommand", fake.user_online("u1", 1))
     wait_for("delivery after the online callback", lambda: _recipient(server, message_id)["status"] == "sent")
     assert len(fake.deliveries_to(user="u1")) == 1
+
+
+def test_a_read_is_tracked_from_the_hooks_openim_fires_itself(server, fake):
+    # main: sending fires afterSendSingleMsg and (stored) afterMsgSaveDB with the seq read callbacks name
+    hooks = fake.fire_hooks(f"{server.url}/openim/callback/{CALLBACK_TOKEN}")
+    message_id = _send(server, type="action.required", data={
+        "action": "verify_identity", "title": "Verify", "body": "Tap to verify", "deep_link": "app://verify"})
+    wait_for("the message to be sent", lambda: _recipient(server, message_id)["status"] == "sent")
+    assert hooks.join()
+    posted = {result.command: result for result in hooks.results}  # two workers: in either order
+    assert sorted(posted) == ["callbackAfterMsgSaveDBCommand", "callbackAfterSendSingleMsgCommand"]
+    assert all(result.status == 200 for result in posted.values())
+    seq = posted["callbackAfterMsgSaveDBCommand"].payload["seq"]
+    hooks.push("callbackAfterSingleMsgReadCommand", fake.single_msg_read("u1", "si_imAdmin_u1", [seq]))
+    wait_for("the read", lambda: _recipient(server, message_id)["status"] == "read")

@@ -679,3 +679,24 @@ def test_after_hooks_give_up_on_a_receiver_slower_than_the_hook_timeout(fake: Fa
     finally:
         gate.set()
         server.close()
+
+
+@pytest.mark.parametrize("flavor", ["main", "v3.8.3"])
+def test_fire_hooks_posts_what_openim_fires_for_each_accepted_message(flavor: str) -> None:
+    server = Receiver()
+    try:
+        with FakeOpenIM(users=USERS, flavor=flavor) as fake:
+            client = Api(fake)
+            client.login()
+            hooks = fake.fire_hooks(server.url)
+            sent = client.ok("/msg/send_msg", custom_msg())
+            client.ok("/msg/send_business_notification", notification(recvUserID="u1001"))  # 2001: none
+            assert hooks.join()
+            fired = sorted((r.command, r.payload.get("seq")) for r in hooks.results)
+    finally:
+        server.close()
+    expected = [("callbackAfterSendSingleMsgCommand", 0)]
+    if flavor == "main":  # msgtransfer's hook, with the stored message's seq; v3.8.x has none
+        expected.insert(0, ("callbackAfterMsgSaveDBCommand", 1))
+    assert fired == expected
+    assert all(r.payload["serverMsgID"] == sent["serverMsgID"] for r in hooks.results)

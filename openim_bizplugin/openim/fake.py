@@ -12,7 +12,9 @@ too (:attr:`FakeOpenIM.delivered`). Faults are injected per endpoint and
 consumed in order; :meth:`FakeOpenIM.post_callback` posts webhooks shaped
 like OpenIM's, and :meth:`FakeOpenIM.after_hooks` posts them through OpenIM's
 after-hook queue (2 workers, 100 slots, a caller blocked while it is full;
-:mod:`.fake_hooks`). ``flavor="v3.8.3"`` reproduces the newest tag where it differs.
+:mod:`.fake_hooks`); after :meth:`FakeOpenIM.fire_hooks` the fake fires them
+itself for every message it accepts, as OpenIM's msg RPC and msgtransfer do.
+``flavor="v3.8.3"`` reproduces the newest tag where it differs.
 
 What each user's app received is modelled too (:mod:`.fake_apps`): apps
 connect, go to the background and disconnect (:meth:`FakeOpenIM.connect`,
@@ -519,6 +521,7 @@ class FakeOpenIM:
         self._faults: defaultdict[str, deque[_Fault]] = defaultdict(deque)
         self._callback_seq = itertools.count(1)
         self._hook_queues: list[AfterHookQueue] = []
+        self._fired: AfterHookQueue | None = None  # fire_hooks(): OpenIM's own after-hooks
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._routes: dict[str, Callable[[_Req], Any]] = {
@@ -882,7 +885,9 @@ class FakeOpenIM:
             # v3.8.3's sendMsgSingleChat returns (nil, nil): an empty answer, nothing sent
             return dataclasses.replace(delivery, server_msg_id="", client_msg_id="", send_time=0)
         self.delivered.append(delivery)
-        self.apps.route(delivery, self._groups[delivery.group_id] if delivery.session_type == 3 else [delivery.recv_id])
+        seq = self.apps.route(delivery, self._groups[delivery.group_id] if delivery.session_type == 3
+                              else [delivery.recv_id])
+        self._fire(delivery, seq)
         return delivery
 
     def _verify_single(self, draft: Mapping[str, Any]) -> None:
@@ -989,6 +994,26 @@ class FakeOpenIM:
         self._hook_queues.append(hooks)
         return hooks
 
+    def fire_hooks(self, webhook_url: str, **options: Any) -> AfterHookQueue:
+        """From now on fire OpenIM's after-hooks at *webhook_url* for every message OpenIM
+        accepts, through its hook queue (:meth:`after_hooks`, whose options apply): the msg RPC's
+        ``afterSendSingleMsg`` / ``afterSendGroupMsg`` for chat messages (a notification, content
+        type 1000-5000 such as a business notification's 2001, fires none: OPENIM.md 5.5) and, on
+        main only, msgtransfer's ``afterMsgSaveDB`` with the seq of a stored message (v3.8.x has
+        no such hook). A full queue blocks the send, as in OpenIM. Returns the queue."""
+        self._fired = self.after_hooks(webhook_url, **options)
+        return self._fired
+
+    def _fire(self, delivery: Delivery, seq: int) -> None:
+        if self._fired is None or delivery.session_type not in (1, 3) or 1000 <= delivery.content_type <= 5000:
+            return
+        if delivery.session_type == 1:
+            self._fired.push("callbackAfterSendSingleMsgCommand", self.after_send_single_msg(delivery))
+        else:
+            self._fired.push("callbackAfterSendGroupMsgCommand", self.after_send_group_msg(delivery))
+        if seq and self.flavor == "main":
+            self._fired.push("callbackAfterMsgSaveDBCommand", self.after_msg_save_db(delivery, seq))
+
     def _common_callback(self, delivery: Delivery, command: str, seq: int, status: int) -> dict[str, Any]:
         """CommonCallbackReq; notifications (1000-5000) carry "" because OpenIM proto-decodes JSON."""
         content = "" if 1000 <= delivery.content_type <= 5000 else _go_json(delivery.content, sort_keys=True)
@@ -1048,7 +1073,8 @@ class FakeOpenIM:
                 server_msg_id=_msg_id(), client_msg_id=_msg_id(), send_time=now, create_time=now, msg_from=100,
                 sender_platform_id=1, sender_nickname=nickname, status=1)
             self.delivered.append(delivery)
-            self.apps.route(delivery, [to_user])    # stored: both users now have the si_ conversation
+            seq = self.apps.route(delivery, [to_user])    # stored: both users now have the si_ conversation
+            self._fire(delivery, seq)
         return delivery
 
 

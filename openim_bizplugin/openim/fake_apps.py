@@ -133,8 +133,9 @@ class Apps:
         return [msg for device in chosen for msg in device.received]
 
     # -- a message OpenIM accepted ---------------------------------------------------------
-    def route(self, msg: Message, recipients: list[str]) -> None:
-        """Store *msg* if its options say so, then push it to the recipients' devices."""
+    def route(self, msg: Message, recipients: list[str]) -> int:
+        """Store *msg* if its options say so, then push it to the recipients' devices; returns
+        its seq in its conversation (0: not stored)."""
         conversation, seq = conversation_id(msg), 0
         if msg.options.get("history", True):
             self._stored[conversation].append(msg)
@@ -149,6 +150,7 @@ class Apps:
             for device in self._devices.get(msg.send_id, {}).values():
                 if device.connected and msg.send_id not in recipients:
                     self._push(device, conversation, None, seq)
+        return seq
 
     def _push(self, device: _Device, conversation: str, msg: Message | None, seq: int) -> None:
         """pushTriggerAndSync: raise the next seq; after a gap, pull up to it (*msg* None: the

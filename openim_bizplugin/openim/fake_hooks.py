@@ -46,6 +46,7 @@ class HookResult:
     status: int | None
     reply: Any
     error: str | None = None
+    payload: dict[str, Any] | None = None  # what was posted
 
 
 class AfterHookQueue:
@@ -91,9 +92,9 @@ class AfterHookQueue:
             command, payload, timeout = item
             try:
                 status, reply = self._post(self.webhook_url, command, payload, timeout=timeout)
-                result = HookResult(command, status, reply)
+                result = HookResult(command, status, reply, payload=payload)
             except requests.RequestException as exc:  # a timeout or a refused connection: logged by OpenIM
-                result = HookResult(command, None, None, type(exc).__name__)
+                result = HookResult(command, None, None, type(exc).__name__, payload)
             with self._lock:
                 self.results.append(result)
             self._queue.task_done()

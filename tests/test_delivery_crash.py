@@ -53,7 +53,7 @@ def write_crash_config(directory: Path, fake: FakeOpenIM, **delivery: Any) -> Pa
     tables = config_tables(directory / "bizplugin.db")
     tables["openim"].update(api_url=fake.url, timeout_seconds=1)
     tables["delivery"] = {"workers": 2, "lease_seconds": 1, "backoff_base_seconds": 0.05,
-                          "backoff_max_seconds": 0.2, "max_attempts": 20, **delivery}
+                          "backoff_max_seconds": 0.2, "max_attempts": 100, **delivery}
     return write_tables(directory / "config.toml", tables)
 
 

@@ -219,3 +219,25 @@ def test_a_newly_set_limit_counts_what_this_process_sent_before_it(tmp_path, fak
     assert _statuses(side, [third]) == ["throttled"]
     assert len(fake.deliveries_to(user="u1")) == 2
     side.services.close()
+
+
+@pytest.mark.parametrize("others", [0, 3], ids=["few-messages-of-the-type", "counted"])
+def test_attempts_that_sent_nothing_do_not_use_up_the_window(tmp_path, fake, clock, others):
+    """OpenIM was busy (429) for three attempts: those sent nothing, so the window still has both slots."""
+    side = _sidecar(tmp_path, fake, clock, "delay")
+    for i in range(others):  # enough messages of the type that each round counts per recipient
+        side.send(to={"users": ["u2"]}, idempotency_key=f"other{i}")
+    side.engine.step()
+    first = side.send(to={"users": ["u1"]}, idempotency_key="first")
+    fake.fail_next("/msg/send_business_notification", times=3, err_code=429)
+    for _ in range(3):
+        side.engine.step()
+        clock.now += 60  # past the backoff
+    assert side.recipients(first)[0]["status"] == "queued" and side.recipients(first)[0]["attempts"] == 3
+    side.engine.step()
+    second = side.send(to={"users": ["u1"]}, idempotency_key="second")
+    third = side.send(to={"users": ["u1"]}, idempotency_key="third")
+    side.engine.step()
+    assert _statuses(side, [first, second, third]) == ["sent", "sent", "queued"]  # 2/hour: the third waits
+    assert len(fake.deliveries_to(user="u1")) == 2
+    side.services.close()

@@ -83,6 +83,7 @@ class DeliveryEngine:
         try:
             for unit in self.sender.units(to_send):
                 if self._should_yield(unit):
+                    self.sender.throttle.give_back(list(lease.open.values()))
                     released = self.store.release(list(lease.open.values()), self._now_ms())
                     log.info("gave back %d leased recipients (%s)", released,
                              "shutting down" if self.loop.stopping else "higher-priority work is due")
@@ -308,6 +309,7 @@ class _Lease:
             lost = [i for key, i in self.open.items() if key not in held]
             if lost:
                 log.warning("%d recipients were taken over by another worker; not sending them", len(lost))
+                self.engine.sender.throttle.give_back(lost)
             self.open = {key: i for key, i in self.open.items() if key in held}
             self.until_ms = now_ms + lease_ms
         return [item for item in unit if id(item) in self.open]

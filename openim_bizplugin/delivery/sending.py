@@ -75,6 +75,10 @@ class Sender:
             self._send_one(unit[0], decide, results)
         else:
             self._send_batch(unit, decide, results)
+        # a retry that surely sent nothing (OpenIM unreachable, or it answered an error) keeps no
+        # rate-limit slot: an outage must not use up a recipient's window
+        self.throttle.give_back([item for item, outcome in results
+                                 if outcome.status == "queued" and outcome.unknown_operation_id is None])
         return results
 
     # -- before sending ------------------------------------------------------------

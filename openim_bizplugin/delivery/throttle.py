@@ -18,6 +18,10 @@ the store's sends are not counted while no other process held a lease on a
 message of the type since the window began, and this one sent none of it
 without a limit (accepted before the type had one): then every send in it
 was let through here, and the approvals hold them all.
+
+A slot is given back when nothing was sent after all (OpenIM unreachable or
+refusing, the lease given back): an outage that retries a recipient ten times
+does not use up its window.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 from ..catalog.registry import RateLimit
@@ -35,6 +39,14 @@ Record = Callable[[WorkItem, Outcome], None]
 # a send can be recorded a little after its message expired: leased before the expiry, answered after
 SEND_OVERRUN_MS = 600_000
 FORGET_ABOVE = 100_000  # recipients with approvals kept (per type) before those whose window passed are dropped
+
+
+def _take(counts: Counter[str], name: str) -> bool:
+    """Take one *name* from *counts*; False when none is left."""
+    if counts[name] > 0:
+        counts[name] -= 1
+        return True
+    return False
 
 
 class RecipientThrottle:
@@ -111,7 +123,7 @@ class RecipientThrottle:
                     opens_ms = (first_ms or now_ms) + window_ms
                     record(who, Outcome.deferred(f"delayed: {item.type} rate limit {limit.text}", opens_ms))
         if not held_back and not split:
-            return items
+            return self._mark_approved(items, now_ms)
         send_now = []
         for item in items:
             if id(item) in split:
@@ -123,7 +135,41 @@ class RecipientThrottle:
                 item.seq, item.target = item.members[0]
             if id(item) not in held_back:
                 send_now.append(item)
-        return send_now
+        return self._mark_approved(send_now, now_ms)
+
+    @staticmethod
+    def _mark_approved(items: list[WorkItem], now_ms: int) -> list[WorkItem]:
+        for item in items:
+            if item.delivery.get("rate_limit"):
+                item.approved_ms = now_ms
+        return items
+
+    def give_back(self, unsent: list[WorkItem]) -> None:
+        """Free the slots of items let through by :meth:`apply` that were not sent after all."""
+        names: dict[tuple[str, str, int], Counter[str]] = {}
+        for item in unsent:
+            if item.approved_ms is not None:
+                users = [item.target] if item.members is None else [user for _seq, user in item.members]
+                names.setdefault((item.kind, item.type, item.approved_ms), Counter()).update(users)
+                item.approved_ms = None  # given back once
+        with self._lock:
+            for (kind, type_, when), left in names.items():
+                rounds = self._uncounted.get((kind, type_))
+                if rounds:
+                    kept_rounds = deque()
+                    for at, joined in rounds:
+                        if at == when:
+                            kept = [t for t in joined.split("\n") if not _take(left, t)]
+                            joined = "\n".join(kept) if kept else ""
+                        if joined:
+                            kept_rounds.append((at, joined))
+                    self._uncounted[(kind, type_)] = kept_rounds
+                approved = self._approved.get((kind, type_), {})
+                for target, n in left.items():
+                    recent = approved.get(target)
+                    while n > 0 and recent and when in recent:
+                        recent.remove(when)
+                        n -= 1
 
     def _let_through(self, kind: str, type_: str, targets: list[str], now_ms: int, window_ms: int) -> None:
         """*targets* take their slots without a count: kept as one entry, not one per recipient,

@@ -182,6 +182,9 @@ class WorkItem:
     batch_id: int | None = None
     # what makes this item's stored row unusable (see stored_message): it fails at once, alone
     defect: str | None = None
+    # when its type's rate limit let it through this round (delivery/throttle.py): the slot is
+    # given back if nothing was sent after all
+    approved_ms: int | None = None
 
     @property
     def size(self) -> int:

@@ -156,7 +156,7 @@ class RecipientThrottle:
             for (kind, type_, when), left in names.items():
                 rounds = self._uncounted.get((kind, type_))
                 if rounds:
-                    kept_rounds = deque()
+                    kept_rounds: deque[tuple[int, str]] = deque()
                     for at, joined in rounds:
                         if at == when:
                             kept = [t for t in joined.split("\n") if not _take(left, t)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -99,6 +101,58 @@ def test_two_stores_on_one_file_accept_concurrently_without_lock_errors(tmp_path
     check = sqlite3.connect(tmp_path / "shared.db")
     assert check.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 400
     assert check.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 2000
+
+
+def _gate_held_by_another_process(db_path):
+    """A child process that holds the writers' gate of *db_path* until its stdin closes."""
+    script = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+              " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", script, f"{db_path}-writers"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "held\n"
+    return child
+
+
+def test_a_write_waits_its_turn_behind_another_of_our_processes_and_gives_up_with_503(tmp_path):
+    """serve's processes take turns through the gate file, not SQLite's sleeping busy handler."""
+    store = SqliteStore(tmp_path / "x.db", lock_wait_seconds=0.3)
+    holder = _gate_held_by_another_process(store.path)
+    try:
+        with pytest.raises(StorageBusy, match="no write could start within 0.3 s") as refused:
+            store.accept(_new(1), None, retention_ms=1)
+        assert refused.value.headers["Retry-After"] == "1"
+        assert store.get_message("m1") is None  # a 503 stores nothing
+        late = _in_other_thread_started(lambda: store.accept(_new(2), None, retention_ms=1))
+        holder.stdin.close()  # the other process's write ends: this one goes
+        assert holder.wait(10) == 0
+        late.join(10)
+    finally:
+        holder.kill()
+    assert store.get_message("m2") is not None
+
+
+def test_background_writes_go_on_past_a_gate_that_stays_shut(tmp_path, monkeypatch):
+    """A stuck holder of the gate never stops delivery: past the wait SQLite's own locking decides."""
+    monkeypatch.setattr("openim_bizplugin.store.sqlite_file.BUSY_TIMEOUT_MS", 300)
+    store = SqliteStore(tmp_path / "x.db")
+    holder = _gate_held_by_another_process(store.path)
+    try:
+        assert store.update_presence("u1", 1, True, 1, 1_000)
+    finally:
+        holder.kill()
+    assert store.presence(["u1"])["u1"].online
+
+
+def test_writes_are_ungated_where_the_gate_file_cannot_be_made(tmp_path):
+    (tmp_path / "x.db-writers").mkdir()  # not a file it can open (a read-only folder is another case)
+    store = SqliteStore(tmp_path / "x.db", lock_wait_seconds=0.3)
+    assert store.accept(_new(1), None, retention_ms=1).created
+
+
+def _in_other_thread_started(call) -> threading.Thread:
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread
 
 
 def test_failed_write_is_503_and_leaves_nothing_behind(signed, store, tmp_path, config):

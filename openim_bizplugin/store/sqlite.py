@@ -26,6 +26,7 @@ from pathlib import Path
 from .base import (EVENTS_KEPT, PRIORITY_RANK, Accepted, DeadLetter, FailedRecipient, IdempotencyMismatch,
                    MessageRecord, NewMessage, Outcome, PresenceCounts, RecentMessage, RecipientRecord, ReplayKey,
                    WorkItem, batch_answers, delivered_in_batches, recipient_data, stored_message)
+from .group_commit import GroupCommit
 from .sqlite_file import BUSY_TIMEOUT_MS, SqliteFile
 from .sqlite_retention import RetentionMixin, adopt_incremental_vacuum
 from .sqlite_sessions import SessionsMixin
@@ -434,6 +435,8 @@ class SqliteStore(TrackingMixin, SessionsMixin, RetentionMixin):
         for file in self.files():
             adopt_incremental_vacuum(file)
         self._write, self._read = self._db.write, self._db.read
+        # concurrent requests of this process are accepted in one transaction: one fsync for several
+        self._accepting = GroupCommit(self._db, lock_wait_seconds)
         # the delivery queue's own bookkeeping (leases, outcomes) commits without an fsync: on power
         # loss its last commits may be undone, which re-sends at worst; what was accepted stays durable
         self._write_progress = functools.partial(self._db.write, durable=False)
@@ -445,12 +448,13 @@ class SqliteStore(TrackingMixin, SessionsMixin, RetentionMixin):
 
     # -- the Store interface ------------------------------------------------
     def accept(self, message: NewMessage, replay: ReplayKey | None, *, retention_ms: int) -> Accepted:
-        with self._db.write(wait_seconds=self.lock_wait_seconds) as db:
+        def write(db: sqlite3.Connection) -> Accepted:
             earlier = self._earlier(db, message, replay, retention_ms)
             if earlier is not None:
                 return earlier
             self._insert(db, message, replay)
-        return Accepted(message.id, len(message.targets), created=True)
+            return Accepted(message.id, len(message.targets), created=True)
+        return self._accepting.run(write)
 
     def _earlier(self, db: sqlite3.Connection, message: NewMessage, replay: ReplayKey | None,
                  retention_ms: int) -> Accepted | None:

@@ -223,7 +223,7 @@ class SqliteFile:
 
     @staticmethod
     def _busy(wait_seconds: float | None) -> StorageBusy:
-        return StorageBusy(f"the database is busy: no write could start within {wait_seconds:g} s",
+        return StorageBusy(f"the database is busy: no write could start within {wait_seconds:.2g} s",
                            headers={"Retry-After": str(max(1, round(wait_seconds or 1)))})
 
     def execute_now(self, sql: str, params: tuple, wait_seconds: float = 0.0) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import subprocess
 import sys
@@ -364,3 +365,12 @@ def test_a_receipt_finds_its_recipient_by_index_not_by_reading_the_whole_message
     with store._db.borrow() as db:
         plan = db.execute(f"EXPLAIN QUERY PLAN {RECEIPT_RECIPIENT_SQL}", ("m1", "u1")).fetchall()
     assert any("recipients_target (message_id=? AND target=?)" in row[-1] for row in plan), plan
+
+
+def test_a_closed_store_keeps_no_file_open(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(5):
+        store = SqliteStore(tmp_path / f"s{n}.db")
+        store.accept(_new(n), None, retention_ms=1)
+        store.close()
+    assert len(os.listdir("/proc/self/fd")) == before

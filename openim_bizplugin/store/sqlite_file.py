@@ -109,6 +109,11 @@ class WriterGate:
         if self._fd is not None and self._pid == os.getpid():
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd, self._pid = None, 0
+
     def _fd_here(self) -> int | None:
         """This process's own open file: an flock belongs to the open file, which a fork shares."""
         if self._pid != os.getpid():
@@ -391,6 +396,7 @@ class SqliteFile:
             idle, self._idle = self._idle, []
         with self._writer:
             at_once, self._at_once = self._at_once, None
+            self._gate.close()
         for db in idle + ([at_once] if at_once else []):
             with contextlib.suppress(sqlite3.Error):
                 db.close()

@@ -24,6 +24,7 @@ from .signing import signature_headers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EVENTS_COUNTED = 10_000  # `subscribers` counts the events a cursor waits for up to this many
 
 
 class CommandError(Exception):
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     which = dlq_replay.add_mutually_exclusive_group(required=True)
     which.add_argument("message_id", nargs="?", help="one message")
     which.add_argument("--all", action="store_true", help="every dead letter")
+
+    subscribers = command("subscribers", "list the subscribers' cursors in the store: where each stands")
+    subscribers.add_argument("--forget-unconfigured", action="store_true",
+                             help="delete the cursors of subscribers no longer in the config, and the events"
+                                  " only they waited for")
 
     command("vacuum", "rewrite the SQLite files with incremental auto-vacuum, giving free space back"
                       " (once after upgrading a large file; best with the sidecar stopped)")
@@ -181,6 +187,31 @@ def _dlq(args: argparse.Namespace, stdout: TextIO) -> int:
             if count == 0 and not args.all:
                 raise CommandError(f"no dead letter {args.message_id!r}")
             print(f"{count} recipients queued again", file=stdout)
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _subscribers(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .callbacks.subscribers import subscribers_from
+    from .store import open_store, shown_url
+
+    config = _config(args)
+    configured = {sub.name for sub in subscribers_from(config.subscribers)}
+    store = open_store(config.storage)
+    try:
+        for name in store.subscriber_names():
+            cursor = store.subscriber_cursor(name)
+            waiting = len(store.events_after(cursor.last_seq, EVENTS_COUNTED + 1))
+            shown = f"{EVENTS_COUNTED}+" if waiting > EVENTS_COUNTED else str(waiting)
+            if name in configured:
+                print(f"{shown_url(name)}  configured  after event {cursor.last_seq}, {shown} waiting", file=stdout)
+            elif args.forget_unconfigured:
+                store.forget_subscriber(name)
+                print(f"{shown_url(name)}  forgotten  ({shown} events it had not received)", file=stdout)
+            else:
+                print(f"{shown_url(name)}  NOT CONFIGURED  its {shown} events are kept until"
+                      " `subscribers --forget-unconfigured`", file=stdout)
     finally:
         store.close()
     return EXIT_OK
@@ -341,7 +372,8 @@ def _print_json(value: Any, stdout: TextIO) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False), file=stdout)
 
 
-_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "vacuum": _vacuum, "doctor": _doctor,
+_HANDLERS = {"serve": _serve, "worker": _worker, "dlq": _dlq, "subscribers": _subscribers, "vacuum": _vacuum,
+             "doctor": _doctor,
              "webhooks": _webhooks, "demo": _demo, "init": _init, "keygen": _keygen, "schemas": _schemas,
              "sign": _sign,
              "send": _send, "status": _status}

@@ -18,6 +18,7 @@ from typing import TextIO
 
 import requests
 
+from .callbacks.subscribers import subscribers_from
 from .config import Config
 from .errors import BizError
 from .openim.client import OpenIMError
@@ -53,6 +54,8 @@ def run_doctor(config: Config, out: TextIO, public_url: str | None = None, webho
         types = services.catalog.types()
         print(f"ok    schemas: {len(types)} types in {config.schemas_dir}", file=out)
         check("storage", lambda: (services.store.ping(), shown_url(config.storage.url))[1])
+        if ok:
+            _unconfigured_subscribers(config, services, out)
         status = services.openim_readiness.check()  # OpenIM itself, not a token kept from earlier
         check("OpenIM admin token", lambda: _openim(status.ok, status.detail, config))
         if status.sender_registered is not None:
@@ -71,6 +74,16 @@ def run_doctor(config: Config, out: TextIO, public_url: str | None = None, webho
               "# whole file with them changed. Keep the URL secret: it holds the callback token.", file=out)
         print(fragment(config, public_url), file=out)
     return ok
+
+
+def _unconfigured_subscribers(config: Config, services: Services, out: TextIO) -> None:
+    """A warning, not a failure: a subscriber removed from the config keeps its cursor, and so
+    every event after it, until the operator says it is gone for good."""
+    configured = {sub.name for sub in subscribers_from(config.subscribers)}
+    left = [name for name in services.store.subscriber_names() if name not in configured]
+    if left:
+        print(f"warn  subscribers: {len(left)} no longer configured ({', '.join(map(shown_url, left))}) keep"
+              f" their events: `openim-bizplugin subscribers -c {config.path} --forget-unconfigured`", file=out)
 
 
 def _openim(ok: bool, detail: str, config: Config) -> str:

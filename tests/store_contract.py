@@ -502,6 +502,32 @@ class StoreContract:
         store.save_subscriber_cursor(SubscriberCursor("a", 6)), store.save_subscriber_cursor(SubscriberCursor("b", 6))
         assert [e.seq for e in store.events_after(0, 10)] == [5, 6]
 
+    def test_forgetting_a_removed_subscriber_frees_the_events_only_it_waited_for(self, new_store):
+        store = new_store(EVENTS)
+        store.events_kept = 1
+        store.subscriber_cursor("kept"), store.subscriber_cursor("removed")
+        for seq in range(1, 6):
+            store.update_presence(f"u{seq}", 1, True, 1, T0)
+        store.save_subscriber_cursor(SubscriberCursor("kept", 5))
+        assert [e.seq for e in store.events_after(0, 10)] == [1, 2, 3, 4, 5]  # "removed" has none of them
+        assert store.subscriber_names() == ["kept", "removed"]
+        assert store.forget_subscriber("removed")
+        assert store.subscriber_names() == ["kept"]
+        assert [e.seq for e in store.events_after(0, 10)] == [5]  # the newest delivered one stays
+        assert not store.forget_subscriber("removed")
+        store.subscriber_cursor("removed")  # configured again later: it starts after the newest event
+        assert store.subscriber_cursor("removed").last_seq == 5
+
+    def test_forgetting_the_last_subscriber_keeps_only_the_newest_events(self, new_store):
+        store = new_store(EVENTS)
+        store.events_kept = 2
+        store.subscriber_cursor("gone")
+        for seq in range(1, 6):
+            store.update_presence(f"u{seq}", 1, True, 1, T0)
+        assert store.forget_subscriber("gone")
+        assert store.subscriber_names() == []
+        assert [e.seq for e in store.events_after(0, 10)] == [4, 5]
+
     def test_events_are_kept_only_for_subscribed_types(self, new_store):
         store = new_store(frozenset({"message.sent"}))
         store.accept(new("m1", "u1", "u2"), None, retention_ms=0)

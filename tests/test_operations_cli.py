@@ -159,3 +159,37 @@ def test_doctor_from_checks_the_webhooks_file_and_points_to_the_command(tmp_path
     assert f"FAIL  webhooks.yml: {edited} differs in url" in out  # doctor compares with the same URL
     code, out, _ = _run("doctor", "-c", str(config), "--from", str(edited), "--public-url", public)
     assert f"ok    webhooks.yml: {edited} points at this sidecar" in out
+
+
+def test_subscribers_lists_cursors_and_forgets_only_those_no_longer_configured(tmp_path):
+    """A subscriber removed from the config keeps its events until the operator says it is gone."""
+    from openim_bizplugin.store import open_store
+    from openim_bizplugin.store.base import SubscriberCursor
+
+    config_path = write_config(tmp_path)
+    with config_path.open("a") as fh:
+        fh.write('[[subscribers]]\nurl = "http://127.0.0.1:9/kept"\nsecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n'
+                 'events = ["user.online"]\n')
+    config = load_config(config_path)
+    store = open_store(config.storage, event_types=frozenset({"user.online"}))
+    store.subscriber_cursor("http://127.0.0.1:9/kept"), store.subscriber_cursor("http://user:pw@127.0.0.1:9/gone")
+    for n in range(3):
+        store.update_presence(f"u{n}", 1, True, 1, 1_000)
+    store.save_subscriber_cursor(SubscriberCursor("http://127.0.0.1:9/kept", 3))
+    store.close()
+
+    code, out, _ = _run("subscribers", "-c", str(config_path))
+    assert code == 0
+    assert "http://127.0.0.1:9/kept  configured  after event 3, 0 waiting" in out
+    assert "http://user:***@127.0.0.1:9/gone  NOT CONFIGURED  its 3 events are kept" in out and "pw" not in out
+    code, out, _ = _run("doctor", "-c", str(config_path))
+    assert "warn  subscribers: 1 no longer configured (http://user:***@127.0.0.1:9/gone)" in out
+    code, out, _ = _run("subscribers", "-c", str(config_path), "--forget-unconfigured")
+    assert code == 0 and "http://user:***@127.0.0.1:9/gone  forgotten  (3 events it had not received)" in out
+    store = open_store(config.storage, event_types=frozenset({"user.online"}))
+    try:
+        assert store.subscriber_names() == ["http://127.0.0.1:9/kept"]  # the events: tests/store_contract.py
+    finally:
+        store.close()
+    code, out, _ = _run("doctor", "-c", str(config_path))
+    assert "warn  subscribers" not in out

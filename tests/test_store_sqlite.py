@@ -374,3 +374,17 @@ def test_a_closed_store_keeps_no_file_open(tmp_path):
         store.accept(_new(n), None, retention_ms=1)
         store.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_forgetting_a_subscriber_deletes_its_backlog_in_short_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr("openim_bizplugin.store.sqlite_tracking.FORGET_BATCH", 3)
+    store = SqliteStore(tmp_path / "x.db", event_types=frozenset({"user.online"}), events_kept=0)
+    store.subscriber_cursor("gone")
+    for n in range(10):
+        store.update_presence(f"u{n}", 1, True, 1, 1_000)
+    writes = []
+    write = store._write
+    store._write = lambda *a, **k: (writes.append(1), write(*a, **k))[1]
+    assert store.forget_subscriber("gone")
+    assert store.events_after(0, 100) == []
+    assert len(writes) == 1 + 4  # the cursor, then 3 + 3 + 3 + 1 events

@@ -565,6 +565,13 @@ class Store(Protocol):
     def save_subscriber_cursor(self, cursor: SubscriberCursor) -> None:
         """Store a subscriber's position and retry state."""
 
+    def subscriber_names(self) -> list[str]:
+        """The subscribers that have a cursor, configured or not (sorted)."""
+
+    def forget_subscriber(self, subscriber: str) -> bool:
+        """Delete *subscriber*'s cursor (False when it has none): the events only it still waited
+        for are deleted too, but the newest ``events_kept`` of those every subscriber has."""
+
     def load_token(self, name: str) -> tuple[str, int] | None:
         """A shared credential and its expiry (ms), e.g. the OpenIM admin token."""
 

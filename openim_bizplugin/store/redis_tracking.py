@@ -162,27 +162,42 @@ end
 return redis.call('HMGET', key, 'last_seq', 'attempts', 'next_attempt_ms', 'last_error')
 """
 
+# Events every subscriber has passed can go (but the newest *kept* of them stay for a look back):
+# trim below the lowest cursor, never more; with no cursor left, below the newest event.
+TRIM_EVENTS = r"""
+local function trim_events(kept)
+  local lowest = nil
+  for _, name in ipairs(redis.call('SMEMBERS', P .. 'cursors')) do
+    local seq = tonumber(redis.call('HGET', P .. 'cursor:' .. name, 'last_seq') or '0')
+    if lowest == nil or seq < lowest then lowest = seq end
+  end
+  lowest = lowest or tonumber(redis.call('GET', P .. 'events:seq') or '0')
+  local below = lowest - kept + 1
+  if below > 1 then redis.call('XTRIM', P .. 'events', 'MINID', below .. '-0') end
+end
+"""
+
 # ARGV[4..]: subscriber, last seq, attempts, next_attempt_ms, last error, delivered events to keep.
-SAVE_CURSOR = r"""
+SAVE_CURSOR = TRIM_EVENTS + r"""
 local key = P .. 'cursor:' .. ARGV[4]
 if redis.call('EXISTS', key) == 0 then return 0 end
 redis.call('HSET', key, 'last_seq', ARGV[5], 'attempts', ARGV[6], 'next_attempt_ms', ARGV[7])
 set_or_clear(key, 'last_error', ARGV[8])
--- events every subscriber has passed can go (but the newest of them are kept for a look
--- back): trim below the lowest cursor, never more
-local lowest = nil
-for _, name in ipairs(redis.call('SMEMBERS', P .. 'cursors')) do
-  local seq = tonumber(redis.call('HGET', P .. 'cursor:' .. name, 'last_seq') or '0')
-  if lowest == nil or seq < lowest then lowest = seq end
-end
-local below = (lowest or 0) - tonumber(ARGV[9]) + 1
-if below > 1 then redis.call('XTRIM', P .. 'events', 'MINID', below .. '-0') end
+trim_events(tonumber(ARGV[9]))
+return 1
+"""
+
+# ARGV[4..]: subscriber, delivered events to keep. What only it still waited for can go.
+FORGET_CURSOR = TRIM_EVENTS + r"""
+if redis.call('SREM', P .. 'cursors', ARGV[4]) == 0 then return 0 end
+redis.call('DEL', P .. 'cursor:' .. ARGV[4])
+trim_events(tonumber(ARGV[5]))
 return 1
 """
 
 SCRIPTS = {"record_callback": RECORD_CALLBACK, "prune_callbacks": PRUNE_CALLBACKS, "stamp_once": STAMP_ONCE,
            "mark_pushed": MARK_PUSHED, "saved_seq": SAVED_SEQ, "mark_read": MARK_READ, "acknowledge": ACKNOWLEDGE, "presence": PRESENCE,
-           "open_cursor": OPEN_CURSOR, "save_cursor": SAVE_CURSOR}
+           "open_cursor": OPEN_CURSOR, "save_cursor": SAVE_CURSOR, "forget_cursor": FORGET_CURSOR}
 
 
 class RedisTrackingMixin:
@@ -311,4 +326,12 @@ class RedisTrackingMixin:
         ``events_kept`` of them, and never an event some subscriber still waits for."""
         self._run("save_cursor", cursor.subscriber, cursor.last_seq, cursor.attempts, cursor.next_attempt_ms,
                   cursor.last_error or "", self.events_kept)
+
+    @translated
+    def subscriber_names(self) -> list[str]:
+        return sorted(self._redis.smembers(self._k("cursors")))
+
+    @translated
+    def forget_subscriber(self, subscriber: str) -> bool:
+        return self._run("forget_cursor", subscriber, self.events_kept) == 1
 

@@ -22,6 +22,7 @@ from .sqlite_file import SqliteFile
 
 DONE_BATCHES_KEPT = 8  # parsed answers of sent batches kept for callbacks about their users
 INBOX_WAL_BYTES = 4 * 1024 * 1024  # the inbox's WAL is folded back and cut once it is this large
+FORGET_BATCH = 5_000  # events deleted per write when a subscriber's cursor is forgotten
 _RECORD_CALLBACK = "INSERT OR IGNORE INTO callbacks (command, natural_key, body, received_ms) VALUES (?, ?, ?, ?)"
 
 
@@ -234,3 +235,19 @@ class TrackingMixin:
                        (cursor.last_seq, cursor.attempts, cursor.next_attempt_ms, cursor.last_error, cursor.subscriber))
             db.execute("DELETE FROM events WHERE seq <= (SELECT MIN(last_seq) FROM subscriber_cursors) - ?",
                        (self.events_kept,))
+
+    def subscriber_names(self) -> list[str]:
+        return [name for (name,) in self._read("SELECT subscriber FROM subscriber_cursors ORDER BY subscriber", ())]
+
+    def forget_subscriber(self, subscriber: str) -> bool:
+        with self._write() as db:
+            if db.execute("DELETE FROM subscriber_cursors WHERE subscriber = ?", (subscriber,)).rowcount == 0:
+                return False
+            below = db.execute("SELECT COALESCE((SELECT MIN(last_seq) FROM subscriber_cursors),"
+                               " (SELECT MAX(seq) FROM events), 0) - ?", (self.events_kept,)).fetchone()[0]
+        # what only it waited for, in short writes: months of events may stand behind it
+        while True:
+            with self._write() as db:
+                if db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq <= ?"
+                              " ORDER BY seq LIMIT ?)", (below, FORGET_BATCH)).rowcount < FORGET_BATCH:
+                    return True

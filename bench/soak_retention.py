@@ -52,6 +52,7 @@ def write_config(folder: Path, openim_url: str) -> Path:
 [server]
 host = "127.0.0.1"
 port = 0
+idempotency_retention_seconds = 60  # no longer than the retention below
 [openim]
 api_url = "{openim_url}"
 secret = "openIM123"

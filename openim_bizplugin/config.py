@@ -280,6 +280,11 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     ui_secure_cookie = ui.bool("secure_cookie", False)
     ui.done()
     retention = _retention(_Section("retention", data.get("retention", {})))
+    window = server.idempotency_retention_seconds
+    for key in ("finished_seconds", "dead_letter_seconds"):
+        if getattr(retention, key) < window:  # a repeat inside the window would be stored and sent again
+            raise ConfigError(f"retention.{key}: must be at least server.idempotency_retention_seconds ({window}):"
+                              " a repeated request within that window must still find its message")
     return Config(path, server, openim, callback_token, storage, schemas_dir, delivery,
                   clients, subscribers, ui_token, callback_retention_seconds, ui_secure_cookie,
                   callback_spool_dir=base / spool_dir if spool_dir else None,

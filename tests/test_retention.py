@@ -21,7 +21,8 @@ from openim_bizplugin.store.base import Outcome
 
 @pytest.fixture
 def config_overrides() -> dict[str, Any]:
-    return {"retention": {"finished_seconds": 60, "dead_letter_seconds": 120, "sweep_seconds": 10}}
+    return {"retention": {"finished_seconds": 60, "dead_letter_seconds": 120, "sweep_seconds": 10},
+            "server": {"idempotency_retention_seconds": 60}}
 
 
 def _sent(store: Any, clock: Any, failed: tuple[str, ...] = ()) -> None:
@@ -42,6 +43,19 @@ def test_retention_settings_have_their_defaults_and_are_checked(tmp_path):
             load_config(path)
     with pytest.raises(ConfigError, match="^retention.keep_seconds: unknown key"):
         load_config(write_config(tmp_path, {"retention": {"keep_seconds": 5}}))
+
+
+def test_retention_shorter_than_the_idempotency_window_is_refused(tmp_path):
+    """A message deleted before its idempotency key runs out would be stored and sent again on a retry."""
+    with pytest.raises(ConfigError, match=r"^retention.finished_seconds: must be at least "
+                                          r"server.idempotency_retention_seconds \(86400\)"):
+        load_config(write_config(tmp_path, {"retention": {"finished_seconds": 3600}}))
+    with pytest.raises(ConfigError, match=r"^retention.dead_letter_seconds: must be at least"):
+        load_config(write_config(tmp_path, {"retention": {"dead_letter_seconds": 60},
+                                            "server": {"idempotency_retention_seconds": 120}}))
+    config = load_config(write_config(tmp_path, {"retention": {"finished_seconds": 600, "dead_letter_seconds": 600},
+                                                 "server": {"idempotency_retention_seconds": 600}}))
+    assert config.retention.finished_seconds == 600
 
 
 def test_the_app_sweeps_finished_messages_after_finished_seconds_and_counts_them(app, signed, store, clock):

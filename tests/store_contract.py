@@ -486,12 +486,19 @@ class StoreContract:
         assert changes == [("user.online", {"user_id": "u1", "platform_id": 1}),
                            ("user.offline", {"user_id": "u1", "platform_id": 1})]
 
-    def test_events_every_subscriber_passed_are_deleted_and_no_others(self, new_store):
+    @staticmethod
+    def _events_after_cursors(new_store, kept: int, *subscribers: str):
+        """A store keeping *kept* delivered events, with cursors for *subscribers* and five events after them."""
         store = new_store(EVENTS)
-        store.events_kept = 0
-        store.subscriber_cursor("a"), store.subscriber_cursor("b")
+        store.events_kept = kept
+        for name in subscribers:
+            store.subscriber_cursor(name)
         for seq in range(1, 6):
             store.update_presence(f"u{seq}", 1, True, 1, T0)
+        return store
+
+    def test_events_every_subscriber_passed_are_deleted_and_no_others(self, new_store):
+        store = self._events_after_cursors(new_store, 0, "a", "b")
         store.save_subscriber_cursor(SubscriberCursor("a", 4))
         store.save_subscriber_cursor(SubscriberCursor("b", 2))
         assert [e.seq for e in store.events_after(0, 10)] == [3, 4, 5]  # 1 and 2 reached both
@@ -503,11 +510,7 @@ class StoreContract:
         assert [e.seq for e in store.events_after(0, 10)] == [5, 6]
 
     def test_forgetting_a_removed_subscriber_frees_the_events_only_it_waited_for(self, new_store):
-        store = new_store(EVENTS)
-        store.events_kept = 1
-        store.subscriber_cursor("kept"), store.subscriber_cursor("removed")
-        for seq in range(1, 6):
-            store.update_presence(f"u{seq}", 1, True, 1, T0)
+        store = self._events_after_cursors(new_store, 1, "kept", "removed")
         store.save_subscriber_cursor(SubscriberCursor("kept", 5))
         assert [e.seq for e in store.events_after(0, 10)] == [1, 2, 3, 4, 5]  # "removed" has none of them
         assert store.subscriber_names() == ["kept", "removed"]
@@ -519,11 +522,7 @@ class StoreContract:
         assert store.subscriber_cursor("removed").last_seq == 5
 
     def test_forgetting_the_last_subscriber_keeps_only_the_newest_events(self, new_store):
-        store = new_store(EVENTS)
-        store.events_kept = 2
-        store.subscriber_cursor("gone")
-        for seq in range(1, 6):
-            store.update_presence(f"u{seq}", 1, True, 1, T0)
+        store = self._events_after_cursors(new_store, 2, "gone")
         assert store.forget_subscriber("gone")
         assert store.subscriber_names() == []
         assert [e.seq for e in store.events_after(0, 10)] == [4, 5]

@@ -284,7 +284,6 @@ ERRORS = [  # (HTTP status, body, retryable, outcome_unknown)
     (400, envelope(code=1001, msg="ArgsError", dlt="json: cannot unmarshal object into Go struct field"),
      False, False),
     (200, envelope(code=1004, msg="RecordNotFoundError", dlt="user not found"), False, False),
-    (200, envelope(code=1002, msg="NoPermissionError", dlt="only app manager can send message"), False, False),
     (200, envelope(code=500, msg="ServerInternalError",
                    dlt="Key: 'CustomElem.Data' Error:Field validation for 'Data' failed on the 'required' tag"),
      False, False),
@@ -391,7 +390,8 @@ def test_token_is_refreshed_ahead_of_expiry(rsps, client, store, clock):
     assert store.tokens[TOKEN_NAME][0] == TOKEN2 and len(calls_to(rsps, "/auth/get_admin_token")) == 2
 
 
-@pytest.mark.parametrize("code, msg", [(1501, "TokenExpiredError"), (1507, "TokenNotExistError")])
+@pytest.mark.parametrize("code, msg", [(1501, "TokenExpiredError"), (1507, "TokenNotExistError"),
+                                       (1002, "NoPermissionError")])  # the token's user is no admin any more
 def test_token_error_refreshes_once_and_repeats_with_a_new_operation_id(rsps, client, store, code, msg):
     seed(store)
     admin_token_ok(rsps, TOKEN2)
@@ -412,6 +412,19 @@ def test_token_error_after_the_refresh_is_retryable(rsps, client, store):
     with pytest.raises(OpenIMError) as info:
         client.send_msg(send_id="b", content={"data": "x"}, recv_id="u", operation_id="op-1")
     assert info.value.err_code == 1507 and info.value.retryable and not info.value.outcome_unknown
+    assert info.value.operation_id == "op-1-retry"
+    assert len(calls_to(rsps, "/auth/get_admin_token")) == 1 and len(calls_to(rsps, "/msg/send_msg")) == 2
+
+
+def test_no_permission_again_after_the_refresh_is_final(rsps, client, store):
+    """The fresh token is an admin's and the route still says 1002: that is about the call, not the token."""
+    seed(store)
+    admin_token_ok(rsps, TOKEN2)
+    rsps.post(API + "/msg/send_msg", json=envelope(code=1002, msg="NoPermissionError",
+                                                    dlt="only app manager can send message"))
+    with pytest.raises(OpenIMError) as info:
+        client.send_msg(send_id="b", content={"data": "x"}, recv_id="u", operation_id="op-1")
+    assert info.value.err_code == 1002 and not info.value.retryable and not info.value.outcome_unknown
     assert info.value.operation_id == "op-1-retry"
     assert len(calls_to(rsps, "/auth/get_admin_token")) == 1 and len(calls_to(rsps, "/msg/send_msg")) == 2
 

@@ -129,6 +129,23 @@ def test_an_unknown_admin_user_waits_too_and_resumes_when_openim_lists_it(tmp_pa
     side.services.close()
 
 
+def test_an_admin_dropped_while_its_token_is_held_waits_instead_of_failing(tmp_path, fake, clock):
+    """OpenIM restarts without imAdmin in imAdminUser.userIDs: the token the sidecar holds still parses,
+    but every admin route answers 1002. A fresh token is asked for and refused (1001): nothing fails."""
+    side = Sidecar(tmp_path, fake, clock)
+    side.engine.sender.openim.admin_token()  # held from earlier work
+    fake.set_admin_user_ids(["ops-admin"])
+    ids = _send_mixed(side)
+    _steps(side, 4)
+    assert _statuses(side, ids) == [("queued", 0)] * 6
+    assert 'bizplugin_openim_admin_token_refused{err_code="1001"} 1.0' in _metrics(side)
+    fake.set_admin_user_ids(["ops-admin", "imAdmin"])
+    clock.advance(RECHECK)
+    side.drain()
+    assert _statuses(side, ids) == [("sent", 1)] * 6
+    side.services.close()
+
+
 def _metrics(side: Sidecar) -> str:
     return side.app.test_client().get("/metrics").get_data(as_text=True)
 

@@ -13,7 +13,7 @@ once after refreshing the admin token.
      ├── retryable = True        network errors, HTTP 5xx and 429, errCode 429,
      │                           token errors 1501-1507 (after the one refresh),
      │                           errCode 500 (not content validation), 90000-range
-     ├── retryable = False       HTTP 400 bind errors, 1001, 1002, 1004, 11xx, 12xx,
+     ├── retryable = False       HTTP 400 bind errors, 1001, 1002 (after the one refresh), 1004, 11xx, 12xx,
      │                           1302/1303, 1402/1403, validation 500s, any other code
      ├── token_refused = True    /auth/get_admin_token answered 1001, 1002 or 1004 (wrong
      │                           secret, unknown admin user): the deployment's state, not
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 TOKEN_NAME = "openim.admin_token"
 REFRESH_LOCK = "openim.admin_token.refresh"
 TOKEN_ERRORS = frozenset(range(1501, 1508))
+# an admin route's answer to a token whose user is no admin any more (imAdminUser.userIDs changed):
+# the deployment's state, like a token error; a fresh token tells (get_admin_token refuses it: 1001)
+NO_PERMISSION = 1002
 # get_admin_token: 1002 "secret invalid", 1001 "userID is error." (not an admin), 1004 "user not found"
 TOKEN_REFUSALS = frozenset({1001, 1002, 1004})
 MAX_IDS = 1000  # OpenIM caps ID arrays at 1,000
@@ -278,7 +281,7 @@ class OpenIMClient:
         try:
             return self._post(endpoint, body, operation_id, token), operation_id
         except OpenIMError as exc:
-            if exc.err_code not in TOKEN_ERRORS:
+            if exc.err_code not in TOKEN_ERRORS and exc.err_code != NO_PERMISSION:
                 raise
             log.info("OpenIM refused the admin token (%s, operationID %s): refreshing once",
                      exc.err_msg, operation_id, extra={"event": "openim.token_refused", "endpoint": endpoint,

@@ -7,6 +7,7 @@ injected streams; every failure is one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -174,8 +175,7 @@ def _dlq(args: argparse.Namespace, stdout: TextIO) -> int:
     from .store import open_store
 
     config = _config(args)
-    store = open_store(config.storage)
-    try:
+    with contextlib.closing(open_store(config.storage)) as store:
         if args.dlq_command == "list":
             letters = store.dead_letters()
             for letter in letters:
@@ -187,8 +187,6 @@ def _dlq(args: argparse.Namespace, stdout: TextIO) -> int:
             if count == 0 and not args.all:
                 raise CommandError(f"no dead letter {args.message_id!r}")
             print(f"{count} recipients queued again", file=stdout)
-    finally:
-        store.close()
     return EXIT_OK
 
 
@@ -198,8 +196,7 @@ def _subscribers(args: argparse.Namespace, stdout: TextIO) -> int:
 
     config = _config(args)
     configured = {sub.name for sub in subscribers_from(config.subscribers)}
-    store = open_store(config.storage)
-    try:
+    with contextlib.closing(open_store(config.storage)) as store:
         for name in store.subscriber_names():
             cursor = store.subscriber_cursor(name)
             waiting = len(store.events_after(cursor.last_seq, EVENTS_COUNTED + 1))
@@ -212,8 +209,6 @@ def _subscribers(args: argparse.Namespace, stdout: TextIO) -> int:
             else:
                 print(f"{shown_url(name)}  NOT CONFIGURED  its {shown} events are kept until"
                       " `subscribers --forget-unconfigured`", file=stdout)
-    finally:
-        store.close()
     return EXIT_OK
 
 
@@ -223,15 +218,12 @@ def _vacuum(args: argparse.Namespace, stdout: TextIO) -> int:
     config = _config(args)
     if config.storage.sqlite_path is None:
         raise CommandError("vacuum is for SQLite storage (Redis gives memory back by itself)")
-    store = SqliteStore(config.storage.sqlite_path)
-    try:
+    with contextlib.closing(SqliteStore(config.storage.sqlite_path)) as store:
         for file in store.files():
             before = os.path.getsize(file.path)
             file.vacuum()
             print(f"{file.path}: {before // 1024} KB -> {os.path.getsize(file.path) // 1024} KB,"
                   " incremental auto-vacuum", file=stdout)
-    finally:
-        store.close()
     return EXIT_OK
 
 

@@ -13,7 +13,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
-import unicodedata
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,13 +154,17 @@ def _raise_if(found: list[Violation], detail: str) -> None:
         raise Unprocessable(detail, errors=found)
 
 
+# Unicode's categories Cc (controls) and Cs (surrogates), exactly; a regex, not a loop over characters
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def id_problem(value: str) -> str | None:
     """Why *value* is not a usable OpenIM user or group id, or None."""
     if not 1 <= len(value) <= MAX_ID_LENGTH:
         return f"must be 1-{MAX_ID_LENGTH} characters"
     if value != value.strip():
         return "must not start or end with white space"
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
+    if _CONTROL_OR_SURROGATE.search(value):
         return "must not contain control characters or unpaired surrogates"
     return None
 

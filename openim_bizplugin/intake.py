@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from email.message import Message
 
 from .envelope import MessageRequest, parse_envelope
-from .errors import Unprocessable, UnsupportedMediaType, Violation
+from .errors import BizError, Unprocessable, UnsupportedMediaType, Violation
 from .services import Services
 from .signing import VerifiedRequest
 from .store.base import Accepted, IdempotencyMismatch, NewMessage, ReplayKey
@@ -38,13 +38,22 @@ class Answer:
 
 def accept_message(services: Services, verified: VerifiedRequest, raw: bytes,
                    content_type: str | None, header_key: str | None) -> Answer:
-    """Validate and store one message; a replayed request gets its first answer."""
+    """Validate and store one message; a replayed request gets its first answer.
+
+    The store finds a replay in the same transaction that would store the
+    message, so the usual request costs no separate read. A replay is looked
+    up before refusing a body: what was accepted once (before a schema change,
+    say) is answered as it was then.
+    """
     replay = ReplayKey(verified.client_id, verified.signed_value, verified.timestamp)
-    earlier = services.store.replayed(replay)
-    if earlier is not None:
-        return _answer_for(services, earlier, verified.client_id)
-    _require_json(content_type)
-    return accept_body(services, verified.client_id, raw, header_key, replay)
+    try:
+        _require_json(content_type)
+        return accept_body(services, verified.client_id, raw, header_key, replay)
+    except BizError as refusal:
+        earlier = services.store.replayed(replay) if refusal.status < 500 else None
+        if earlier is None:
+            raise
+    return _answer_for(services, earlier, verified.client_id)
 
 
 def accept_body(services: Services, client_id: str, raw: bytes, header_key: str | None = None,

@@ -90,8 +90,20 @@ def loads(raw: bytes) -> Any:
         raise BadRequest(f"JSON nesting deeper than {MAX_DEPTH} levels") from None
     if _skip_space(text, end) != len(text):
         raise BadRequest("body is not valid JSON: extra data after the value")
-    _check_tree(value)
+    if _may_need_checking(text):
+        _check_tree(value)
     return value
+
+
+# Text without these cannot hold what _check_tree looks for: an integer beyond 2^53 has
+# 16+ digits; a float beyond 1.8e308 has 309+ digits or an exponent of 3+ digits; a
+# lone surrogate comes from a \u escape. Matches inside strings only cost a walk.
+_MAYBE_UNSAFE = re.compile(r"\d{16}|[eE]\+?\d{3}|\\u")
+
+
+def _may_need_checking(text: str) -> bool:
+    """Whether *text* may nest too deep or hold an unsafe number or string (~1 us, the walk ~25)."""
+    return text.count("[") + text.count("{") > MAX_DEPTH or _MAYBE_UNSAFE.search(text) is not None
 
 
 def _skip_space(text: str, pos: int) -> int:

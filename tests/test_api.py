@@ -137,7 +137,7 @@ def test_envelope_violations_are_422_with_path(signed, envelope_change, path):
     assert path in [e["path"] for e in body["errors"]]
 
 
-@pytest.mark.parametrize("bad_id", ["", "u1\n", " u1", "u1 ", "a" * 129, "u\x00x", "u\ud800"])
+@pytest.mark.parametrize("bad_id", ["", "u1\n", " u1", "u1 ", "a" * 129, "u\x00x", "u\x7fx", "u\x85x", "u\ud800"])
 def test_bad_recipient_ids_are_422(signed, store, bad_id):
     raw = json.dumps(message(to={"users": ["ok", bad_id]})).encode()
     body = _problem(signed.post(raw), 422)
@@ -208,6 +208,23 @@ def test_replayed_signed_request_is_answered_like_the_first(signed, store):
     assert first.status_code == again.status_code == 202
     assert first.get_json() == again.get_json()
     assert _count(store, "messages") == 1
+
+
+def test_a_replay_gets_the_first_answer_even_after_its_type_left_the_catalogue(tmp_path, clock):
+    import shutil
+    from openim_bizplugin.web.app import create_app
+    from openim_bizplugin.config import load_config
+    from conftest import REPO, Signed, write_config
+    shutil.copytree(REPO / "schemas", tmp_path / "schemas")
+    config = load_config(write_config(tmp_path, {"schemas": {"dir": "schemas"}}))
+    first = Signed(create_app(config, clock=clock).test_client(), clock).post(message())
+    shutil.rmtree(tmp_path / "schemas" / "profile.updated")  # a restart with a catalogue without the type
+    restarted = Signed(create_app(load_config(write_config(tmp_path, {"schemas": {"dir": "schemas"}})),
+                                  clock=clock).test_client(), clock)
+    replayed = restarted.post(message())  # the same signed request again
+    assert first.status_code == replayed.status_code == 202
+    assert replayed.get_json() == first.get_json()
+    _problem(restarted.post(message(idempotency_key="new")), 404)  # a new request meets the new catalogue
 
 
 def test_deprecated_version_is_accepted_with_deprecation_header(tmp_path, clock):

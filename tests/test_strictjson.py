@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from openim_bizplugin.errors import BadRequest, Unprocessable
 from openim_bizplugin.strictjson import MAX_DEPTH, loads
@@ -25,7 +29,8 @@ def test_nesting_up_to_the_limit_is_fine():
     assert loads(b"[" * depth + b"]" * depth) is not None
 
 
-@pytest.mark.parametrize("number", [b"9007199254740993", b"-9007199254740993", b"1" * 5000, b"1e400"])
+@pytest.mark.parametrize("number", [b"9007199254740993", b"-9007199254740993", b"1" * 5000, b"1e400",
+                                    b"2e308", b"-1E+400", b"0.00000000000000000001e330"])
 def test_out_of_range_numbers_are_unprocessable_with_path(number):
     with pytest.raises(Unprocessable) as caught:
         loads(b'{"a": [0, ' + number + b"]}")
@@ -43,3 +48,23 @@ def test_lone_surrogates_are_unprocessable():
     with pytest.raises(Unprocessable) as caught:
         loads(b'{"a~/b": "\\udc00"}')
     assert caught.value.errors[0].path == "/a~0~1b"
+
+
+# Numbers as JSON spells them, near and far beyond the limits (ints past 2^53, floats past 1.8e308).
+NUMBER_TEXT = st.from_regex(r"-?(0|[1-9][0-9]{0,330})(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,4})?", fullmatch=True)
+STRING_TEXT = st.text(max_size=6).map(lambda s: json.dumps(s, ensure_ascii=True))  # \u escapes, surrogates too
+VALUE_TEXT = st.recursive(NUMBER_TEXT | STRING_TEXT, lambda inner: st.lists(inner, max_size=3).map(
+    lambda items: "[" + ",".join(items) + "]") | st.lists(st.tuples(STRING_TEXT, inner), max_size=3).map(
+    lambda pairs: "{" + ",".join(f"{k}:{v}" for k, v in dict(pairs).items()) + "}"), max_leaves=12)
+
+
+@settings(database=None, deadline=None, max_examples=400)
+@given(VALUE_TEXT)
+def test_the_quick_look_never_skips_a_value_the_walk_would_refuse(text):
+    """loads() walks the parsed tree only when the text may need it: never wrongly skipped."""
+    from openim_bizplugin.strictjson import _DECODER, _check_tree, _may_need_checking
+    value = _DECODER.decode(text)
+    try:
+        _check_tree(value)
+    except (BadRequest, Unprocessable):
+        assert _may_need_checking(text)

@@ -283,7 +283,7 @@ def test_a_whole_flow_logs_no_secret_and_one_grep_follows_the_message(tmp_path, 
 
     # the access lines, the callback token masked in the path
     paths = {e["path"] for e in entries if e.get("event") == "http.access"}
-    assert "/openim/callback/***/callbackAfterSendSingleMsgCommand" in paths and "/v1/messages" in paths
+    assert "/openim/callback/***/callbackAfterSendSingleMsgCommand" in paths and f"/v1/messages/{message_id}" in paths
 
 
 def test_serve_writes_json_lines_with_the_token_masked(tmp_path):
@@ -294,10 +294,13 @@ def test_serve_writes_json_lines_with_the_token_masked(tmp_path):
         assert answer.status_code == 202
         assert requests.post(f"{running.url}/openim/callback/{CALLBACK_TOKEN}/callbackAfterUserOnlineCommand",
                              data=b"{}", timeout=10).status_code == 200
+        assert signed_post(running.url, body.replace(b'"u1"', b'" u1"')).status_code == 422
     entries = [json.loads(line) for line in running.stderr().splitlines()]
     assert CALLBACK_TOKEN not in running.stderr() and SECRETS["crm"] not in running.stderr()
     [accepted] = [e for e in entries if e.get("event") == "message.accepted"]
     assert (accepted["message_id"], accepted["client"], accepted["level"]) == (answer.json()["id"], "crm", "INFO")
-    assert {"/v1/messages", "/openim/callback/***/callbackAfterUserOnlineCommand"} <= {
-        e["path"] for e in entries if e.get("event") == "http.access"}
+    # one line per request: the accepted message's own line, an access line for the others
+    access = [(e["path"], e["status"]) for e in entries if e.get("event") == "http.access"]
+    assert ("/openim/callback/***/callbackAfterUserOnlineCommand", 200) in access
+    assert [status for path, status in access if path == "/v1/messages"] == [422]
     assert not [e for e in entries if e["level"] == "DEBUG"]  # info unless --log-level says otherwise

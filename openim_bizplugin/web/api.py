@@ -13,7 +13,7 @@ from ..services import Services
 from ..signing import VerifiedRequest
 from ..store.base import ACTIVE_STATUSES, DELIVERED_STATUSES, MessageRecord
 from . import metrics
-from .wire import path_and_query, read_body
+from .wire import LOGGED, path_and_query, read_body
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -42,6 +42,7 @@ def post_message() -> Any:
                             request.headers.get("Idempotency-Key"))
     if answer.accepted.created:
         metrics.current().accepted(verified.client_id, answer.message_type)
+    request.environ[LOGGED] = True  # accept_message logged it: one line per request
     return jsonify(answer.accepted.answer()), 202, answer.headers
 
 

@@ -39,6 +39,7 @@ from waitress.task import ThreadedTaskDispatcher
 from waitress.utilities import Error
 
 from ..errors import BizError, PayloadTooLarge, problem
+from .wire import LOGGED
 
 log = logging.getLogger(__name__)
 # waitress reports a queue of requests waiting for a thread at WARNING on every request: noise under load
@@ -153,9 +154,11 @@ class _Server(TcpWSGIServer):
 
 
 def _access_logged(app: Callable, mask: Callable[[str], str]) -> Callable:
-    """The WSGI *app*, logging one ``http.access`` line per answered request."""
+    """The WSGI *app*, logging one ``http.access`` line per answered request the app did not log itself."""
     def logged(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         def start(status: str, headers: list, exc_info: Any = None) -> Callable:
+            if environ.get(LOGGED):
+                return start_response(status, headers, exc_info)
             code = int(status[:3])
             path = mask(environ.get("PATH_INFO", ""))
             remote, method = environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", "-")

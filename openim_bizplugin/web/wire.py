@@ -16,6 +16,9 @@ CHUNK = 64 * 1024
 # After a 413 we keep reading (and discarding) up to this much so the client
 # sees the answer instead of a reset connection; beyond it we just close.
 DRAIN_LIMIT = 64 * 1024 * 1024
+# Set in the WSGI environ by a view that logged its request in a line of its own
+# (``message.accepted``): serve's access log then adds no second line for it.
+LOGGED = "openim_bizplugin.logged"
 
 
 def read_body(stream: Any, content_length: int | None, limit: int) -> bytes:

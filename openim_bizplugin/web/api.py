@@ -1,4 +1,5 @@
-"""The signed internal API, ``/v1`` (SPEC §3–§4). Views stay thin."""
+"""The signed internal API, ``/v1`` (SPEC §3–§4). Views stay thin; ``POST /v1/messages`` is
+answered in front of the app, by :mod:`.messages`."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 
 from ..errors import NotFound
-from ..intake import accept_message
 from ..services import Services
 from ..signing import VerifiedRequest
 from ..store.base import ACTIVE_STATUSES, DELIVERED_STATUSES, MessageRecord
-from . import metrics
-from .wire import LOGGED, path_and_query, read_body
+from .wire import path_and_query
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -31,19 +30,6 @@ def _verified(body: bytes) -> VerifiedRequest:
         request.method, path_and_query(request.environ), body, request.headers.get("Idempotency-Key"))
     svc.limiter.check(verified.client_id)
     return verified
-
-
-@bp.post("/messages")
-def post_message() -> Any:
-    svc = services()
-    body = read_body(request.stream, request.content_length, svc.config.server.max_body_bytes)
-    verified = _verified(body)
-    answer = accept_message(svc, verified, body, request.headers.get("Content-Type"),
-                            request.headers.get("Idempotency-Key"))
-    if answer.accepted.created:
-        metrics.current().accepted(verified.client_id, answer.message_type)
-    request.environ[LOGGED] = True  # accept_message logged it: one line per request
-    return jsonify(answer.accepted.answer()), 202, answer.headers
 
 
 @bp.get("/messages/<message_id>")

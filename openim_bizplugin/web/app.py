@@ -16,7 +16,6 @@ from . import api, callbacks, messages, metrics, ops, problems, ui
 from .openapi import build_openapi
 
 
-
 def create_app(config: Config, *, clock: Callable[[], float] = time.time,
                services: Services | None = None, background: bool = False) -> Flask:
     """The standalone sidecar (what ``serve`` runs): a bare Flask app with :class:`~.plugin.BizPlugin`

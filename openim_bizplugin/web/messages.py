@@ -46,7 +46,7 @@ class MessageEndpoint:
             environ[LOGGED] = True  # accept_message logged it: one line per request
         except BizError as exc:
             content_type = problems.PROBLEM_JSON
-            status, headers, body = problems.for_error(exc, self.metrics, environ["REQUEST_METHOD"], PATH,
+            status, headers, body = problems.for_error(exc, self.metrics, environ.get("REQUEST_METHOD", "-"), PATH,
                                                        environ.get("HTTP_X_BIZ_CLIENT"))
         except HTTPException as exc:  # 405 above, or the body cut short (ClientDisconnected)
             content_type = problems.PROBLEM_JSON

@@ -33,8 +33,8 @@ def _accept_while_the_file_is_held(store: SqliteStore, calls: list[Callable[[], 
                                    held: contextlib.AbstractContextManager | None = None) -> list[object]:
     """Run *calls* in threads while this thread holds the store's write lock (or *held*), then let go.
 
-    The first call starts alone and leads a group of its own, waiting for the lock; the others
-    start once it does, and queue behind it."""
+    The first call starts alone and takes the lead, waiting for the lock; the others start once
+    it does, and queue beside it: the group is taken once the lock is held."""
     answers: list[object] = [None] * len(calls)
     group = store._accepting
 
@@ -47,10 +47,10 @@ def _accept_while_the_file_is_held(store: SqliteStore, calls: list[Callable[[], 
     threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
     with held or store._db.write():
         threads[0].start()
-        _wait_until(lambda: group._leading and not group._queue)
+        _wait_until(lambda: group._leading and len(group._queue) == 1)
         for thread in threads[1:]:
             thread.start()
-        _wait_until(lambda: len(group._queue) == len(calls) - 1)
+        _wait_until(lambda: len(group._queue) == len(calls))
     for thread in threads:
         thread.join(10)
     return answers
@@ -70,7 +70,7 @@ def test_callers_that_arrive_while_a_write_is_in_progress_are_committed_together
     answers = _accept_while_the_file_is_held(
         store, [lambda i=i: store.accept(_new(i), None, retention_ms=1) for i in range(6)])
     assert [a.message_id for a in answers] == [f"m{i}" for i in range(6)] and all(a.created for a in answers)
-    assert len(begun) == 1 + 2  # the test's hold; the first caller's; the five that waited behind it
+    assert len(begun) == 1 + 1  # the test's hold; then one transaction for the six that waited for it
     with sqlite3.connect(store.path) as db:
         assert db.execute("SELECT COUNT(*) FROM messages").fetchone() == (6,)
 
@@ -119,16 +119,17 @@ def test_a_group_that_cannot_get_the_lock_stores_none_of_its_callers(tmp_path):
 
 def test_a_caller_still_queued_at_its_deadline_is_answered_busy_and_never_written(tmp_path):
     store = SqliteStore(tmp_path / "x.db", lock_wait_seconds=0.2)
-    leader_may_go = threading.Event()
+    leader_writes, leader_may_go = threading.Event(), threading.Event()
     slow = store._accepting
 
     def slow_write(db):  # the leader's own write takes longer than the followers' wait
+        leader_writes.set()
         leader_may_go.wait(10)
         return "written"
 
     leader = threading.Thread(target=lambda: slow.run(slow_write))
     leader.start()
-    _wait_until(lambda: slow._leading)
+    _wait_until(leader_writes.is_set)  # its group is taken: a caller from now on waits for the next
     with pytest.raises(StorageBusy):
         store.accept(_new(1), None, retention_ms=1)
     leader_may_go.set()

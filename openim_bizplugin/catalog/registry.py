@@ -41,6 +41,7 @@ from ..errors import ConfigError, Violation
 from ..strictjson import DuplicateKey, object_without_duplicates
 from .bounded import (BUDGET, VALIDATION_BUDGET, BoundedValidator, Budget, TooCostly, inline_local_refs, json_pointer,
                       pattern_degree, schema_keywords, schema_patterns, shorten)
+from .quick import compile_quick
 
 MODES = ("notification", "custom")
 PRIORITIES = ("high", "normal", "low")
@@ -123,11 +124,10 @@ class Catalog:
     def __init__(self, types: Iterable[MessageType]) -> None:
         self._types = {t.name: t for t in types}
         # Compiled once: validate() runs for every API request.
-        self._validators = {
-            (t.name, version): BoundedValidator(inline_local_refs(schema))
-            for t in self._types.values()
-            for version, schema in t.schemas.items()
-        }
+        inlined = {(t.name, version): inline_local_refs(schema)
+                   for t in self._types.values() for version, schema in t.schemas.items()}
+        self._validators = {key: BoundedValidator(schema) for key, schema in inlined.items()}
+        self._quick = {key: compile_quick(schema) for key, schema in inlined.items()}
 
     @classmethod
     def load(cls, directory: str | Path) -> Catalog:
@@ -158,6 +158,9 @@ class Catalog:
         validator = self._validators.get((name, version))
         if validator is None:
             raise KeyError(f"unknown message type {name} v{version}")
+        quick = self._quick[(name, version)]
+        if quick is not None and quick(data):  # plainly valid: jsonschema would find nothing
+            return []
         return violations(validator, data, budget=VALIDATION_BUDGET)
 
 

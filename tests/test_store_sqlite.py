@@ -396,3 +396,12 @@ def test_forgetting_a_subscriber_deletes_its_backlog_in_short_writes(tmp_path, m
     assert store.forget_subscriber("gone")
     assert store.events_after(0, 100) == []
     assert len(writes) == 1 + 4  # the cursor, then 3 + 3 + 3 + 1 events
+
+
+def test_a_message_to_more_users_than_one_insert_holds_stores_each_in_order(tmp_path):
+    store = SqliteStore(tmp_path / "x.db")
+    users = tuple(f"u{n}" for n in range(250))  # three INSERT statements of up to 100 rows
+    assert store.accept(_new(targets=users), None, retention_ms=1).recipients == 250
+    with store._db.borrow() as db:
+        rows = db.execute("SELECT seq, target, status FROM recipients WHERE message_id = 'm0' ORDER BY seq").fetchall()
+    assert rows == [(n, f"u{n}", "queued") for n in range(250)]

@@ -88,17 +88,20 @@ class GroupCommit:
         group: list[_Waiting] = []
         results: list[tuple[_Waiting, Any]] = []
         try:
-            with self._file.write(wait_seconds=wait_seconds):
+            with self._file.write(wait_seconds=wait_seconds) as db:
                 with self._done:
                     group, self._queue = self._queue, []
                     for waiting in group:
                         waiting.taken = True
-                for waiting in group:
-                    try:
-                        with self._file.write() as db:  # a savepoint of the group's transaction
-                            results.append((waiting, waiting.write(db)))
-                    except _OWN_FAILURES as exc:
-                        waiting.error = exc
+                if len(group) == 1:  # alone: its transaction is its own, no savepoint needed
+                    results.append((group[0], group[0].write(db)))
+                else:
+                    for waiting in group:
+                        try:
+                            with self._file.write() as savepoint:  # one of the group's transaction
+                                results.append((waiting, waiting.write(savepoint)))
+                        except _OWN_FAILURES as exc:
+                            waiting.error = exc
         except BaseException as exc:  # the transaction did not commit: none of its writes holds
             if not group:
                 with self._done:

@@ -70,6 +70,15 @@ def sliding_window_wait_ms(previous: int, current: int, count: int, period_ms: i
     return max(int(until_turn - (count - 1 - current) * period_ms / previous) + 1, 1)
 
 
+_ROWS_PER_INSERT = 100  # 800 variables: within the 999 of SQLite builds older than 3.32
+
+
+@functools.lru_cache(maxsize=None)
+def _insert_recipients(rows: int) -> str:
+    return ("INSERT INTO recipients (message_id, seq, kind, target, status, priority, next_attempt_ms, expires_ms)"
+            " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows))
+
+
 def inbox_path(path: str) -> str:
     """The callback inbox beside the main file: ``bizplugin.db`` → ``bizplugin-callbacks.db``."""
     stem, dot, suffix = path.rpartition(".")
@@ -490,12 +499,14 @@ class SqliteStore(TrackingMixin, SessionsMixin, RetentionMixin):
             self._collapse(db, m)
         rank = PRIORITY_RANK[m.priority]
         batched = delivered_in_batches(m)
-        db.executemany(
-            "INSERT INTO recipients (message_id, seq, kind, target, status, priority, next_attempt_ms,"
-            " expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            ((m.id, seq, m.target_kind, target, "batched" if batched else "queued", rank, m.created_ms,
-              m.expires_ms) for seq, target in enumerate(m.targets)),
-        )
+        status, count = "batched" if batched else "queued", len(m.targets)
+        # rows a statement, not a statement a row: executemany's steps cost ~3 us each
+        for first in range(0, count, _ROWS_PER_INSERT):
+            rows = min(_ROWS_PER_INSERT, count - first)
+            values: list[object] = []
+            for seq in range(first, first + rows):
+                values += (m.id, seq, m.target_kind, m.targets[seq], status, rank, m.created_ms, m.expires_ms)
+            db.execute(_insert_recipients(rows), values)
         if batched:
             count, size = len(m.targets), self.batch_size
             for first in range(0, count, size):

@@ -120,7 +120,7 @@ def _ecma(pattern: str) -> str:
     return "".join(out)
 
 
-def _search(pattern: str, text: str) -> bool | None:
+def search_within_budget(pattern: str, text: str) -> bool | None:
     """Whether *pattern* matches *text*; None when that would overrun the request's budget."""
     budget = BUDGET.get()
     if budget is not None:
@@ -136,7 +136,7 @@ def _pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Itera
     limit = schema.get("maxLength")
     if isinstance(limit, int) and len(instance) > limit:
         return  # maxLength reports this string; matching it could only cost time
-    found = _search(pattern, instance)
+    found = search_within_budget(pattern, instance)
     if found is None:
         yield ValidationError(f"a string of {len(instance)} characters is too long to check against "
                               f"{pattern!r} (give the schema a maxLength)")
@@ -145,7 +145,7 @@ def _pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Itera
 
 
 def _key_matches(pattern: str, name: str) -> bool:
-    found = _search(pattern, name)
+    found = search_within_budget(pattern, name)
     if found is None:
         raise TooCostly(f"a property name of {len(name)} characters is too long to check against {pattern!r}")
     return found

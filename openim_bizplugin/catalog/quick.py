@@ -15,7 +15,7 @@ jsonschema's (with :mod:`.bounded`'s rules) by construction:
 - where exactness would take care (an ``integer`` given as ``1.0``, an
   ``enum`` of non-strings, ``uniqueItems`` over non-strings) the answer is
   "not sure";
-- ``pattern`` uses :mod:`.bounded`'s matching, charged to the same budget per
+- ``pattern`` uses :func:`.bounded.search_within_budget`, charged to the same budget per
   call, so a string too long to check is "not sure" and then jsonschema's 422.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .bounded import BUDGET, VALIDATION_BUDGET, Budget, _search
+from .bounded import BUDGET, VALIDATION_BUDGET, Budget, search_within_budget
 
 Check = Callable[[Any], bool]
 
@@ -114,7 +114,7 @@ def _pattern(pattern: Any, schema: dict) -> Check:
     limit = schema.get("maxLength")
     # as bounded._pattern: past maxLength it is not matched (maxLength refuses it anyway)
     return lambda value: type(value) is not str or (
-        (not isinstance(limit, int) or len(value) <= limit) and _search(pattern, value) is True)
+        (not isinstance(limit, int) or len(value) <= limit) and search_within_budget(pattern, value) is True)
 
 
 def _bound(limit: Any, compare: Callable[[Any, Any], bool]) -> Check:

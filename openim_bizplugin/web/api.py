@@ -12,7 +12,7 @@ from ..errors import NotFound
 from ..services import Services
 from ..signing import VerifiedRequest
 from ..store.base import ACTIVE_STATUSES, DELIVERED_STATUSES, MessageRecord
-from .wire import path_and_query
+from .wire import verified_caller
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -22,14 +22,7 @@ def services() -> Services:
 
 
 def _verified(body: bytes) -> VerifiedRequest:
-    """The signed caller, within its rate limit (checked after the signature, so
-    nobody can spend another client's quota)."""
-    svc = services()
-    verified = svc.verifier.verify(
-        request.headers.get("X-Biz-Client"), request.headers.get("X-Biz-Signature"),
-        request.method, path_and_query(request.environ), body, request.headers.get("Idempotency-Key"))
-    svc.limiter.check(verified.client_id)
-    return verified
+    return verified_caller(services(), request.environ, body)
 
 
 @bp.get("/messages/<message_id>")

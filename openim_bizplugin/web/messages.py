@@ -5,8 +5,8 @@ Flask's per-request machinery (contexts, routing over every rule, a Response
 object) cost ~0.1 ms of the ~1 ms the app spends on a message (bench_intake).
 So it is answered here, like OpenIM's callbacks (:mod:`.callbacks`), with the
 same checks, answers, problems, metrics and log lines as every other route.
-Other methods on the path get the 405 Flask would give; other paths go to
-the app.
+Any other method on the path gets a 405 naming POST (OPTIONS too: Flask
+answered that one itself); other paths go to the app.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..errors import BizError
 from ..intake import accept_message
 from ..services import Services
 from . import problems
-from .wire import LOGGED, path_and_query, read_body
+from .wire import LOGGED, read_body, verified_caller
 
 PATH = "/v1/messages"
 
@@ -62,11 +62,8 @@ class MessageEndpoint:
         """Read, verify and store one message: its 202 answer, or a BizError."""
         svc = self.services
         body = read_body(get_input_stream(environ), get_content_length(environ), svc.config.server.max_body_bytes)
-        header_key = environ.get("HTTP_IDEMPOTENCY_KEY")
-        verified = svc.verifier.verify(environ.get("HTTP_X_BIZ_CLIENT"), environ.get("HTTP_X_BIZ_SIGNATURE"),
-                                       "POST", path_and_query(environ), body, header_key)
-        svc.limiter.check(verified.client_id)  # after the signature: nobody spends another client's quota
-        answer = accept_message(svc, verified, body, environ.get("CONTENT_TYPE"), header_key)
+        verified = verified_caller(svc, environ, body)
+        answer = accept_message(svc, verified, body, environ.get("CONTENT_TYPE"), environ.get("HTTP_IDEMPOTENCY_KEY"))
         if answer.accepted.created:
             self.metrics.accepted(verified.client_id, answer.message_type)
         # as Flask's jsonify writes it: compact, ASCII, with a final newline

@@ -7,10 +7,14 @@ which Flask's ``MAX_CONTENT_LENGTH`` does not bound.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from ..errors import PayloadTooLarge
+
+if TYPE_CHECKING:
+    from ..services import Services
+    from ..signing import VerifiedRequest
 
 CHUNK = 64 * 1024
 # After a 413 we keep reading (and discarding) up to this much so the client
@@ -63,3 +67,13 @@ def path_and_query(environ: dict[str, Any]) -> str:
     path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~%")
     query = environ.get("QUERY_STRING", "")
     return f"{path}?{query}" if query else path
+
+
+def verified_caller(svc: Services, environ: dict[str, Any], body: bytes) -> VerifiedRequest:
+    """The signed caller of a ``/v1`` request, within its rate limit (checked after the
+    signature, so nobody can spend another client's quota); Unauthorized or RateLimited."""
+    verified = svc.verifier.verify(
+        environ.get("HTTP_X_BIZ_CLIENT"), environ.get("HTTP_X_BIZ_SIGNATURE"), environ.get("REQUEST_METHOD", ""),
+        path_and_query(environ), body, environ.get("HTTP_IDEMPOTENCY_KEY"))
+    svc.limiter.check(verified.client_id)
+    return verified

@@ -132,6 +132,13 @@ class Child:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{name} did not start ({' '.join(argv)}):\n{tail}")
 
+    def pause(self) -> None:
+        """Freeze every process of this child's group (SIGSTOP) until :meth:`resume`."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signal this child (by pid) and wait for it; SIGKILL if it does not exit in *timeout*.
         SIGKILL goes to its whole process group: a crash of ``serve`` takes all its processes."""

@@ -2,27 +2,30 @@
 """Intake throughput: the real sidecar versus a bare Flask endpoint, side by side.
 
 Requirement: signed + validated + stored ``POST /v1/messages`` requests per
-second on one process reach at least half the rate of a bare Flask endpoint
-that only parses the same JSON.
+second reach at least half the rate of a bare Flask endpoint that only parses
+the same JSON, with the sidecar's in-process delivery on (issue 17).
 
     python bench/bench_intake.py [--seconds 5] [--concurrency 4] [--recipients 5]
 
 Side A is ``openim-bizplugin serve`` (a subprocess, temp config, temp SQLite,
-port 0). Side B is this script started again with ``--bare-server``: one Flask
-POST endpoint doing ``json.loads(request.get_data())`` and answering the same
-202 JSON, on the same werkzeug ``make_server(..., threaded=True)`` with the
-same per-request log line, so both sides pay the same HTTP server costs.
+port 0), its background process delivering to a fake OpenIM (a process of its
+own) unless ``--delivery-workers 0``. Side B is this script started again with
+``--bare-server``: one Flask POST endpoint doing ``json.loads(request.get_data())``
+and answering the same 202 JSON, served the way ``serve`` serves the sidecar
+(the same HTTP engine, limits, number of processes and per-request log line),
+so both sides pay the same HTTP server costs.
 
-The load generator runs ``--concurrency`` workers, each with one request in
-flight (werkzeug answers every request with ``Connection: close``, so each
-request is a new TCP connection and a new server thread on both sides). It
-sends, to both sides, the same ``order.status_changed`` v1 body (a fresh
-``order_id`` per request, so no request is a replay) with a fresh signature.
-Rounds run in the order given by ``--rounds`` (default ``BABAB``, interleaved
-because a shared machine drifts); the ratio is mean(A) / mean(B). The CPU the
-server process spends per request is printed too: it is steadier than req/s
-when other work shares the machine. After the run the sidecar is killed with
-SIGKILL and its SQLite file must hold exactly one message per 202 it answered.
+The load generator runs ``--concurrency`` workers, each with one keep-alive
+connection and one request in flight. It sends, to both sides, the same
+``order.status_changed`` v1 body (a fresh ``order_id`` per request, so no
+request is a replay) with a fresh signature. Rounds run in the order given by
+``--rounds`` (default ``BABAB``, interleaved because a shared machine drifts);
+the ratio is mean(A) / mean(B). While B is measured the sidecar's processes
+are frozen (SIGSTOP), so the delivery backlog its rounds left does not run
+through B's. The CPU the server processes spend per request is printed too:
+it is steadier than req/s when other work shares the machine. After the run
+the sidecar is killed with SIGKILL and its SQLite file must hold exactly one
+message per 202 it answered.
 
 This prints figures; it is not a test and exits 0 unless the run itself broke
 (use ``--strict`` to exit 1 when the target is missed).
@@ -368,7 +371,16 @@ def main(argv: list[str]) -> int:
         usage_before = process_usage(servers["A"].proc.pid)
         rounds = []
         for i, side in enumerate(args.rounds):
-            rounds.append(run_round(side, servers[side], args, i))
+            # the sidecar's background (a delivery backlog, above all) would run through B's rounds and
+            # slow B down: frozen, it goes on where it was when A's next round starts
+            frozen = servers["A"] if side == "B" else None
+            if frozen:
+                frozen.pause()
+            try:
+                rounds.append(run_round(side, servers[side], args, i))
+            finally:
+                if frozen:
+                    frozen.resume()
             print(f"  round {i + 1}/{len(args.rounds)} {side}: {rounds[-1].rate:.1f} req/s", file=sys.stderr)
         print()
         ratio = report(rounds)

@@ -41,10 +41,11 @@ a shared machine drifts) for each concurrency. After every A round the
 benchmark counts the rows the sidecar stored in its inbox file
 (``<db>-callbacks.db``, table ``callbacks``: every burst must add exactly
 ``--callbacks`` rows; those answered while the inbox was busy reach it from a
-spool file moments later, so the count waits for them) and polls ``done = 1`` until the processor has applied
-them all, so the next round starts on a quiet sidecar. No message is queued
-during the run, so the message hooks name messages the sidecar does not have
-(their handlers look them up and change nothing); presence is applied for real.
+spool file moments later, so the count waits for them) and polls ``done = 1``
+until the processor has applied them all, so the next round starts on a quiet
+sidecar. No message is queued during the run, so the message hooks name
+messages the sidecar does not have (their handlers look them up and change
+nothing); presence is applied for real.
 
 For finding where the time goes: ``--stages`` wraps the stages of an answer
 in wall-clock timers (in the sidecar process, set up by this script) and

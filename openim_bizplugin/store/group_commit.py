@@ -6,10 +6,9 @@ takes the lead next writes all that wait, each in a savepoint of its own, and co
 once: one fsync and one set of page writes for several 202s. The leader takes its
 group once it holds the file's lock, so the requests that arrive while another
 process writes join it too (bench_intake: ~9% less CPU per request with two HTTP
-processes). Nobody's answer comes
-before the commit that holds its write, a write that fails alone (an idempotency
-conflict, a value SQLite refuses) fails only its caller, and a failed commit fails
-every caller whose write it held. A caller that cannot be written within its wait
+processes). Nobody's answer comes before the commit that holds its write, a write
+that fails alone (an idempotency conflict, a value SQLite refuses) fails only its
+caller, and a failed commit fails every caller whose write it held. A caller that cannot be written within its wait
 is taken out of the queue and answered 503 with nothing stored.
 """
 
